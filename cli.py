@@ -1,0 +1,81 @@
+"""Command-line helpers shared by the scripts: common flags, device, seeding, errors, RESULT."""
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from data import DATASETS
+from function import MAX_BITS, MIN_BITS, IntsimError
+from model import ARCHS
+
+DEFAULT_DATA_DIR = "data"
+DEFAULT_CKPT_DIR = "ckpt"
+
+
+def parser(description):
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_common(p):
+    """Flags every script has: what to run on, where the data is, how to seed and report."""
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS), help="data set")
+    p.add_argument("--model", default="cnn", choices=ARCHS, help="network")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding the data sets")
+    p.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--dry-run", action="store_true", help="quickly check a single pass on a few batches")
+    p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
+
+
+def add_quant(p):
+    """Flags of the scripts that quantize."""
+    p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
+    p.add_argument("--w-bits", type=int, default=8, help=f"weight bits ({MIN_BITS}..{MAX_BITS})")
+    p.add_argument("--a-bits", type=int, default=8, help=f"activation bits ({MIN_BITS}..{MAX_BITS})")
+    p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
+    p.add_argument("--w-asymmetric", action="store_true",
+                   help="unsigned weights with a zero point (default: signed narrow range, Z_w = 0)")
+
+
+def default_ckpt(args):
+    return args.ckpt or os.path.join(DEFAULT_CKPT_DIR, f"{args.dataset}_{args.model}.pt")
+
+
+def device_from(arg):
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise IntsimError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(arg)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def emit_result(result, path=None):
+    """Print the one `RESULT {json}` line and optionally save the same JSON."""
+    line = json.dumps(result, sort_keys=True)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    print("RESULT " + line, flush=True)
+
+
+def run(main):
+    """Run a script's main(); a user error becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except IntsimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

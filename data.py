@@ -1,0 +1,133 @@
+"""Data sets as normalised in-memory tensors, and one batch iterator for every script.
+
+Fashion-MNIST and CIFAR-10 are small enough to hold in memory (60k x 1x28x28 floats is
+188 MB), and slicing tensors is far faster than a per-image DataLoader on 2 CPU cores.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from function import IntsimError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    in_channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS = {
+    "fashion-mnist": DatasetInfo(1, 28, 10, mean=(0.2860,), std=(0.3530,)),
+    "cifar10": DatasetInfo(3, 32, 10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+}
+CIFAR_DIR = "cifar-10-batches-py"   # torchvision's layout: pickled batches
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = ["test_batch"]
+CIFAR_PAD = 4                       # random-crop padding for CIFAR-10 training (the usual 4 pixels)
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise IntsimError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _fashion_mnist(data_dir, train, download):
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+    raw = os.path.join(data_dir, "FashionMNIST", "raw")
+    for gz, _ in FashionMNIST.resources:   # torchvision reads the extracted files only
+        path = os.path.join(raw, gz)
+        if os.path.isfile(path) and not os.path.isfile(path[:-3]):
+            extract_archive(path, raw)
+    try:
+        ds = FashionMNIST(data_dir, train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise IntsimError(f"Fashion-MNIST not found in {raw}: copy it there "
+                              f"(`mkdir -p data && cp -r ../shared/data/FashionMNIST data/`) "
+                              f"or pass --download") from None
+        try:
+            ds = FashionMNIST(data_dir, train=train, download=True)
+        except Exception as e:
+            raise IntsimError(f"Fashion-MNIST not in {raw} and the download failed "
+                              f"({type(e).__name__}): copy the four files there") from None
+    return ds.data.unsqueeze(1), ds.targets                      # (N, 1, 28, 28) uint8, (N,)
+
+
+def _cifar10(data_dir, train, download):
+    folder = os.path.join(data_dir, CIFAR_DIR)
+    names = CIFAR_TRAIN if train else CIFAR_TEST
+    if not all(os.path.isfile(os.path.join(folder, n)) for n in names):
+        if not download:
+            raise IntsimError(f"CIFAR-10 not found in {folder} (torchvision's python version: "
+                              f"{', '.join(names)}): put it there or pass --download")
+        try:
+            from torchvision.datasets import CIFAR10
+            CIFAR10(data_dir, train=train, download=True)
+        except Exception as e:
+            raise IntsimError(f"CIFAR-10 not in {folder} and the download failed "
+                              f"({type(e).__name__}): put cifar-10-batches-py there") from None
+    xs, ys = [], []
+    for n in names:
+        with open(os.path.join(folder, n), "rb") as f:
+            batch = pickle.load(f, encoding="latin1")           # {'data': (N, 3072) uint8, 'labels': [N]}
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_split(name, data_dir, train, download=False):
+    """(images, labels): float32 (N, C, H, W) normalised with the data set's mean and std, int64 (N,)."""
+    info = dataset_info(name)
+    loader = _fashion_mnist if name == "fashion-mnist" else _cifar10
+    x, y = loader(data_dir, train, download)
+    mean = torch.tensor(info.mean).reshape(1, -1, 1, 1)
+    std = torch.tensor(info.std).reshape(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std, y
+
+
+def random_crop_flip(x, generator):
+    """CIFAR-10 augmentation on a batch: pad by CIFAR_PAD, crop back at a random offset, and
+    flip half of the images left-right."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (CIFAR_PAD,) * 4)
+    dy = torch.randint(0, 2 * CIFAR_PAD + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * CIFAR_PAD + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]        # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]        # (N, 1, 1, W)
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+                 rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+class Batches:
+    """Iterate over (x, y) batches of in-memory tensors; reshuffled each pass when shuffle is set
+    (the order depends only on the seed). `augment(x, generator)` transforms each batch."""
+
+    def __init__(self, x, y, batch_size, shuffle=False, seed=0, augment=None):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augment = shuffle, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = self.x[idx]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            yield x, self.y[idx]

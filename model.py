@@ -1,0 +1,243 @@
+"""The networks, and the one conversion of a float network into its quantized form.
+
+`convert` traces any float model with torch.fx, then rewrites the graph:
+  conv/linear [-> BatchNorm] [-> ReLU] [-> MaxPool]   becomes one QLayer (BN folded, rest fused)
+  the input                                           gets a QuantStub (float -> integers)
+  the output                                          gets a DeQuantStub (integers -> float)
+  max-pool, flatten, reshape, dropout                 stay: they act on integers unchanged
+and refuses anything else by name. No network is written out again in quantized form.
+Then: `calibrate` (observe ranges on training data) -> `freeze` (walk the graph in order,
+handing each layer the S and Z of its input) -> integer inference (`set_mode(m, "int")`).
+"""
+import copy
+import operator
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from function import IntsimError
+from module import DeQuantStub, QLayer, QModule, QuantStub
+
+ARCHS = ("cnn", "cnn_bn")
+
+
+# ----------------------------------------------------------------------------- networks
+
+@dataclass
+class ModelConfig:
+    arch: str = "cnn"          # one of ARCHS
+    in_channels: int = 1       # 1 for Fashion-MNIST, 3 for CIFAR-10
+    image_size: int = 28       # 28 or 32 (square)
+    num_classes: int = 10
+    width: int = 32            # channels of the first conv; the second has twice as many
+
+
+class SmallCNN(nn.Module):
+    """(conv3x3 -> [BN] -> ReLU -> maxpool2) x 2 -> linear. 28x28: 32x14x14 -> 64x7x7 -> 10."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        bn = cfg.arch == "cnn_bn"
+        w = cfg.width
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn),   # BN's beta is the bias
+                    *([nn.BatchNorm2d(c_out)] if bn else []),
+                    nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(cfg.in_channels, w), *block(w, 2 * w))
+        self.classifier = nn.Linear(2 * w * (cfg.image_size // 4) ** 2, cfg.num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def build_model(cfg):
+    if cfg.arch not in ARCHS:
+        raise IntsimError(f"unknown model {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    return SmallCNN(cfg)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, cfg, dataset, **info):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"intsim": 1, "model_config": asdict(cfg), "dataset": dataset,
+                "state_dict": model.state_dict(), **info}, path)
+
+
+def load_checkpoint(path, dataset, arch):
+    """Load a float checkpoint written by train.py and check that it is the one asked for."""
+    if not os.path.isfile(path):
+        raise IntsimError(f"checkpoint {path} not found: train it with "
+                          f"`python train.py --dataset {dataset} --model {arch}` or pass --ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a truncated or foreign file: say which, not where torch failed
+        raise IntsimError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise IntsimError(f"{path} is not an intsim checkpoint (no model_config); use one saved by train.py")
+    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
+    if got != (arch, dataset):
+        raise IntsimError(f"{path} holds model {got[0]!r} trained on {got[1]!r}, not {arch!r} on "
+                          f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _is_module(gm, node, types):
+    return node is not None and node.op == "call_module" and isinstance(gm.get_submodule(node.target), types)
+
+
+def _is_relu(gm, node):
+    return node is not None and (_is_module(gm, node, nn.ReLU)
+                                 or (node.op == "call_function" and node.target in (F.relu, torch.relu))
+                                 or (node.op == "call_method" and node.target in ("relu", "relu_")))
+
+
+def _sole_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+# Ops that act on quantized integers exactly as on reals (they only move or pick values).
+PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem)
+PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "size", "contiguous")
+
+
+def _check_supported(gm, node):
+    if node.op in ("placeholder", "output", "get_attr"):
+        return
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (QModule,) + PASSTHROUGH_MODULES):
+            return
+        what = f"module {node.target} ({type(mod).__name__})"
+    elif node.op == "call_function":
+        if node.target in PASSTHROUGH_FUNCTIONS:
+            return
+        what = f"function {getattr(node.target, '__name__', node.target)}"
+    else:
+        if node.target in PASSTHROUGH_METHODS:
+            return
+        what = f"method .{node.target}()"
+    raise IntsimError(f"cannot convert {what} to integers: supported are conv/linear "
+                      f"[+BN][+ReLU][+max-pool], max-pool, flatten and reshape")
+
+
+def convert(model, qconfig):
+    """A quantized copy of a float model (the float model is left as it is). BN must be in
+    eval mode when folded, so the copy is put in eval mode."""
+    model = copy.deepcopy(model).eval()
+    gm = fx.symbolic_trace(model)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not _is_module(gm, node, (nn.Conv2d, nn.Linear)):
+            continue
+        layer = gm.get_submodule(node.target)
+        chain, bn, relu, pool = [node], None, False, None
+        nxt = _sole_user(chain[-1])
+        if isinstance(layer, nn.Conv2d) and _is_module(gm, nxt, nn.BatchNorm2d):
+            bn = gm.get_submodule(nxt.target)
+            chain.append(nxt)
+            nxt = _sole_user(nxt)
+        if _is_relu(gm, nxt):
+            relu = True
+            chain.append(nxt)
+            nxt = _sole_user(nxt)
+        if isinstance(layer, nn.Conv2d) and _is_module(gm, nxt, nn.MaxPool2d):
+            pool = gm.get_submodule(nxt.target)
+            chain.append(nxt)
+        gm.add_submodule(node.target, QLayer(layer, qconfig, bn=bn, relu=relu, pool=pool))
+        if len(chain) > 1:
+            chain[-1].replace_all_uses_with(node)
+            for fused in reversed(chain[1:]):
+                graph.erase_node(fused)
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise IntsimError("convert handles models with exactly one input")
+    gm.add_submodule("quant_in", QuantStub(qconfig))
+    with graph.inserting_after(placeholders[0]):
+        q = graph.call_module("quant_in", (placeholders[0],))
+    placeholders[0].replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+    output = next(n for n in graph.nodes if n.op == "output")
+    gm.add_submodule("dequant_out", DeQuantStub(qconfig))
+    with graph.inserting_before(output):
+        d = graph.call_module("dequant_out", (output.args[0],))
+    output.args = (d,)
+
+    for node in graph.nodes:
+        _check_supported(gm, node)
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------- phases
+
+def set_mode(qmodel, mode):
+    for m in qmodel.modules():
+        if isinstance(m, QModule):
+            m.set_mode(mode)
+
+
+def qlayers(qmodel):
+    return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, QLayer)]
+
+
+@torch.no_grad()
+def calibrate(qmodel, batches, device, num_batches):
+    """Record activation ranges on `num_batches` batches (BN statistics stay as trained: the
+    model is in eval mode, so nothing but the observers changes)."""
+    qmodel.eval()
+    set_mode(qmodel, "calibrate")
+    seen = 0
+    for x, _ in batches:
+        if seen == num_batches:
+            break
+        qmodel(x.to(device))
+        seen += 1
+    set_mode(qmodel, "float")
+    if seen == 0:
+        raise IntsimError("calibration saw no data: check the data set and --calib-batches")
+    return seen
+
+
+@torch.no_grad()
+def freeze(qmodel):
+    """Walk the graph in execution order: each layer is frozen with the (S, Z) of the tensor
+    that feeds it, taken from its producer (through pass-through ops such as flatten)."""
+    qparams = {}   # fx node -> (S, Z) of the integers it produces
+    for node in qmodel.graph.nodes:
+        mod = qmodel.get_submodule(node.target) if node.op == "call_module" else None
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if isinstance(mod, QuantStub):
+            mod.freeze()
+            qparams[node] = mod.output_qparams()
+        elif isinstance(mod, QLayer):
+            if mod.freeze(*qparams[src]):
+                warnings.warn(f"{node.target}: the worst-case accumulator exceeds int32; "
+                              f"each integer forward checks for overflow")
+            qparams[node] = mod.output_qparams()
+        elif isinstance(mod, DeQuantStub):
+            mod.freeze(*qparams[src])
+        elif src in qparams:
+            qparams[node] = qparams[src]
+    return qmodel
+
+
+def output_integers(qmodel, logits):
+    """The integers q = round(y / S) + Z behind a (fake-)quantized output y = S (q - Z)."""
+    dq = qmodel.get_submodule("dequant_out")
+    return torch.round(logits / dq.in_scale.to(logits.device)).long() + dq.in_zero_point.to(logits.device)

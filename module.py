@@ -1,0 +1,274 @@
+"""Quantized layers. Each lives in phases, chosen by its `mode`:
+
+  'float'      the float function (BN folded into the conv: the same function, see tests)
+  'calibrate'  the float function, while activation observers record ranges
+  'fakequant'  weights and activations rounded to their integer grids, computed in float
+  'int'        integer inference: int32 tensors in, int32 tensors out (after `freeze`)
+
+`freeze(in_scale, in_zero_point)` turns a calibrated layer into integers: integer weights,
+int32 biases at scale S_in * S_w with zero point 0, and per-channel (M0, shift) pairs for
+the fixed-point rescale. Everything it computes is a buffer, so it follows `.to(device)` and
+`state_dict()`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from function import (INT32_MAX, IntsimError, check_bits, dequantize, fake_quantize, int32_check,
+                      quantize, quantize_multiplier, qrange, requantize, round_half_away,
+                      scale_zero_point)
+from observer import MinMaxObserver, weight_range
+
+MODES = ("float", "calibrate", "fakequant", "int")
+FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
+
+
+@dataclass
+class QConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = False    # one weight scale per output channel instead of per tensor
+    w_symmetric: bool = True     # signed narrow-range weights with Z_w = 0 (TFLite); else unsigned
+
+    def __post_init__(self):
+        check_bits(self.w_bits, "weight bits")
+        check_bits(self.a_bits, "activation bits")
+
+
+class QModule(nn.Module):
+    """Base of the modules the conversion inserts: holds the mode and the activation observer."""
+
+    def __init__(self, qconfig, observe_output=True):
+        super().__init__()
+        self.qconfig = qconfig
+        self.mode = "float"
+        self.a_qmin, self.a_qmax = qrange(qconfig.a_bits, symmetric=False)
+        self.act = MinMaxObserver(qconfig.a_bits) if observe_output else None
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def set_mode(self, mode):
+        if mode not in MODES:
+            raise IntsimError(f"unknown mode {mode!r}; use one of {MODES}")
+        if mode == "int" and not bool(self.frozen):
+            raise IntsimError("integer inference needs a frozen model: calibrate, then freeze")
+        self.mode = mode
+
+    def output_qparams(self):
+        return self.act.qparams(name=self._get_name())
+
+    def _observe_or_fake_quantize(self, y):
+        """The float output in the float phases: recorded ('calibrate') or rounded ('fakequant')."""
+        if self.mode == "calibrate":
+            self.act(y)
+        elif self.mode == "fakequant":
+            s, z = self.output_qparams()
+            y = fake_quantize(y, s.to(y.device), z.to(y.device), self.a_qmin, self.a_qmax)
+        return y
+
+
+class QuantStub(QModule):
+    """The model's input: float in; in 'int' mode, integers q = round(x / S) + Z out."""
+
+    def forward(self, x):
+        if self.mode == "int":
+            s, z = self.output_qparams()
+            return quantize(x, s.to(x.device), z.to(x.device), self.a_qmin, self.a_qmax)
+        return self._observe_or_fake_quantize(x)
+
+    def freeze(self):
+        self.output_qparams()   # fails with a clear message when calibration saw nothing
+        self.frozen.fill_(True)
+
+
+class DeQuantStub(QModule):
+    """The model's output: in 'int' mode, integers in, float S (q - Z) out."""
+
+    def __init__(self, qconfig):
+        super().__init__(qconfig, observe_output=False)
+        self.register_buffer("in_scale", torch.ones(1))
+        self.register_buffer("in_zero_point", torch.zeros(1, dtype=torch.int64))
+
+    def forward(self, x):
+        if self.mode == "int":
+            return dequantize(x, self.in_scale, self.in_zero_point)
+        return x
+
+    def freeze(self, in_scale, in_zero_point):
+        self.in_scale.copy_(in_scale)
+        self.in_zero_point.copy_(in_zero_point)
+        self.frozen.fill_(True)
+
+
+def fold_bn(weight, bias, bn):
+    """Fold an eval-mode BatchNorm into the conv before it (per output channel c):
+    W' = W * gamma / std, b' = beta + (b - mean) * gamma / std, std = sqrt(var + eps)."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std                                               # (C_out,)
+    weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = torch.zeros_like(std) if bias is None else bias
+    return weight, beta + (bias - bn.running_mean) * factor
+
+
+class QLayer(QModule):
+    """A conv or linear layer, with the BatchNorm, ReLU and max-pool that follow it fused in.
+
+    One implementation for both: `self.fn` is F.conv2d or F.linear, with the layer's own
+    stride/padding/groups. Integer forward (Jacob et al. 2018, eq. 7):
+        acc[c]  = sum (q_in - Z_in)(q_w[c] - Z_w[c]) + q_b[c]          (int32, exact)
+        q_out   = clamp(MultiplyByQuantizedMultiplier(acc, M0[c], shift[c]) + Z_out, lo, QMAX)
+    with lo = Z_out when a ReLU is fused (ReLU is a clamp at real 0) and QMIN otherwise.
+    """
+
+    def __init__(self, layer, qconfig, bn=None, relu=False, pool=None):
+        super().__init__(qconfig)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise IntsimError(f"QLayer wraps nn.Conv2d or nn.Linear, not {type(layer).__name__}")
+        self.layer, self.bn, self.relu, self.pool = layer, bn, relu, pool
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        if self.is_conv:
+            self.fn_kwargs = dict(stride=layer.stride, padding=layer.padding,
+                                  dilation=layer.dilation, groups=layer.groups)
+            if layer.padding_mode != "zeros":
+                raise IntsimError(f"only zero padding is supported, not {layer.padding_mode!r}")
+        else:
+            self.fn_kwargs = {}
+        self.w_qmin, self.w_qmax = qrange(qconfig.w_bits, qconfig.w_symmetric)
+        c_out = layer.weight.shape[0]
+        self.channel_shape = (-1, 1, 1) if self.is_conv else (-1,)    # broadcast (C,) over (B, C, H, W)
+        # Filled by freeze(); registered now so that a frozen state_dict loads into a new model.
+        self.register_buffer("in_scale", torch.ones(1))
+        self.register_buffer("in_zero_point", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("w_scale", torch.ones(c_out))
+        self.register_buffer("w_zero_point", torch.zeros(c_out, dtype=torch.int64))
+        self.register_buffer("w_q", torch.zeros(layer.weight.shape, dtype=torch.int32))
+        self.register_buffer("b_q", torch.zeros(c_out, dtype=torch.int32))
+        self.register_buffer("m0", torch.zeros(c_out, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(c_out, dtype=torch.int64))
+        self.register_buffer("acc_bound", torch.zeros((), dtype=torch.float64))
+
+    def extra_repr(self):
+        q = self.qconfig
+        fused = "+".join(n for n, on in (("bn", self.bn is not None), ("relu", self.relu),
+                                         ("maxpool", self.pool is not None)) if on)
+        return (f"mode={self.mode}, w_bits={q.w_bits}, a_bits={q.a_bits}, per_channel={q.per_channel}"
+                + (f", fused={fused}" if fused else ""))
+
+    def fn(self, x, w, b=None):
+        return (F.conv2d if self.is_conv else F.linear)(x, w, b, **self.fn_kwargs)
+
+    def _channels(self, t):
+        return t.reshape(self.channel_shape)
+
+    # --------------------------------------------------------------- float and fake-quant
+
+    def folded_weight_bias(self):
+        """The weight and bias of conv followed by (eval-mode) BN, as one conv."""
+        w, b = self.layer.weight, self.layer.bias
+        if self.bn is not None:
+            return fold_bn(w, b, self.bn)
+        return w, (torch.zeros(w.shape[0], device=w.device) if b is None else b)
+
+    def weight_qparams(self, w):
+        """(S_w, Z_w), each of shape (C_out,)."""
+        lo, hi = weight_range(w, self.qconfig.per_channel)
+        return scale_zero_point(lo, hi, self.qconfig.w_bits, self.qconfig.w_symmetric)
+
+    def fake_quant_weight(self, w):
+        s, z = self.weight_qparams(w)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return fake_quantize(w, s.to(w.device).reshape(shape), z.to(w.device).reshape(shape),
+                             self.w_qmin, self.w_qmax)
+
+    def _activate(self, y):
+        if self.relu:
+            y = F.relu(y)
+        if self.pool is not None:
+            y = self.pool(y)
+        return y
+
+    def forward(self, x):
+        if self.mode == "int":
+            return self.int_forward(x)
+        w, b = self.folded_weight_bias()
+        if self.mode == "fakequant":
+            w = self.fake_quant_weight(w)
+            if bool(self.frozen):   # the bias the integer path adds: q_b * S_in * S_w
+                b = self.b_q.to(w.dtype) * (self.in_scale * self.w_scale)
+        y = self._activate(self.fn(x, w, b))
+        return self._observe_or_fake_quantize(y)
+
+    # --------------------------------------------------------------- integer
+
+    @torch.no_grad()
+    def freeze(self, in_scale, in_zero_point):
+        """Compute the integer weights, int32 bias and (M0, shift) from the calibrated ranges."""
+        w, b = self.folded_weight_bias()
+        s_w, z_w = self.weight_qparams(w)
+        s_out, z_out = self.output_qparams()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w_q = quantize(w, s_w.to(w.device).reshape(shape), z_w.to(w.device).reshape(shape),
+                       self.w_qmin, self.w_qmax)
+        in_scale = in_scale.to(w.device)
+        # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
+        bias_scale = in_scale.double() * s_w.double().to(w.device)
+        b_q = round_half_away(b.double() / bias_scale)
+        if b_q.abs().max() > INT32_MAX:
+            raise IntsimError(f"{self._get_name()}: bias does not fit int32 at scale S_in*S_w")
+        # Requantization multiplier M[c] = S_in S_w[c] / S_out = M0[c] 2^(shift[c] - 31).
+        m0, shift = quantize_multiplier(bias_scale / s_out.double().to(w.device))
+        # Worst case |acc| over the input range: sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b|.
+        a_max = max(self.a_qmax - int(in_zero_point), int(in_zero_point) - self.a_qmin)
+        w_l1 = (w_q.long() - z_w.to(w.device).reshape(shape)).abs().reshape(w.shape[0], -1).sum(1)
+        bound = (w_l1 * a_max + b_q.abs().long()).max()
+
+        self.in_scale.copy_(in_scale)
+        self.in_zero_point.copy_(in_zero_point)
+        self.w_scale.copy_(s_w)
+        self.w_zero_point.copy_(z_w)
+        self.w_q.copy_(w_q)
+        self.b_q.copy_(b_q.to(torch.int32))
+        self.m0.copy_(m0)
+        self.shift.copy_(shift)
+        self.acc_bound.fill_(float(bound))
+        self.frozen.fill_(True)
+        return self.int32_overflow_possible()
+
+    def int32_overflow_possible(self):
+        return float(self.acc_bound) > INT32_MAX
+
+    def acc_dtype(self, device):
+        """float32 is exact while every partial sum stays below 2^24 (the bound proves it);
+        float64 is exact far beyond int32. On CUDA, float32 convs may use TF32 or FFT, so
+        float64 there. The sum is rounded afterwards anyway."""
+        if device.type == "cpu" and float(self.acc_bound) < FLOAT32_EXACT:
+            return torch.float32
+        return torch.float64
+
+    @torch.no_grad()
+    def int_forward(self, q_in):
+        dtype = self.acc_dtype(q_in.device)
+        x = (q_in - self.in_zero_point).to(dtype)                  # (q_in - Z_in); zero padding is real 0
+        w = (self.w_q.long() - self._channels_w(self.w_zero_point)).to(dtype)
+        with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
+            acc = self.fn(x, w)
+        if self.pool is not None:
+            # Max-pool before the rescale: the rescale, + Z_out and the clamp are non-decreasing
+            # per channel (M0 > 0), so max and rescale commute, and 4x fewer values are rescaled.
+            acc = self.pool(acc)
+        acc = torch.round(acc).to(torch.int64) + self._channels(self.b_q.long())
+        if self.int32_overflow_possible():
+            int32_check(acc, self._get_name())
+        lo = int(self._out_zero_point()) if self.relu else self.a_qmin
+        q = requantize(acc, self._channels(self.m0), self._channels(self.shift),
+                       self._out_zero_point(), lo, self.a_qmax)
+        return q.to(torch.int32)
+
+    def _channels_w(self, t):
+        return t.reshape((-1,) + (1,) * (self.w_q.dim() - 1))
+
+    def _out_zero_point(self):
+        return self.output_qparams()[1].to(self.m0.device)

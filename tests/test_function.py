@@ -1,0 +1,212 @@
+"""The quantization math against independent references: a plain-Python transcription of
+TFLite's reference functions (Python ints, no torch), brute-force checks, autograd."""
+import math
+import random
+
+import pytest
+import torch
+
+from function import (INT32_MAX, INT32_MIN, IntsimError, check_bits, dequantize, fake_quantize,
+                      multiply_by_quantized_multiplier, multiplier_to_float, qrange, quantize,
+                      quantize_multiplier, requantize, round_half_away, rounding_divide_by_pot,
+                      saturating_rounding_doubling_high_mul, scale_zero_point)
+
+
+# ---- plain-Python transcription of TFLite / gemmlowp (C semantics written out by hand)
+
+def c_div(a, b):
+    """C's integer division: truncates toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def ref_srdhm(a, b):
+    if a == INT32_MIN and b == INT32_MIN:
+        return INT32_MAX
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    return c_div(ab + nudge, 1 << 31)
+
+
+def ref_rdbpot(x, exponent):
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def ref_mbqm(x, m0, shift):
+    left, right = max(shift, 0), max(-shift, 0)
+    return ref_rdbpot(ref_srdhm(x * (1 << left), m0), right)
+
+
+def ref_quantize_multiplier(m):
+    if m == 0:
+        return 0, 0
+    q, shift = math.frexp(m)
+    q_fixed = int(math.floor(q * (1 << 31) + 0.5))       # std::round of a positive number
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:
+        shift, q_fixed = 0, 0
+    return q_fixed, shift
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+# ---- requantization
+
+EDGE_X = [0, 1, -1, 2, -2, 3, -3, INT32_MAX, INT32_MIN, INT32_MIN + 1, 12345, -12345, 1 << 30, -(1 << 30)]
+EDGE_M0 = [1 << 30, (1 << 30) + 1, INT32_MAX, INT32_MAX - 1, 1518500250, 1 << 30 | 12345]
+
+
+def test_srdhm_matches_reference_on_edges_and_random():
+    rng = random.Random(0)
+    pairs = [(x, m) for x in EDGE_X for m in EDGE_M0 + [INT32_MIN, -(1 << 30), 0, 1, -1]]
+    pairs += [(rng.randint(INT32_MIN, INT32_MAX), rng.randint(INT32_MIN, INT32_MAX)) for _ in range(20000)]
+    a, b = t([p[0] for p in pairs]), t([p[1] for p in pairs])
+    got = saturating_rounding_doubling_high_mul(a, b).tolist()
+    assert got == [ref_srdhm(x, m) for x, m in pairs]
+    assert ref_srdhm(INT32_MIN, INT32_MIN) == INT32_MAX == got[pairs.index((INT32_MIN, INT32_MIN))]
+
+
+def test_srdhm_exact_ties():
+    # b = 2^29 is 0.25 in Q31: a * 0.25 is a tie for a = 2 mod 4; the nudge rounds ties up.
+    a = t([2, -2, 6, -6, 1, -1, 3, -3])
+    assert saturating_rounding_doubling_high_mul(a, t([1 << 29] * 8)).tolist() == \
+        [ref_srdhm(x, 1 << 29) for x in a.tolist()] == [1, 0, 2, -1, 0, 0, 1, -1]
+
+
+def test_rounding_divide_by_pot_matches_reference_with_ties_and_negatives():
+    rng = random.Random(1)
+    cases = [(x, e) for x in EDGE_X for e in (0, 1, 2, 5, 31)]
+    cases += [(s * (2 * k + 1) << (e - 1), e) for s in (1, -1) for k in range(5) for e in (1, 3, 8)]  # ties
+    cases += [(rng.randint(INT32_MIN, INT32_MAX), rng.randint(0, 31)) for _ in range(20000)]
+    x, e = t([c[0] for c in cases]), t([c[1] for c in cases])
+    assert rounding_divide_by_pot(x, e).tolist() == [ref_rdbpot(a, b) for a, b in cases]
+    assert rounding_divide_by_pot(t([5, -5, 6, -6, 7, -7]), 1).tolist() == [3, -3, 3, -3, 4, -4]
+
+
+def test_multiply_by_quantized_multiplier_matches_reference():
+    rng = random.Random(2)
+    cases = [(x, m, s) for x in EDGE_X for m in EDGE_M0 for s in (0, -1, -31, -5)]
+    for _ in range(30000):
+        shift = rng.randint(-31, 8)
+        bound = 1 << (31 - max(shift, 0))            # x * 2^left must stay an int32, as in TFLite
+        cases.append((rng.randint(-bound, bound - 1), rng.randint(1 << 30, INT32_MAX), shift))
+    x, m0, shift = t([c[0] for c in cases]), t([c[1] for c in cases]), t([c[2] for c in cases])
+    assert multiply_by_quantized_multiplier(x, m0, shift).tolist() == [ref_mbqm(*c) for c in cases]
+
+
+def test_requantize_adds_zero_point_and_clamps():
+    acc = t([-1000, -10, 0, 10, 1000])
+    m0, shift = quantize_multiplier(torch.tensor(0.1))
+    got = requantize(acc, m0, shift, 3, 0, 50).tolist()
+    assert got == [min(max(ref_mbqm(a, int(m0), int(shift)) + 3, 0), 50) for a in acc.tolist()]
+    assert got == [0, 2, 3, 4, 50]
+
+
+@pytest.mark.parametrize("m", [0.0, 1e-12, 2.0 ** -32, 2.0 ** -31, 3e-10, 1e-5, 0.0123, 0.5, 0.75,
+                               1 - 2.0 ** -33, 1 - 2.0 ** -40, 1.0, 1.5, 3.999999999, 100.0])
+def test_quantize_multiplier_matches_reference(m):
+    m0, shift = quantize_multiplier(torch.tensor([m], dtype=torch.float64))
+    assert (int(m0), int(shift)) == ref_quantize_multiplier(m)
+
+
+def test_quantize_multiplier_random_and_precise():
+    rng = random.Random(3)
+    ms = [10 ** rng.uniform(-9, 2) for _ in range(5000)]
+    m0, shift = quantize_multiplier(torch.tensor(ms, dtype=torch.float64))
+    assert list(zip(m0.tolist(), shift.tolist())) == [ref_quantize_multiplier(m) for m in ms]
+    assert ((m0 >= 1 << 30) & (m0 <= INT32_MAX)).all()
+    rel = (multiplier_to_float(m0, shift) - torch.tensor(ms, dtype=torch.float64)).abs() / torch.tensor(ms)
+    assert rel.max() <= 2.0 ** -31
+
+
+def test_quantize_multiplier_rejects_negative():
+    with pytest.raises(IntsimError):
+        quantize_multiplier(torch.tensor([-0.5]))
+
+
+# ---- ranges, scales, zero points
+
+def test_round_half_away_from_zero():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, -0.51])
+    assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3, 0, -1]
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 2.5, "8"])
+def test_bad_bits_rejected(bits):
+    with pytest.raises(IntsimError, match="2 to 8"):
+        check_bits(bits)
+
+
+def test_qrange():
+    assert qrange(8, symmetric=True) == (-127, 127)
+    assert qrange(8, symmetric=False) == (0, 255)
+    assert qrange(2, symmetric=True) == (-1, 1)
+    assert qrange(4, symmetric=False) == (0, 15)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_is_exact_and_range_is_covered(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    lo = -torch.rand(200, generator=g) * 5 + 1      # some ranges lie entirely above 0 ...
+    hi = lo + torch.rand(200, generator=g) * 5      # ... and the range must be extended to hold 0
+    s, z = scale_zero_point(lo, hi, bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    assert (s > 0).all() and ((z >= qmin) & (z <= qmax)).all()
+    assert (quantize(torch.zeros(200), s, z, qmin, qmax) == z).all()          # 0.0 -> Z ...
+    assert (dequantize(z, s, z) == 0).all()                                  # ... and back exactly
+    # every value of the (extended) range is within half a step of the grid
+    for frac in torch.linspace(0, 1, 11):
+        x = torch.minimum(lo, torch.zeros(200)) * (1 - frac) + torch.maximum(hi, torch.zeros(200)) * frac
+        err = (dequantize(quantize(x, s, z, qmin, qmax), s, z) - x).abs()
+        assert (err <= s * 0.5 * (1 + 1e-5) + 1e-7).all()
+
+
+def test_scale_zero_point_reference_values():
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([3.0]), 8, symmetric=False)
+    assert torch.isclose(s, torch.tensor([4 / 255])).all() and z.tolist() == [64]   # 255/4 = 63.75 -> 64
+    s, z = scale_zero_point(torch.tensor([-2.0]), torch.tensor([1.0]), 8, symmetric=True)
+    assert torch.isclose(s, torch.tensor([2 / 127])).all() and z.tolist() == [0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_and_constant_ranges_give_valid_scales(symmetric):
+    s, z = scale_zero_point(torch.tensor([0.0, 2.0, -3.0]), torch.tensor([0.0, 2.0, -3.0]), 8, symmetric)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert s[0] == 1.0                                   # an all-zero range: any scale works; 1 is used
+    qmin, qmax = qrange(8, symmetric)
+    x = torch.tensor([0.0, 2.0, -3.0])
+    back = dequantize(quantize(x, s, z, qmin, qmax), s, z)
+    assert torch.allclose(back, x, atol=1e-6)            # a constant is represented (range [0, c])
+
+
+def test_nan_range_rejected():
+    with pytest.raises(IntsimError, match="not finite"):
+        scale_zero_point(torch.tensor([float("nan")]), torch.tensor([1.0]), 8, False)
+
+
+# ---- fake quantization
+
+def test_fake_quant_forward_equals_quantize_dequantize():
+    x = torch.linspace(-3, 3, 1001)
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), 4, False)
+    assert torch.equal(fake_quantize(x, s, z, 0, 15), dequantize(quantize(x, s, z, 0, 15), s, z))
+
+
+def test_fake_quant_gradient_is_identity_inside_zero_outside():
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), 4, False)
+    lo, hi = float(s * (0 - z)), float(s * (15 - z))      # the representable range
+    x = torch.tensor([-3.0, -1.5, lo - 0.2, lo + 0.01, -0.3, 0.0, 0.77, 1.9, hi - 0.01, hi + 0.2, 5.0],
+                     requires_grad=True)
+    fake_quantize(x, s, z, 0, 15).backward(torch.arange(1.0, 12.0))
+    inside = (x.detach() >= lo) & (x.detach() <= hi)
+    assert torch.equal(x.grad, torch.where(inside, torch.arange(1.0, 12.0), torch.zeros(11)))
+    assert inside.sum() == 6 and (~inside).sum() == 5
+    assert x.grad[8] == 9  # 1.99 rounds onto QMAX and is still inside the range

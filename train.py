@@ -1,0 +1,75 @@
+"""Train a float network and save the checkpoint the quantization scripts start from.
+
+    python train.py --dataset fashion-mnist --model cnn_bn
+
+Saves ckpt/<dataset>_<model>.pt: the weights, the ModelConfig to rebuild the network, the
+data set, the test accuracy and the arguments.
+"""
+import os
+import time
+
+import torch
+
+import cli
+from data import Batches, dataset_info, load_split, random_crop_flip
+from engine import evaluate, train_one_epoch
+from model import ModelConfig, build_model, save_checkpoint
+
+# defaults (each is a flag)
+EPOCHS = 15
+LR = 2e-3               # AdamW peak learning rate, with one-cycle warm-up and cosine decay
+WEIGHT_DECAY = 5e-4
+BATCH_SIZE = 128
+DRY_RUN_BATCHES = 2     # --dry-run: train on this many batches ...
+DRY_RUN_TEST = 1000     # ... and test on this many images
+
+
+def main():
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_common(p)
+    p.set_defaults(batch_size=BATCH_SIZE)
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
+    p.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, one-cycle)")
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
+    p.add_argument("--ckpt-dir", default=cli.DEFAULT_CKPT_DIR, help="where to save the checkpoint")
+    args = p.parse_args()
+    cli.seed_everything(args.seed)
+    device = cli.device_from(args.device)
+
+    info = dataset_info(args.dataset)
+    x_train, y_train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
+    x_test, y_test = load_split(args.dataset, args.data_dir, train=False, download=args.download)
+    max_batches = DRY_RUN_BATCHES if args.dry_run else None
+    epochs = 1 if args.dry_run else args.epochs
+    if args.dry_run:
+        x_test, y_test = x_test[:DRY_RUN_TEST], y_test[:DRY_RUN_TEST]
+    augment = random_crop_flip if args.dataset == "cifar10" else None
+    train_batches = Batches(x_train, y_train, args.batch_size, shuffle=True, seed=args.seed, augment=augment)
+    test_batches = Batches(x_test, y_test, 1000)
+
+    cfg = ModelConfig(arch=args.model, in_channels=info.in_channels, image_size=info.image_size,
+                      num_classes=info.num_classes)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps = epochs * (max_batches or len(train_batches))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
+    print(f"{args.model} on {args.dataset}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(x_train)} training images, device {device}")
+
+    start = time.time()
+    for epoch in range(1, epochs + 1):
+        loss, speed = train_one_epoch(model, train_batches, optimizer, device, epoch, scheduler, max_batches)
+        acc = evaluate(model, test_batches, device)
+        print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s")
+    minutes = (time.time() - start) / 60
+
+    path = os.path.join(args.ckpt_dir, f"{args.dataset}_{args.model}.pt")
+    save_checkpoint(path, model.cpu(), cfg, args.dataset, test_acc=acc, args=vars(args))
+    print(f"saved {path} (test accuracy {acc:.2f}%, {minutes:.1f} min)")
+    cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
+                     "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
+                     "ckpt": path, "seed": args.seed}, args.result_json)
+
+
+if __name__ == "__main__":
+    cli.run(main)
