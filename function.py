@@ -130,24 +130,29 @@ def saturating_rounding_doubling_high_mul(a, b):
     truncating division; the one overflow, INT32_MIN * INT32_MIN, saturates to INT32_MAX.
 
     For x = ab + nudge, truncation toward zero equals floor((ab + 2^30) / 2^31) in both
-    signs, so the division is one arithmetic shift (the test compares the literal formula).
+    signs, so the division is one arithmetic shift (tests compare the literal formula).
     """
     ab = a * b
-    result = (ab + 2 ** 30) >> 31
-    overflow = (a == INT32_MIN) & (b == INT32_MIN)
-    if overflow.any():
-        result = torch.where(overflow, torch.full_like(result, INT32_MAX), result)
-    return result
+    ab += 2 ** 30
+    ab >>= 31
+    if (b == INT32_MIN).any():
+        ab = torch.where((a == INT32_MIN) & (b == INT32_MIN), torch.full_like(ab, INT32_MAX), ab)
+    return ab
 
 
 def rounding_divide_by_pot(x, exponent):
     """gemmlowp's RoundingDivideByPOT: x / 2^exponent rounded to nearest, ties away from zero,
-    on int64 tensors (exponent >= 0, a tensor broadcastable to x)."""
+    on int64 tensors (exponent >= 0, a tensor broadcastable to x, e.g. one per channel).
+
+    gemmlowp adds 1 when the remainder x & (2^e - 1) exceeds (2^e - 1) >> 1, plus 1 if x < 0;
+    that equals floor((x + 2^(e-1) - [x < 0]) / 2^e) for e >= 1 (and x for e = 0), which is
+    one add, one subtract and one arithmetic shift (tests compare the literal formula).
+    """
     exponent = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
-    mask = (1 << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (x < 0)
-    return (x >> exponent) + (remainder > threshold)
+    out = x + ((1 << exponent) >> 1)
+    out -= ((x < 0) & (exponent > 0)).to(torch.int64)
+    out >>= exponent
+    return out
 
 
 def multiply_by_quantized_multiplier(x, m0, shift):
@@ -156,14 +161,16 @@ def multiply_by_quantized_multiplier(x, m0, shift):
     broadcastable to x (per-channel multipliers)."""
     shift = torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     left = torch.clamp(shift, min=0)
-    right = torch.clamp(-shift, min=0)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << left, m0), right)
+    if (left > 0).any():
+        x = x << left
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), torch.clamp(-shift, min=0))
 
 
 def requantize(acc, m0, shift, zero_point, qmin, qmax):
     """int32 accumulator -> output integer: MultiplyByQuantizedMultiplier, + Z_out, clamp."""
-    y = multiply_by_quantized_multiplier(acc, m0, shift) + zero_point
-    return torch.clamp(y, qmin, qmax)
+    y = multiply_by_quantized_multiplier(acc, m0, shift)
+    y += zero_point
+    return y.clamp_(qmin, qmax)
 
 
 def multiplier_to_float(m0, shift):

@@ -251,7 +251,8 @@ class QLayer(QModule):
     @torch.no_grad()
     def int_forward(self, q_in):
         dtype = self.acc_dtype(q_in.device)
-        x = (q_in - self.in_zero_point).to(dtype)                  # (q_in - Z_in); zero padding is real 0
+        x = q_in.to(dtype)
+        x -= float(self.in_zero_point)                            # (q_in - Z_in); zero padding is real 0
         w = (self.w_q.long() - self._channels_w(self.w_zero_point)).to(dtype)
         with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
             acc = self.fn(x, w)
@@ -259,12 +260,15 @@ class QLayer(QModule):
             # Max-pool before the rescale: the rescale, + Z_out and the clamp are non-decreasing
             # per channel (M0 > 0), so max and rescale commute, and 4x fewer values are rescaled.
             acc = self.pool(acc)
-        acc = torch.round(acc).to(torch.int64) + self._channels(self.b_q.long())
+        acc += self._channels(self.b_q.to(dtype))                 # exact: acc_bound counts |q_b| too
+        if acc.device.type != "cpu":
+            acc.round_()                                           # undo any sub-0.5 error of GPU kernels
+        acc = acc.to(torch.int64)
         if self.int32_overflow_possible():
             int32_check(acc, self._get_name())
-        lo = int(self._out_zero_point()) if self.relu else self.a_qmin
-        q = requantize(acc, self._channels(self.m0), self._channels(self.shift),
-                       self._out_zero_point(), lo, self.a_qmax)
+        z_out = self._out_zero_point()
+        lo = int(z_out) if self.relu else self.a_qmin             # a fused ReLU is a clamp at Z_out
+        q = requantize(acc, self._channels(self.m0), self._channels(self.shift), z_out, lo, self.a_qmax)
         return q.to(torch.int32)
 
     def _channels_w(self, t):
