@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import sys
 
 import numpy as np
@@ -62,9 +63,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def command_line(argv):
+    """The command that reproduces a run (without where its result was saved)."""
+    args, skip = [], False
+    for a in argv[1:]:
+        if skip or a.startswith("--result-json"):
+            skip = a == "--result-json"
+            continue
+        args.append(shlex.quote(a))
+    return " ".join(["python", os.path.basename(argv[0])] + args)
+
+
 def emit_result(result, path=None):
-    """Print the one `RESULT {json}` line and optionally save the same JSON."""
-    line = json.dumps(result, sort_keys=True)
+    """Print the one `RESULT {json}` line (with the command that produced it) and optionally
+    save the same JSON."""
+    line = json.dumps({**result, "command": command_line(sys.argv)}, sort_keys=True)
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:

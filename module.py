@@ -161,7 +161,12 @@ class QLayer(QModule):
         return (F.conv2d if self.is_conv else F.linear)(x, w, b, **self.fn_kwargs)
 
     def _channels(self, t):
+        """(C_out,) -> broadcastable over the output (B, C_out, H, W) or (B, C_out)."""
         return t.reshape(self.channel_shape)
+
+    def _w_channels(self, t):
+        """(C_out,) -> broadcastable over the weight (C_out, C_in, kh, kw) or (C_out, C_in)."""
+        return t.to(self.w_q.device).reshape((-1,) + (1,) * (self.w_q.dim() - 1))
 
     # --------------------------------------------------------------- float and fake-quant
 
@@ -179,9 +184,7 @@ class QLayer(QModule):
 
     def fake_quant_weight(self, w):
         s, z = self.weight_qparams(w)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        return fake_quantize(w, s.to(w.device).reshape(shape), z.to(w.device).reshape(shape),
-                             self.w_qmin, self.w_qmax)
+        return fake_quantize(w, self._w_channels(s), self._w_channels(z), self.w_qmin, self.w_qmax)
 
     def _activate(self, y):
         if self.relu:
@@ -209,9 +212,7 @@ class QLayer(QModule):
         w, b = self.folded_weight_bias()
         s_w, z_w = self.weight_qparams(w)
         s_out, z_out = self.output_qparams()
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        w_q = quantize(w, s_w.to(w.device).reshape(shape), z_w.to(w.device).reshape(shape),
-                       self.w_qmin, self.w_qmax)
+        w_q = quantize(w, self._w_channels(s_w), self._w_channels(z_w), self.w_qmin, self.w_qmax)
         in_scale = in_scale.to(w.device)
         # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
         bias_scale = in_scale.double() * s_w.double().to(w.device)
@@ -222,7 +223,7 @@ class QLayer(QModule):
         m0, shift = quantize_multiplier(bias_scale / s_out.double().to(w.device))
         # Worst case |acc| over the input range: sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b|.
         a_max = max(self.a_qmax - int(in_zero_point), int(in_zero_point) - self.a_qmin)
-        w_l1 = (w_q.long() - z_w.to(w.device).reshape(shape)).abs().reshape(w.shape[0], -1).sum(1)
+        w_l1 = (w_q.long() - self._w_channels(z_w)).abs().reshape(w.shape[0], -1).sum(1)
         bound = (w_l1 * a_max + b_q.abs().long()).max()
 
         self.in_scale.copy_(in_scale)
@@ -253,7 +254,7 @@ class QLayer(QModule):
         dtype = self.acc_dtype(q_in.device)
         x = q_in.to(dtype)
         x -= float(self.in_zero_point)                            # (q_in - Z_in); zero padding is real 0
-        w = (self.w_q.long() - self._channels_w(self.w_zero_point)).to(dtype)
+        w = (self.w_q.long() - self._w_channels(self.w_zero_point)).to(dtype)
         with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
             acc = self.fn(x, w)
         if self.pool is not None:
@@ -270,9 +271,6 @@ class QLayer(QModule):
         lo = int(z_out) if self.relu else self.a_qmin             # a fused ReLU is a clamp at Z_out
         q = requantize(acc, self._channels(self.m0), self._channels(self.shift), z_out, lo, self.a_qmax)
         return q.to(torch.int32)
-
-    def _channels_w(self, t):
-        return t.reshape((-1,) + (1,) * (self.w_q.dim() - 1))
 
     def _out_zero_point(self):
         return self.output_qparams()[1].to(self.m0.device)

@@ -1,0 +1,103 @@
+"""Build the README's results tables from the saved RESULT files (results/*.json).
+
+    python make_tables.py            # rewrite the tables in README.md in place
+    python make_tables.py --check    # exit 1 if README.md is not up to date
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in README.md.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+
+def load_results(folder):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            rows.append(json.load(f))
+    return rows
+
+
+def pct(v):
+    return f"{v:.2f}"
+
+
+def delta(r):
+    return f"{r['int_acc'] - r['fp32_acc']:+.2f}"
+
+
+def granularity(r):
+    return "per-channel" if r.get("per_channel") else "per-tensor"
+
+
+def cmd(r):
+    return f"`{r['command']}`"
+
+
+# name -> (which results, sort key, columns as (header, cell))
+TABLES = {
+    "train": (lambda r: r["script"] == "train",
+              lambda r: (r["dataset"], r["model"]),
+              [("model", lambda r: r["model"]), ("data set", lambda r: r["dataset"]),
+               ("float32 test acc. %", lambda r: pct(r["fp32_acc"])), ("epochs", lambda r: r["epochs"]),
+               ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
+    "ptq": (lambda r: r["script"] == "PTQ",
+            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"]),
+            [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+             ("weights", granularity), ("float32", lambda r: pct(r["fp32_acc"])),
+             ("fake-quant", lambda r: pct(r["fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
+             ("int - fp32", delta), ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
+             ("max output-int diff", lambda r: r["int_fq_max_diff"]), ("command", cmd)]),
+    "bench": (lambda r: r["script"] == "bench",
+              lambda r: (r["dataset"], r["model"], -r["w_bits"]),
+              [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+               ("images", lambda r: r["test_images"]), ("threads", lambda r: r["threads"]),
+               ("float32 s", lambda r: f"{r['float32_s']:.2f}"), ("fake-quant s", lambda r: f"{r['fakequant_s']:.2f}"),
+               ("integer s", lambda r: f"{r['int_s']:.2f}"),
+               ("integer / float32", lambda r: f"{r['int_ratio']:.2f}x"), ("command", cmd)]),
+}
+
+
+def render(name, results):
+    keep, key, columns = TABLES[name]
+    rows = sorted((r for r in results if keep(r)), key=key)
+    if not rows:
+        return "_(no results yet)_"
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def update(text, results):
+    for name in TABLES:
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + render(name, results) + "\n" + m.group(2), text)
+    return text
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", default="results", help="folder of RESULT json files")
+    p.add_argument("--readme", default="README.md", help="markdown file whose tables are rewritten")
+    p.add_argument("--check", action="store_true", help="only check that the tables are up to date")
+    args = p.parse_args()
+    with open(args.readme) as f:
+        text = f.read()
+    new = update(text, load_results(args.results))
+    if args.check:
+        if new != text:
+            print(f"{args.readme} tables are out of date: run python make_tables.py", file=sys.stderr)
+            sys.exit(1)
+        print(f"{args.readme} tables are up to date")
+        return
+    with open(args.readme, "w") as f:
+        f.write(new)
+    print(f"rewrote the tables in {args.readme} from {args.results}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""End-to-end runs of the real scripts with --dry-run-sized settings: on the real
+Fashion-MNIST, on a tiny CIFAR-10 written here in torchvision's format, and bad input."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+FMNIST_CNN_BN = os.path.join(ROOT, "ckpt", "fashion-mnist_cnn_bn.pt")
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def result_of(proc):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert len(lines) == 1 and proc.stdout.rstrip().splitlines()[-1] == lines[0]
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for w in words:
+        assert w in err, err
+
+
+def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path):
+    r = result_of(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--ckpt-dir", tmp_path))
+    ckpt = tmp_path / "fashion-mnist_cnn_bn.pt"
+    assert r["script"] == "train" and os.path.isfile(ckpt) and 0 <= r["fp32_acc"] <= 100
+    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--ckpt", ckpt, "--dry-run", "--data-dir", data_dir))
+    assert r["test_images"] == 1000 and r["int_fq_same_class"] > 95
+
+
+def test_ptq_end_to_end_on_real_fashion_mnist(data_dir, tmp_path):
+    out = tmp_path / "r.json"
+    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 8, "--a-bits", 8, "--per-channel",
+                      "--calib-batches", 2, "--test-limit", 2000, "--data-dir", data_dir,
+                      "--result-json", out))
+    assert {"script", "dataset", "model", "w_bits", "a_bits", "fp32_acc", "fakequant_acc", "int_acc"} <= set(r)
+    assert json.loads(out.read_text()) == r
+    assert r["fp32_acc"] > 90 and abs(r["int_acc"] - r["fp32_acc"]) < 1.0
+    assert r["int_fq_same_class"] >= 99.5 and r["int_fq_max_diff"] <= 2
+    assert r["command"].startswith("python PTQ.py --model cnn_bn")
+
+
+def test_bench_and_tables(data_dir, tmp_path):
+    r = result_of(run("bench.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir,
+                      "--result-json", tmp_path / "results" / "bench.json"))
+    assert r["float32_s"] > 0 and r["int_ratio"] > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- table:bench -->\nold\n<!-- /table:bench -->\n")
+    tables = [sys.executable, os.path.join(ROOT, "make_tables.py"), "--results", tmp_path / "results",
+              "--readme", readme]
+    assert subprocess.run(tables + ["--check"]).returncode == 1
+    assert subprocess.run(tables).returncode == 0
+    text = readme.read_text()
+    assert "| cnn_bn | W8A8 | 2000 |" in text and f"{r['int_ratio']:.2f}x" in text
+    assert subprocess.run(tables + ["--check"]).returncode == 0
+
+
+@pytest.mark.parametrize("flag,value,words", [("--w-bits", 9, ["weight bits", "2 to 8"]),
+                                              ("--a-bits", 1, ["activation bits", "2 to 8"])])
+def test_bits_out_of_range(data_dir, flag, value, words):
+    assert_one_line_error(run("PTQ.py", flag, value, "--data-dir", data_dir), *words)
+
+
+def test_missing_checkpoint(data_dir, tmp_path):
+    assert_one_line_error(run("PTQ.py", "--ckpt", tmp_path / "nope.pt", "--data-dir", data_dir),
+                          "not found", "train.py")
+
+
+def test_checkpoint_of_another_model(data_dir):
+    assert_one_line_error(run("PTQ.py", "--model", "cnn", "--ckpt", FMNIST_CNN_BN, "--data-dir", data_dir),
+                          "cnn_bn", "--model")
+
+
+def test_file_that_is_not_a_checkpoint(data_dir, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run("PTQ.py", "--ckpt", bad, "--data-dir", data_dir), "not a readable checkpoint")
+
+
+def test_missing_dataset(tmp_path):
+    assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", "--data-dir", tmp_path), "Fashion-MNIST not found")
+    assert_one_line_error(run("train.py", "--dataset", "cifar10", "--data-dir", tmp_path), "CIFAR-10 not found")
+
+
+def write_tiny_cifar10(root, per_batch=24, seed=0):
+    """CIFAR-10's python layout (cifar-10-batches-py/ with pickled dicts), filled with noise."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"batch_label": name, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, per_batch).tolist(), "filenames": [f"{i}.png" for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
+
+
+def test_cifar10_path_end_to_end(tmp_path):
+    write_tiny_cifar10(tmp_path)
+    r = result_of(run("train.py", "--dataset", "cifar10", "--model", "cnn_bn", "--dry-run", "--batch-size", 16,
+                      "--data-dir", tmp_path, "--ckpt-dir", tmp_path))
+    assert r["dataset"] == "cifar10"
+    r = result_of(run("PTQ.py", "--dataset", "cifar10", "--model", "cnn_bn", "--ckpt", tmp_path / "cifar10_cnn_bn.pt",
+                      "--w-bits", 4, "--per-channel", "--data-dir", tmp_path, "--dry-run"))
+    assert r["dataset"] == "cifar10" and r["test_images"] == 24 and r["w_bits"] == 4
