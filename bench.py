@@ -1,22 +1,25 @@
-"""Time float32, fake-quant and integer inference of one model on the same test images, in
-one run, and print their ratios (speed goals are checked here, never by a timed test).
+"""Time float32, fake-quant and integer inference of one model on the same test images, and
+float vs QAT training steps on the same training batches, in one run, and print their ratios
+(speed goals are checked here, never by a timed test).
 
     python bench.py --model cnn_bn --w-bits 8 --a-bits 8
 """
+import copy
 import time
 
 import torch
 
 import cli
-from data import Batches, load_split
-from engine import predict
-from model import calibrate, convert, freeze, load_checkpoint, set_mode
-from module import QConfig
+from data import Batches
+from engine import predict, train_one_epoch
+from model import calibrate, convert, freeze, set_mode
 
 NUM_CALIB_BATCHES = 8
 BATCH_SIZE = 1000           # test images per forward
 REPEATS = 3                 # timed passes over the test set per path; the fastest counts
 DRY_RUN_TEST = 2000
+TRAIN_BATCHES = 100         # training steps timed per path (float vs QAT), batch 128 as in train.py
+TRAIN_BATCH_SIZE = 128
 
 
 def best_time(fn, repeats):
@@ -35,18 +38,16 @@ def main():
     cli.add_quant(p)
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed passes per path (fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--train-batches", type=int, default=TRAIN_BATCHES,
+                   help="training steps timed for float vs QAT (0: skip)")
     args = p.parse_args()
-    qconfig = QConfig(args.w_bits, args.a_bits, args.per_channel, not args.w_asymmetric)
+    qconfig = cli.qconfig_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    model, _, _ = load_checkpoint(cli.default_ckpt(args), args.dataset, args.model)
-    model.to(device)
-    x_train, y_train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
-    x_test, y_test = load_split(args.dataset, args.data_dir, train=False, download=args.download)
-    if args.dry_run:
-        x_test, y_test = x_test[:DRY_RUN_TEST], y_test[:DRY_RUN_TEST]
+    limit = DRY_RUN_TEST if args.dry_run else None
+    model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
     test = Batches(x_test, y_test, BATCH_SIZE)
 
     qmodel = convert(model, qconfig).to(device)
@@ -67,12 +68,31 @@ def main():
           f"{torch.get_num_threads()} threads, device {device}, best of {repeats}")
     for mode, s in seconds.items():
         print(f"{mode:10s} {s:7.3f} s   {n / s:8.0f} images/s   {s / seconds['float32']:.2f}x float32")
+
+    train = {}
+    steps = 2 if args.dry_run else args.train_batches
+    if steps:
+        # The same batches, the same optimizer, from the same float weights: float vs QAT steps.
+        qat = convert(model, cli.qconfig_from(args, a_observer="ema")).to(device)
+        calibrate(qat, Batches(x_train, y_train, 256), device, 1)
+        set_mode(qat, "qat")
+        for label, net in (("float32", copy.deepcopy(model)), ("qat", qat)):
+            batches = Batches(x_train, y_train, TRAIN_BATCH_SIZE, shuffle=True, seed=args.seed)
+            optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+            train[label] = best_time(lambda: train_one_epoch(net, batches, optimizer, device, 0,
+                                                             max_batches=steps, verbose=False), repeats)
+        print(f"training, {steps} steps of {TRAIN_BATCH_SIZE}: float32 {train['float32']:.2f} s, "
+              f"QAT {train['qat']:.2f} s, {train['qat'] / train['float32']:.2f}x float32")
     cli.emit_result({"script": "bench", "dataset": args.dataset, "model": args.model,
                      "w_bits": args.w_bits, "a_bits": args.a_bits, "per_channel": args.per_channel,
                      "test_images": n, "threads": torch.get_num_threads(), "device": str(device),
                      **{f"{m}_s": round(s, 4) for m, s in seconds.items()},
                      "fakequant_ratio": round(seconds["fakequant"] / seconds["float32"], 3),
-                     "int_ratio": round(seconds["int"] / seconds["float32"], 3)}, args.result_json)
+                     "int_ratio": round(seconds["int"] / seconds["float32"], 3),
+                     **({"train_steps": steps, "train_float32_s": round(train["float32"], 4),
+                         "train_qat_s": round(train["qat"], 4),
+                         "qat_train_ratio": round(train["qat"] / train["float32"], 3)} if train else {})},
+                    args.result_json)
 
 
 if __name__ == "__main__":

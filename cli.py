@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import torch
 
-from data import DATASETS
+from data import DATASETS, load_split
 from function import MAX_BITS, MIN_BITS, IntsimError
-from model import ARCHS
+from model import ARCHS, load_checkpoint
+from module import QConfig
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -47,6 +48,24 @@ def add_quant(p):
 
 def default_ckpt(args):
     return args.ckpt or os.path.join(DEFAULT_CKPT_DIR, f"{args.dataset}_{args.model}.pt")
+
+
+def qconfig_from(args, a_observer="minmax"):
+    return QConfig(args.w_bits, args.a_bits, args.per_channel, not args.w_asymmetric, a_observer=a_observer)
+
+
+def load_test(args, limit=None):
+    """The test split, or its first `limit` images."""
+    x, y = load_split(args.dataset, args.data_dir, train=False, download=args.download)
+    return x[:limit], y[:limit]
+
+
+def load_float_and_data(args, device, test_limit=None):
+    """What the quantizing scripts start from: the float checkpoint the flags name (on
+    `device`), its ModelConfig and checkpoint dict, the training split and the test split."""
+    model, cfg, ckpt = load_checkpoint(default_ckpt(args), args.dataset, args.model)
+    train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
+    return model.to(device), cfg, ckpt, train, load_test(args, test_limit)
 
 
 def device_from(arg):

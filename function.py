@@ -6,8 +6,6 @@ with r = S * (q - Z), S the scale (a positive real) and Z the zero point (an int
 [QMIN, QMAX], so that r = 0 is represented exactly). A real multiplier M in (0, 1) is
 represented as M = M0 * 2^-n with M0 an int32 in Q31 fixed point, M0 in [2^30, 2^31).
 """
-import math
-
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8          # bit widths this project supports for weights and activations

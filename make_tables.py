@@ -51,13 +51,23 @@ TABLES = {
              ("fake-quant", lambda r: pct(r["fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
              ("int - fp32", delta), ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
              ("max output-int diff", lambda r: r["int_fq_max_diff"]), ("command", cmd)]),
+    "qat": (lambda r: r["script"] == "QAT" and "evaluated_from" not in r,
+            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"]),
+            [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+             ("weights", granularity), ("float32", lambda r: pct(r["fp32_acc"])),
+             ("QAT fake-quant", lambda r: pct(r["qat_fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
+             ("int - fp32", delta), ("int - QAT fake-quant", lambda r: f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}"),
+             ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
+             ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
     "bench": (lambda r: r["script"] == "bench",
               lambda r: (r["dataset"], r["model"], -r["w_bits"]),
               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
                ("images", lambda r: r["test_images"]), ("threads", lambda r: r["threads"]),
                ("float32 s", lambda r: f"{r['float32_s']:.2f}"), ("fake-quant s", lambda r: f"{r['fakequant_s']:.2f}"),
                ("integer s", lambda r: f"{r['int_s']:.2f}"),
-               ("integer / float32", lambda r: f"{r['int_ratio']:.2f}x"), ("command", cmd)]),
+               ("integer / float32", lambda r: f"{r['int_ratio']:.2f}x"),
+               ("QAT step / float32 step", lambda r: f"{r['qat_train_ratio']:.2f}x" if "qat_train_ratio" in r else "-"),
+               ("command", cmd)]),
 }
 
 
@@ -85,6 +95,8 @@ def main():
     p.add_argument("--readme", default="README.md", help="markdown file whose tables are rewritten")
     p.add_argument("--check", action="store_true", help="only check that the tables are up to date")
     args = p.parse_args()
+    if not os.path.isfile(args.readme):
+        sys.exit(f"error: {args.readme} not found: pass --readme")
     with open(args.readme) as f:
         text = f.read()
     new = update(text, load_results(args.results))
