@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from function import IntsimError
-from module import DeQuantStub, QLayer, QModule, QuantStub
+from module import DeQuantStub, QConfig, QLayer, QModule, QuantStub
 
 ARCHS = ("cnn", "cnn_bn")
 
@@ -89,6 +89,31 @@ def load_checkpoint(path, dataset, arch):
     model = build_model(cfg)
     model.load_state_dict(ckpt["state_dict"])
     return model, cfg, ckpt
+
+
+def save_quantized(path, qmodel, qconfig, cfg, dataset, **info):
+    """A frozen quantized model: its state_dict (integer weights, biases, M0, shifts, ranges)
+    and what is needed to rebuild the graph it loads into."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"intsim": 1, "quantized": True, "model_config": asdict(cfg), "qconfig": asdict(qconfig),
+                "dataset": dataset, "state_dict": qmodel.state_dict(), **info}, path)
+
+
+def load_quantized(path, dataset, arch):
+    """Rebuild a model saved by save_quantized: convert a fresh float model with the saved
+    QConfig, then load the frozen state (the float weights come back from it too)."""
+    if not os.path.isfile(path):
+        raise IntsimError(f"quantized checkpoint {path} not found: run QAT.py (or PTQ.py --save) first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not ckpt.get("quantized"):
+        raise IntsimError(f"{path} is not a quantized checkpoint: it was not written by QAT.py or PTQ.py --save")
+    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
+    if got != (arch, dataset):
+        raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
+    qconfig = QConfig(**ckpt["qconfig"])
+    qmodel = convert(build_model(ModelConfig(**ckpt["model_config"])), qconfig)
+    qmodel.load_state_dict(ckpt["state_dict"])
+    return qmodel, qconfig, ckpt
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -194,6 +219,19 @@ def set_mode(qmodel, mode):
 
 def qlayers(qmodel):
     return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, QLayer)]
+
+
+def freeze_bn(qmodel):
+    """QAT: from now on BN uses its running statistics (and stops updating them)."""
+    for _, layer in qlayers(qmodel):
+        layer.bn_frozen = True
+
+
+def freeze_observers(qmodel):
+    """QAT: from now on the activation ranges stay where the moving average left them."""
+    for m in qmodel.modules():
+        if isinstance(m, QModule):
+            m.observer_frozen = True
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@
   'float'      the float function (BN folded into the conv: the same function, see tests)
   'calibrate'  the float function, while activation observers record ranges
   'fakequant'  weights and activations rounded to their integer grids, computed in float
+  'qat'        fake-quant training: as 'fakequant', but in train() the activation observers
+               keep moving and BN uses batch statistics (both until frozen)
   'int'        integer inference: int32 tensors in, int32 tensors out (after `freeze`)
 
 `freeze(in_scale, in_zero_point)` turns a calibrated layer into integers: integer weights,
@@ -19,9 +21,9 @@ from torch import nn
 from function import (INT32_MAX, IntsimError, check_bits, dequantize, fake_quantize, int32_check,
                       quantize, quantize_multiplier, qrange, requantize, round_half_away,
                       scale_zero_point)
-from observer import MinMaxObserver, weight_range
+from observer import OBSERVERS, weight_range
 
-MODES = ("float", "calibrate", "fakequant", "int")
+MODES = ("float", "calibrate", "fakequant", "qat", "int")
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
 
 
@@ -31,10 +33,13 @@ class QConfig:
     a_bits: int = 8
     per_channel: bool = False    # one weight scale per output channel instead of per tensor
     w_symmetric: bool = True     # signed narrow-range weights with Z_w = 0 (TFLite); else unsigned
+    a_observer: str = "minmax"   # activation ranges: "minmax" (PTQ) or "ema" (moving average, QAT)
 
     def __post_init__(self):
         check_bits(self.w_bits, "weight bits")
         check_bits(self.a_bits, "activation bits")
+        if self.a_observer not in OBSERVERS:
+            raise IntsimError(f"unknown activation observer {self.a_observer!r}; use one of {', '.join(OBSERVERS)}")
 
 
 class QModule(nn.Module):
@@ -45,7 +50,8 @@ class QModule(nn.Module):
         self.qconfig = qconfig
         self.mode = "float"
         self.a_qmin, self.a_qmax = qrange(qconfig.a_bits, symmetric=False)
-        self.act = MinMaxObserver(qconfig.a_bits) if observe_output else None
+        self.act = OBSERVERS[qconfig.a_observer](qconfig.a_bits) if observe_output else None
+        self.observer_frozen = False     # QAT: stop moving the ranges for the last steps
         self.register_buffer("frozen", torch.tensor(False))
 
     def set_mode(self, mode):
@@ -59,10 +65,11 @@ class QModule(nn.Module):
         return self.act.qparams(name=self._get_name())
 
     def _observe_or_fake_quantize(self, y):
-        """The float output in the float phases: recorded ('calibrate') or rounded ('fakequant')."""
-        if self.mode == "calibrate":
+        """The float output in the float phases: recorded ('calibrate', and 'qat' while training)
+        and rounded to the integer grid ('fakequant', 'qat')."""
+        if self.mode == "calibrate" or (self.mode == "qat" and self.training and not self.observer_frozen):
             self.act(y)
-        elif self.mode == "fakequant":
+        if self.mode in ("fakequant", "qat"):
             s, z = self.output_qparams()
             y = fake_quantize(y, s.to(y.device), z.to(y.device), self.a_qmin, self.a_qmax)
         return y
@@ -149,6 +156,7 @@ class QLayer(QModule):
         self.register_buffer("m0", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("acc_bound", torch.zeros((), dtype=torch.float64))
+        self.bn_frozen = False   # QAT: BN uses running statistics from now on
 
     def extra_repr(self):
         q = self.qconfig
@@ -196,13 +204,50 @@ class QLayer(QModule):
     def forward(self, x):
         if self.mode == "int":
             return self.int_forward(x)
-        w, b = self.folded_weight_bias()
-        if self.mode == "fakequant":
-            w = self.fake_quant_weight(w)
-            if bool(self.frozen):   # the bias the integer path adds: q_b * S_in * S_w
+        quantized = self.mode in ("fakequant", "qat")
+        if self.mode == "qat" and self.training and self.bn is not None and not self.bn_frozen:
+            y = self.conv_bn_batch_stats(x, self.fake_quant_weight)
+        else:
+            w, b = self.folded_weight_bias()
+            if quantized:
+                w = self.fake_quant_weight(w)
+            if self.mode == "fakequant" and bool(self.frozen):   # the bias the integer path adds
                 b = self.b_q.to(w.dtype) * (self.in_scale * self.w_scale)
-        y = self._activate(self.fn(x, w, b))
-        return self._observe_or_fake_quantize(y)
+            y = self.fn(x, w, b)
+        return self._observe_or_fake_quantize(self._activate(y))
+
+    def conv_bn_batch_stats(self, x, weight_fn):
+        """Conv + BN while training with BN in the graph (Krishnamoorthi 2018, sec. 3.2.2;
+        Jacob et al. 2018, sec. 3.2 and fig. C.8). Two passes over the same input:
+
+          1. y = conv(x, W) + b in float, only to measure this batch's mean mu_B and standard
+             deviation sigma_B per channel (and to move BN's running statistics, as BN would);
+          2. the conv that is quantized. Its weight is folded with the *running* sigma,
+             W' = W gamma / sigma, which is the form integer inference will use, so the weights
+             seen in training are the ones that get frozen. The output is then corrected by
+             c = sigma / sigma_B and given the batch-statistics bias, so that the layer computes
+             what BN with batch statistics computes:
+                conv(x, Q(W')) sigma / sigma_B + beta + (b - mu_B) gamma / sigma_B
+                  = gamma (conv(x, W) + b - mu_B) / sigma_B + beta      when Q is the identity.
+        Gradients flow through both passes (mu_B and sigma_B depend on W, as in BN). After
+        `bn_frozen` is set, training uses the running statistics: the plain folded conv.
+        `weight_fn` is the weight quantizer (the identity in the tests)."""
+        bn, w = self.bn, self.layer.weight
+        b = self.layer.bias if self.layer.bias is not None else torch.zeros_like(bn.running_mean)
+        y_float = self.fn(x, w, b)                                              # pass 1
+        dims = [0, 2, 3]
+        mean, var = y_float.mean(dims), y_float.var(dims, unbiased=False)
+        sigma = torch.sqrt(bn.running_var + bn.eps)                             # before this batch
+        with torch.no_grad():                                                   # BN's own update
+            n = y_float.numel() / y_float.shape[1]
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean, momentum)
+            bn.running_var.lerp_(var * n / (n - 1), momentum)                   # unbiased, as BN keeps it
+        sigma_b = torch.sqrt(var + bn.eps)
+        w_fold = w * self._w_channels(bn.weight / sigma)
+        y = self.fn(x, weight_fn(w_fold)) * self._channels(sigma / sigma_b)     # pass 2
+        return y + self._channels(bn.bias + (b - mean) * bn.weight / sigma_b)
 
     # --------------------------------------------------------------- integer
 

@@ -68,3 +68,6 @@ def weight_range(w, per_channel):
     if per_channel:
         return flat.min(dim=1).values, flat.max(dim=1).values
     return flat.min().expand(w.shape[0]), flat.max().expand(w.shape[0])
+
+
+OBSERVERS = {"minmax": MinMaxObserver, "ema": MovingAverageMinMaxObserver}
