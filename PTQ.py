@@ -7,7 +7,7 @@ integer and fake-quant paths agree, and ends with one `RESULT {json}` line.
 """
 import cli
 from data import Batches
-from engine import accuracy, evaluate_frozen, predict, print_frozen_report
+from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report
 from model import calibrate, convert, freeze, qlayers, save_quantized
 
 NUM_CALIB_BATCHES = 8       # x --batch-size training images observed for the activation ranges
@@ -24,6 +24,9 @@ def main():
                    help="training batches used to calibrate activation ranges")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     p.add_argument("--save", default=None, help="save the frozen quantized model's state_dict here")
+    p.add_argument("--per-layer", type=int, default=0, metavar="N",
+                   help="also report, layer by layer, the share of output integers where the integer "
+                        "path and the float64 fake-quant differ, on the first N test images")
     args = p.parse_args()
     qconfig = cli.qconfig_from(args)
     cli.seed_everything(args.seed)
@@ -49,12 +52,18 @@ def main():
         print(f"  {lname:12s} accumulates in {str(layer.acc_dtype(device)).replace('torch.', '')} "
               f"(worst-case |acc| {float(layer.acc_bound):.3g})")
     print_frozen_report(fp32_acc, report)
+    if args.per_layer:
+        report["layer_diff_share"] = layer_agreement(qmodel, x_test[:args.per_layer], device)
+        print(f"output integers that differ between integer and fake-quant, on {args.per_layer} images:")
+        for lname, share in report["layer_diff_share"]:
+            print(f"  {lname:12s} {share:8.4f}%")
     if args.save:
         save_quantized(args.save, qmodel, qconfig, cfg, args.dataset, **report)
         print(f"saved the frozen model to {args.save}")
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model,
                      "w_bits": args.w_bits, "a_bits": args.a_bits, "per_channel": args.per_channel,
-                     "w_symmetric": qconfig.w_symmetric, "calib_images": n * args.batch_size,
+                     "w_symmetric": qconfig.w_symmetric, "single_rounding": qconfig.single_rounding,
+                     "calib_images": n * args.batch_size,
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
                      "seed": args.seed, **report}, args.result_json)
 

@@ -122,7 +122,8 @@ def main():
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
                      "a_bits": args.a_bits, "per_channel": args.per_channel, "epochs": epochs, "lr": lr,
-                     "optimizer": args.optimizer, "fp32_acc": round(fp32_acc, 2),
+                     "optimizer": args.optimizer, "single_rounding": qconfig.single_rounding,
+                     "fp32_acc": round(fp32_acc, 2),
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "test_images": len(y_test),
                      "minutes": round(minutes, 2), "seed": args.seed, **report}, args.result_json)
 

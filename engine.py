@@ -6,15 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from model import output_integers, set_mode
+from module import QLayer, QuantStub
 
 PRINT_EVERY = 100   # batches between progress lines while training
 
 
 @torch.no_grad()
-def predict(model, batches, device):
+def predict(model, batches, device, dtype=torch.float32):
     """Logits of the model (in whatever mode it is in) for every batch: (N, num_classes) on CPU."""
     model.eval()
-    return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
+    return torch.cat([model(x.to(device, dtype)).float().cpu() for x, _ in batches])
 
 
 def accuracy(logits, labels):
@@ -32,16 +33,46 @@ def evaluate_frozen(qmodel, batches, device):
     """Fake-quant and integer accuracy of a frozen model, and how closely the integer path
     follows the fake-quant float simulation of it (class agreement, output-integer difference)."""
     labels = torch.cat([y for _, y in batches])
-    logits = {}
-    for mode in ("fakequant", "int"):
-        set_mode(qmodel, mode)
-        logits[mode] = predict(qmodel, batches, device)
-    fq, it = logits["fakequant"], logits["int"]
+    set_mode(qmodel, "fakequant")
+    # In float64 the fake-quant simulation rounds like exact arithmetic; in float32 its rounding
+    # error flips a few of the ~10^4 hidden activations per image that lie near a tie, and the
+    # flips propagate. float64 leaves only M0's 31-bit approximation and TFLite's double rounding.
+    fq = predict(qmodel.double(), batches, device, torch.float64)
+    qmodel.float()
+    set_mode(qmodel, "int")
+    it = predict(qmodel, batches, device)
     diff = (output_integers(qmodel, it) - output_integers(qmodel, fq)).abs()
     return {"fakequant_acc": round(accuracy(fq, labels), 2), "int_acc": round(accuracy(it, labels), 2),
             "int_fq_same_class": round(100.0 * (it.argmax(1) == fq.argmax(1)).float().mean().item(), 3),
             "int_fq_max_diff": int(diff.max()),
             "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4)}
+
+
+@torch.no_grad()
+def layer_agreement(qmodel, x, device):
+    """Where the integer path and the float64 fake-quant part ways: [layer, share in %] of its
+    output integers that differ, on the same images, for each layer that produces integers, in
+    graph order (a list, so that the RESULT JSON keeps the order)."""
+    producers = [(node.target, qmodel.get_submodule(node.target)) for node in qmodel.graph.nodes
+                 if node.op == "call_module" and isinstance(qmodel.get_submodule(node.target), (QuantStub, QLayer))]
+    outputs = {n: [] for n, _ in producers}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outputs[n].append(out)) for n, m in producers]
+    try:
+        set_mode(qmodel, "int")
+        qmodel(x.to(device))
+        set_mode(qmodel, "fakequant")
+        qmodel.double()(x.to(device, torch.float64))
+    finally:
+        qmodel.float()
+        for h in hooks:
+            h.remove()
+    share = []
+    for name, module in producers:
+        q_int, y_fq = outputs[name]
+        s, z = module.output_qparams()
+        q_fq = torch.round(y_fq / s.to(y_fq)).long() + z.to(y_fq.device)
+        share.append([name, round(100.0 * (q_fq != q_int.long()).float().mean().item(), 4)])
+    return share
 
 
 def print_frozen_report(fp32_acc, r):

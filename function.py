@@ -164,9 +164,25 @@ def multiply_by_quantized_multiplier(x, m0, shift):
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), torch.clamp(-shift, min=0))
 
 
-def requantize(acc, m0, shift, zero_point, qmin, qmax):
+def multiply_by_quantized_multiplier_single_rounding(x, m0, shift):
+    """TFLite's MultiplyByQuantizedMultiplier when built with TFLITE_SINGLE_ROUNDING: one
+    rounding (half up) of the exact product, (x M0 + 2^(30 - shift)) >> (31 - shift).
+
+    The default above rounds twice: SRDHM rounds to 2^-n of an output step first, so a value
+    just below a half lands on it and RoundingDivideByPOT rounds it up; about 2^-(n+1) of all
+    outputs differ from exact rounding by 1 (0.15% for n = 7, measured in the README)."""
+    total = 31 - torch.as_tensor(shift, dtype=torch.int64, device=x.device)
+    out = x * m0
+    out += 1 << (total - 1)
+    out >>= total
+    return out
+
+
+def requantize(acc, m0, shift, zero_point, qmin, qmax, single_rounding=False):
     """int32 accumulator -> output integer: MultiplyByQuantizedMultiplier, + Z_out, clamp."""
-    y = multiply_by_quantized_multiplier(acc, m0, shift)
+    multiply = (multiply_by_quantized_multiplier_single_rounding if single_rounding
+                else multiply_by_quantized_multiplier)
+    y = multiply(acc, m0, shift)
     y += zero_point
     return y.clamp_(qmin, qmax)
 

@@ -34,6 +34,7 @@ class QConfig:
     per_channel: bool = False    # one weight scale per output channel instead of per tensor
     w_symmetric: bool = True     # signed narrow-range weights with Z_w = 0 (TFLite); else unsigned
     a_observer: str = "minmax"   # activation ranges: "minmax" (PTQ) or "ema" (moving average, QAT)
+    single_rounding: bool = False  # rescale as TFLite built with TFLITE_SINGLE_ROUNDING (default: double)
 
     def __post_init__(self):
         check_bits(self.w_bits, "weight bits")
@@ -207,12 +208,15 @@ class QLayer(QModule):
         quantized = self.mode in ("fakequant", "qat")
         if self.mode == "qat" and self.training and self.bn is not None and not self.bn_frozen:
             y = self.conv_bn_batch_stats(x, self.fake_quant_weight)
+        elif self.mode == "fakequant" and bool(self.frozen):
+            # Exactly the frozen integers the integer path uses, as reals: S_w (q_w - Z_w) and
+            # q_b S_in S_w, in the input's dtype (float64 gives an all but exact simulation).
+            w = self._w_channels(self.w_scale) * (self.w_q - self._w_channels(self.w_zero_point)).to(x.dtype)
+            y = self.fn(x, w, self.b_q.to(x.dtype) * (self.in_scale * self.w_scale))
         else:
             w, b = self.folded_weight_bias()
             if quantized:
                 w = self.fake_quant_weight(w)
-            if self.mode == "fakequant" and bool(self.frozen):   # the bias the integer path adds
-                b = self.b_q.to(w.dtype) * (self.in_scale * self.w_scale)
             y = self.fn(x, w, b)
         return self._observe_or_fake_quantize(self._activate(y))
 
@@ -314,7 +318,8 @@ class QLayer(QModule):
             int32_check(acc, self._get_name())
         z_out = self._out_zero_point()
         lo = int(z_out) if self.relu else self.a_qmin             # a fused ReLU is a clamp at Z_out
-        q = requantize(acc, self._channels(self.m0), self._channels(self.shift), z_out, lo, self.a_qmax)
+        q = requantize(acc, self._channels(self.m0), self._channels(self.shift), z_out, lo, self.a_qmax,
+                       self.qconfig.single_rounding)
         return q.to(torch.int32)
 
     def _out_zero_point(self):

@@ -2,12 +2,14 @@
 TFLite's reference functions (Python ints, no torch), brute-force checks, autograd."""
 import math
 import random
+from fractions import Fraction
 
 import pytest
 import torch
 
 from function import (INT32_MAX, INT32_MIN, IntsimError, check_bits, dequantize, fake_quantize,
-                      multiply_by_quantized_multiplier, multiplier_to_float, qrange, quantize,
+                      multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_single_rounding,
+                      multiplier_to_float, qrange, quantize,
                       quantize_multiplier, requantize, round_half_away, rounding_divide_by_pot,
                       saturating_rounding_doubling_high_mul, scale_zero_point)
 
@@ -38,6 +40,11 @@ def ref_rdbpot(x, exponent):
 def ref_mbqm(x, m0, shift):
     left, right = max(shift, 0), max(-shift, 0)
     return ref_rdbpot(ref_srdhm(x * (1 << left), m0), right)
+
+
+def ref_mbqm_single_rounding(x, m0, shift):
+    total_shift = 31 - shift
+    return (x * m0 + (1 << (total_shift - 1))) >> total_shift
 
 
 def ref_quantize_multiplier(m):
@@ -99,6 +106,28 @@ def test_multiply_by_quantized_multiplier_matches_reference():
         cases.append((rng.randint(-bound, bound - 1), rng.randint(1 << 30, INT32_MAX), shift))
     x, m0, shift = t([c[0] for c in cases]), t([c[1] for c in cases]), t([c[2] for c in cases])
     assert multiply_by_quantized_multiplier(x, m0, shift).tolist() == [ref_mbqm(*c) for c in cases]
+
+
+def test_single_rounding_matches_reference_and_exact_rounding():
+    rng = random.Random(4)
+    cases = [(x, m, s) for x in EDGE_X for m in EDGE_M0 for s in (0, -1, -31, -5)]
+    cases += [(rng.randint(INT32_MIN, INT32_MAX), rng.randint(1 << 30, INT32_MAX), rng.randint(-31, 0))
+              for _ in range(30000)]
+    x, m0, shift = t([c[0] for c in cases]), t([c[1] for c in cases]), t([c[2] for c in cases])
+    got = multiply_by_quantized_multiplier_single_rounding(x, m0, shift).tolist()
+    assert got == [ref_mbqm_single_rounding(*c) for c in cases]
+    # one rounding: floor(v + 1/2) of the exact rational v = x M0 2^(shift - 31)
+    assert got == [math.floor(Fraction(a * m, 2 ** (31 - s)) + Fraction(1, 2)) for a, m, s in cases]
+
+
+def test_double_rounding_differs_from_exact_rounding_just_below_a_half():
+    # x M0 2^-31 = 170 * 0.75 = 127.5: SRDHM rounds it up onto 128, which is exactly one half
+    # after the right shift by 8, and RoundingDivideByPOT rounds that half up too. The exact
+    # value 127.5 / 256 = 0.498 rounds to 0.
+    x, m0, shift = 170, 3 << 29, -8
+    double = multiply_by_quantized_multiplier(t([x]), t([m0]), t([shift])).item()
+    single = multiply_by_quantized_multiplier_single_rounding(t([x]), t([m0]), t([shift])).item()
+    assert (double, single) == (ref_mbqm(x, m0, shift), ref_mbqm_single_rounding(x, m0, shift)) == (1, 0)
 
 
 def test_requantize_adds_zero_point_and_clamps():

@@ -45,13 +45,16 @@ def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path):
 def test_ptq_end_to_end_on_real_fashion_mnist(data_dir, tmp_path):
     out = tmp_path / "r.json"
     r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 8, "--a-bits", 8, "--per-channel",
-                      "--calib-batches", 2, "--test-limit", 2000, "--data-dir", data_dir,
+                      "--calib-batches", 2, "--test-limit", 2000, "--per-layer", 500, "--data-dir", data_dir,
                       "--result-json", out))
     assert {"script", "dataset", "model", "w_bits", "a_bits", "fp32_acc", "fakequant_acc", "int_acc"} <= set(r)
     assert json.loads(out.read_text()) == r
     assert r["fp32_acc"] > 90 and abs(r["int_acc"] - r["fp32_acc"]) < 1.0
     assert r["int_fq_same_class"] >= 99.5 and r["int_fq_max_diff"] <= 2
     assert r["command"].startswith("python PTQ.py --model cnn_bn")
+    layers = dict(r["layer_diff_share"])
+    assert [name for name, _ in r["layer_diff_share"]] == ["quant_in", "features.0", "features.4", "classifier"]
+    assert layers["quant_in"] == 0 and all(0 <= v < 20 for v in layers.values())
 
 
 def test_bench_and_tables(data_dir, tmp_path):
