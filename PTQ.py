@@ -62,7 +62,7 @@ def main():
         print(f"saved the frozen model to {args.save}")
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model,
                      "w_bits": args.w_bits, "a_bits": args.a_bits, "per_channel": args.per_channel,
-                     "w_symmetric": qconfig.w_symmetric, "single_rounding": qconfig.single_rounding,
+                     "w_symmetric": qconfig.w_symmetric, "single_rounding": qconfig.single_rounding, "out_bits": qconfig.out_bits or qconfig.a_bits,
                      "calib_images": n * args.batch_size,
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
                      "seed": args.seed, **report}, args.result_json)

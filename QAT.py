@@ -35,7 +35,8 @@ DRY_RUN_TEST = 1000                # ... and test images
 
 def default_save_path(args):
     granularity = "pc" if args.per_channel else "pt"
-    return os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{args.w_bits}A{args.a_bits}_{granularity}.pt")
+    out = f"_out{args.out_bits}" if args.out_bits else ""
+    return os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{args.w_bits}A{args.a_bits}{out}_{granularity}.pt")
 
 
 def main():
@@ -68,7 +69,7 @@ def main():
     if args.eval:
         x_test, y_test = cli.load_test(args, limit)
         test = Batches(x_test, y_test, TEST_BATCH_SIZE)
-        qmodel, qconfig, ckpt = load_quantized(args.eval, args.dataset, args.model)
+        qmodel, qconfig, ckpt = load_quantized(args.eval, args.dataset, args.model, args.single_rounding)
         qmodel.to(device)
         report = evaluate_frozen(qmodel, test, device)
         print(f"{args.model} on {args.dataset}, {name}, QAT model from {args.eval}, {len(y_test)} test images")
@@ -76,7 +77,9 @@ def main():
         cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
                          "a_bits": args.a_bits, "per_channel": args.per_channel, "epochs": ckpt["epochs"],
                          "lr": ckpt["lr"], "fp32_acc": ckpt["fp32_acc"], "qat_fakequant_acc": ckpt["qat_fakequant_acc"],
-                         "test_images": len(y_test), "evaluated_from": args.eval, **report}, args.result_json)
+                         "test_images": len(y_test), "evaluated_from": args.eval, "optimizer": ckpt.get("optimizer"),
+                         "single_rounding": qconfig.single_rounding, "out_bits": qconfig.out_bits or qconfig.a_bits,
+                         **report}, args.result_json)
         return
 
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
@@ -118,11 +121,11 @@ def main():
     print_frozen_report(fp32_acc, report)
     save = args.save or default_save_path(args)
     save_quantized(save, qmodel, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), epochs=epochs, lr=lr,
-                   qat_fakequant_acc=round(qat_fq_acc, 2))
+                   optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2))
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
                      "a_bits": args.a_bits, "per_channel": args.per_channel, "epochs": epochs, "lr": lr,
-                     "optimizer": args.optimizer, "single_rounding": qconfig.single_rounding,
+                     "optimizer": args.optimizer, "single_rounding": qconfig.single_rounding, "out_bits": qconfig.out_bits or qconfig.a_bits,
                      "fp32_acc": round(fp32_acc, 2),
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "test_images": len(y_test),
                      "minutes": round(minutes, 2), "seed": args.seed, **report}, args.result_json)

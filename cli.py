@@ -44,6 +44,8 @@ def add_quant(p):
     p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
     p.add_argument("--w-asymmetric", action="store_true",
                    help="unsigned weights with a zero point (default: signed narrow range, Z_w = 0)")
+    p.add_argument("--out-bits", type=int, default=None,
+                   help="bits of the model's output, the logits (default: --a-bits)")
     p.add_argument("--single-rounding", action="store_true",
                    help="rescale with one rounding (TFLITE_SINGLE_ROUNDING) instead of TFLite's default two")
 
@@ -54,7 +56,7 @@ def default_ckpt(args):
 
 def qconfig_from(args, a_observer="minmax"):
     return QConfig(args.w_bits, args.a_bits, args.per_channel, not args.w_asymmetric, a_observer=a_observer,
-                   single_rounding=args.single_rounding)
+                   single_rounding=args.single_rounding, out_bits=args.out_bits)
 
 
 def load_test(args, limit=None):

@@ -41,8 +41,12 @@ def evaluate_frozen(qmodel, batches, device):
     qmodel.float()
     set_mode(qmodel, "int")
     it = predict(qmodel, batches, device)
-    diff = (output_integers(qmodel, it) - output_integers(qmodel, fq)).abs()
+    q_int = output_integers(qmodel, it)
+    diff = (q_int - output_integers(qmodel, fq)).abs()
+    # images whose largest output integer is shared by two classes: argmax then takes the first
+    tied = ((q_int == q_int.max(1, keepdim=True).values).sum(1) > 1).float().mean().item()
     return {"fakequant_acc": round(accuracy(fq, labels), 2), "int_acc": round(accuracy(it, labels), 2),
+            "int_top_tie_share": round(100.0 * tied, 3),
             "int_fq_same_class": round(100.0 * (it.argmax(1) == fq.argmax(1)).float().mean().item(), 3),
             "int_fq_max_diff": int(diff.max()),
             "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4)}

@@ -33,6 +33,11 @@ def granularity(r):
     return "per-channel" if r.get("per_channel") else "per-tensor"
 
 
+def bits(r):
+    out = r.get("out_bits") or r["a_bits"]
+    return f"W{r['w_bits']}A{r['a_bits']}" + (f", logits {out}-bit" if out != r["a_bits"] else "")
+
+
 def rounding(r):
     return "single" if r.get("single_rounding") else "double"
 
@@ -51,7 +56,7 @@ TABLES = {
     "ptq": (lambda r: r["script"] == "PTQ" and "layer_diff_share" not in r,
             lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("single_rounding", False),
                        r["per_channel"]),
-            [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+            [("model", lambda r: r["model"]), ("W/A bits", bits),
              ("weights", granularity), ("rescale", rounding), ("float32", lambda r: pct(r["fp32_acc"])),
              ("fake-quant", lambda r: pct(r["fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
              ("int - fp32", delta), ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
@@ -63,15 +68,16 @@ TABLES = {
                 ("output integers that differ, per layer (in order)",
                  lambda r: ", ".join(f"{k} {v:.2f}%" for k, v in r["layer_diff_share"])),
                 ("same class %", lambda r: f"{r['int_fq_same_class']:.2f}"), ("command", cmd)]),
-    "qat": (lambda r: r["script"] == "QAT" and "evaluated_from" not in r,
-            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"],
-                       not r.get("single_rounding", False)),
-            [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+    "qat": (lambda r: r["script"] == "QAT",
+            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("out_bits") or 0,
+                       r["per_channel"], not r.get("single_rounding", False)),
+            [("model", lambda r: r["model"]), ("W/A bits", bits),
              ("weights", granularity), ("rescale", rounding), ("float32", lambda r: pct(r["fp32_acc"])),
              ("QAT fake-quant", lambda r: pct(r["qat_fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
              ("int - fp32", delta), ("int - QAT fake-quant", lambda r: f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}"),
              ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
-             ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
+             ("top logits tied %", lambda r: f"{r['int_top_tie_share']:.2f}" if "int_top_tie_share" in r else "-"),
+             ("minutes", lambda r: f"{r['minutes']:.1f}" if "minutes" in r else "(eval)"), ("command", cmd)]),
     "bench": (lambda r: r["script"] == "bench",
               lambda r: (r["dataset"], r["model"], -r["w_bits"]),
               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
@@ -93,12 +99,12 @@ def check_targets(results):
     """(target, run, measured, met) rows: each issue's targets checked against the results."""
     rows = []
     ptq = [r for r in results if r["script"] == "PTQ" and "layer_diff_share" not in r]
-    qat = [r for r in results if r["script"] == "QAT" and "evaluated_from" not in r]
+    qat = [r for r in results if r["script"] == "QAT"]
     for r in find(results, script="train"):
         rows.append(("float32 >= 91.0%", r["model"], pct(r["fp32_acc"]), r["fp32_acc"] >= 91.0))
-    for bits, tol in ((8, 0.3), (6, 1.0)):
-        for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == bits and not r.get("single_rounding")]:
-            rows.append((f"PTQ W{bits}A{bits} integer within {tol} of float32",
+    for b, tol in ((8, 0.3), (6, 1.0)):
+        for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == b and not r.get("single_rounding")]:
+            rows.append((f"PTQ W{b}A{b} integer within {tol} of float32",
                          f"{r['model']} {granularity(r)}", delta(r), abs(r["int_acc"] - r["fp32_acc"]) <= tol))
     for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == 8]:
         rows.append(("integer vs fake-quant: same class >= 99.9%, max output diff <= 1",
@@ -107,7 +113,8 @@ def check_targets(results):
                      r["int_fq_same_class"] >= 99.9 and r["int_fq_max_diff"] <= 1))
     for r in qat:
         if r["w_bits"] == r["a_bits"] == 4:
-            rows.append(("QAT W4A4 integer within 1.0 of float32", f"{r['model']} {granularity(r)}", delta(r),
+            rows.append(("QAT W4A4 integer within 1.0 of float32",
+                         f"{r['model']} {granularity(r)}, {bits(r)}, {rounding(r)} rounding", delta(r),
                          abs(r["int_acc"] - r["fp32_acc"]) <= 1.0))
         if r["w_bits"] == r["a_bits"] == 8:
             for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"]):

@@ -10,6 +10,7 @@ Then: `calibrate` (observe ranges on training data) -> `freeze` (walk the graph 
 handing each layer the S and Z of its input) -> integer inference (`set_mode(m, "int")`).
 """
 import copy
+import dataclasses
 import operator
 import os
 import warnings
@@ -99,9 +100,10 @@ def save_quantized(path, qmodel, qconfig, cfg, dataset, **info):
                 "dataset": dataset, "state_dict": qmodel.state_dict(), **info}, path)
 
 
-def load_quantized(path, dataset, arch):
+def load_quantized(path, dataset, arch, single_rounding=None):
     """Rebuild a model saved by save_quantized: convert a fresh float model with the saved
-    QConfig, then load the frozen state (the float weights come back from it too)."""
+    QConfig, then load the frozen state (the float weights come back from it too).
+    `single_rounding` may override the rescale kernel: M0 and shift are the same for both."""
     if not os.path.isfile(path):
         raise IntsimError(f"quantized checkpoint {path} not found: run QAT.py (or PTQ.py --save) first")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -111,6 +113,8 @@ def load_quantized(path, dataset, arch):
     if got != (arch, dataset):
         raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
     qconfig = QConfig(**ckpt["qconfig"])
+    if single_rounding is not None:
+        qconfig = dataclasses.replace(qconfig, single_rounding=single_rounding)
     qmodel = convert(build_model(ModelConfig(**ckpt["model_config"])), qconfig)
     qmodel.load_state_dict(ckpt["state_dict"])
     return qmodel, qconfig, ckpt
@@ -182,7 +186,9 @@ def convert(model, qconfig):
         if isinstance(layer, nn.Conv2d) and _is_module(gm, nxt, nn.MaxPool2d):
             pool = gm.get_submodule(nxt.target)
             chain.append(nxt)
-        gm.add_submodule(node.target, QLayer(layer, qconfig, bn=bn, relu=relu, pool=pool))
+        is_output = any(user.op == "output" for user in chain[-1].users)   # produces the logits
+        gm.add_submodule(node.target, QLayer(layer, qconfig, bn=bn, relu=relu, pool=pool,
+                                             a_bits=qconfig.out_bits if is_output else None))
         if len(chain) > 1:
             chain[-1].replace_all_uses_with(node)
             for fused in reversed(chain[1:]):

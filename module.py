@@ -13,6 +13,7 @@ the fixed-point rescale. Everything it computes is a buffer, so it follows `.to(
 `state_dict()`.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,13 @@ class QConfig:
     w_symmetric: bool = True     # signed narrow-range weights with Z_w = 0 (TFLite); else unsigned
     a_observer: str = "minmax"   # activation ranges: "minmax" (PTQ) or "ema" (moving average, QAT)
     single_rounding: bool = False  # rescale as TFLite built with TFLITE_SINGLE_ROUNDING (default: double)
+    out_bits: Optional[int] = None  # bits of the model's output (the logits); None: a_bits
 
     def __post_init__(self):
         check_bits(self.w_bits, "weight bits")
         check_bits(self.a_bits, "activation bits")
+        if self.out_bits is not None:
+            check_bits(self.out_bits, "output bits")
         if self.a_observer not in OBSERVERS:
             raise IntsimError(f"unknown activation observer {self.a_observer!r}; use one of {', '.join(OBSERVERS)}")
 
@@ -46,12 +50,13 @@ class QConfig:
 class QModule(nn.Module):
     """Base of the modules the conversion inserts: holds the mode and the activation observer."""
 
-    def __init__(self, qconfig, observe_output=True):
+    def __init__(self, qconfig, observe_output=True, a_bits=None):
         super().__init__()
         self.qconfig = qconfig
         self.mode = "float"
-        self.a_qmin, self.a_qmax = qrange(qconfig.a_bits, symmetric=False)
-        self.act = OBSERVERS[qconfig.a_observer](qconfig.a_bits) if observe_output else None
+        a_bits = a_bits or qconfig.a_bits           # the model's output layer may differ (out_bits)
+        self.a_qmin, self.a_qmax = qrange(a_bits, symmetric=False)
+        self.act = OBSERVERS[qconfig.a_observer](a_bits) if observe_output else None
         self.observer_frozen = False     # QAT: stop moving the ranges for the last steps
         self.register_buffer("frozen", torch.tensor(False))
 
@@ -131,8 +136,8 @@ class QLayer(QModule):
     with lo = Z_out when a ReLU is fused (ReLU is a clamp at real 0) and QMIN otherwise.
     """
 
-    def __init__(self, layer, qconfig, bn=None, relu=False, pool=None):
-        super().__init__(qconfig)
+    def __init__(self, layer, qconfig, bn=None, relu=False, pool=None, a_bits=None):
+        super().__init__(qconfig, a_bits=a_bits)
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise IntsimError(f"QLayer wraps nn.Conv2d or nn.Linear, not {type(layer).__name__}")
         self.layer, self.bn, self.relu, self.pool = layer, bn, relu, pool
@@ -271,7 +276,8 @@ class QLayer(QModule):
         # Requantization multiplier M[c] = S_in S_w[c] / S_out = M0[c] 2^(shift[c] - 31).
         m0, shift = quantize_multiplier(bias_scale / s_out.double().to(w.device))
         # Worst case |acc| over the input range: sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b|.
-        a_max = max(self.a_qmax - int(in_zero_point), int(in_zero_point) - self.a_qmin)
+        in_qmin, in_qmax = qrange(self.qconfig.a_bits, symmetric=False)    # inputs are hidden activations
+        a_max = max(in_qmax - int(in_zero_point), int(in_zero_point) - in_qmin)
         w_l1 = (w_q.long() - self._w_channels(z_w)).abs().reshape(w.shape[0], -1).sum(1)
         bound = (w_l1 * a_max + b_q.abs().long()).max()
 

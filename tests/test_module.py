@@ -252,3 +252,15 @@ def test_double_rounding_differs_from_fake_quant_by_at_most_one_and_rarely():
     set_mode(qmodel, "int")
     diff = (output_integers(qmodel, qmodel(x)) - fake_quant_integers_float64(qmodel, x)).abs()
     assert diff.max() == 1 and 0 < (diff > 0).float().mean() < 0.25   # it does differ, by 1 at most
+
+
+def test_output_bits_apply_to_the_logits_only():
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    qmodel = quantized("cnn_bn", QConfig(4, 4, per_channel=True, out_bits=8, single_rounding=True), x)
+    set_mode(qmodel, "int")
+    hidden = qmodel.get_submodule("features.0")(qmodel.quant_in(x))
+    q = output_integers(qmodel, qmodel(x))
+    assert hidden.max() <= 15 and q.max() <= 255 and len(torch.unique(q)) > 16
+    assert torch.equal(q, fake_quant_integers_float64(qmodel, x))          # still exact
+    with pytest.raises(IntsimError, match="output bits"):
+        QConfig(out_bits=9)

@@ -121,3 +121,24 @@ def test_cifar10_path_end_to_end(tmp_path):
     r = result_of(run("PTQ.py", "--dataset", "cifar10", "--model", "cnn_bn", "--ckpt", tmp_path / "cifar10_cnn_bn.pt",
                       "--w-bits", 4, "--per-channel", "--data-dir", tmp_path, "--dry-run"))
     assert r["dataset"] == "cifar10" and r["test_images"] == 24 and r["w_bits"] == 4
+
+
+def test_targets_table_marks_met_and_missed():
+    import make_tables
+    common = {"dataset": "fashion-mnist", "model": "cnn", "per_channel": False, "command": "python x.py"}
+    results = [
+        {**common, "script": "train", "fp32_acc": 90.5, "epochs": 1, "minutes": 1.0},
+        {**common, "script": "PTQ", "w_bits": 8, "a_bits": 8, "fp32_acc": 92.0, "fakequant_acc": 91.9,
+         "int_acc": 91.8, "int_fq_same_class": 99.95, "int_fq_max_diff": 1},
+        {**common, "script": "PTQ", "w_bits": 6, "a_bits": 6, "fp32_acc": 92.0, "fakequant_acc": 90.0,
+         "int_acc": 90.9, "int_fq_same_class": 99.0, "int_fq_max_diff": 2},
+        {**common, "script": "bench", "w_bits": 8, "a_bits": 8, "int_ratio": 3.2, "qat_train_ratio": 2.0},
+    ]
+    rows = {(t, m): ok for t, _, m, ok in make_tables.check_targets(results)}
+    assert rows[("float32 >= 91.0%", "90.50")] is False
+    assert rows[("PTQ W8A8 integer within 0.3 of float32", "-0.20")] is True
+    assert rows[("PTQ W6A6 integer within 1.0 of float32", "-1.10")] is False
+    assert rows[("integer vs fake-quant: same class >= 99.9%, max output diff <= 1", "99.95%, 1")] is True
+    assert rows[("integer inference <= 3x float32", "3.20x")] is False
+    assert rows[("QAT training step <= 2.5x float32 step", "2.00x")] is True
+    assert "**no**" in make_tables.render_targets(results)
