@@ -114,14 +114,15 @@ def check_targets(results):
     for r in qat:
         if r["w_bits"] == r["a_bits"] == 4:
             rows.append(("QAT W4A4 integer within 1.0 of float32",
-                         f"{r['model']} {granularity(r)}, {bits(r)}, {rounding(r)} rounding", delta(r),
+                         f"{r['model']} {bits(r)} {granularity(r)}, {rounding(r)} rounding", delta(r),
                          abs(r["int_acc"] - r["fp32_acc"]) <= 1.0))
+        label = f"{r['model']} {bits(r)} {granularity(r)}, {rounding(r)} rounding"
         if r["w_bits"] == r["a_bits"] == 8:
-            for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"]):
-                rows.append(("QAT W8A8 not below PTQ W8A8 by more than 0.1", f"{r['model']} {granularity(r)}",
+            for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"],
+                          single_rounding=r.get("single_rounding", False)):
+                rows.append(("QAT W8A8 not below PTQ W8A8 by more than 0.1", label,
                              f"{r['int_acc'] - p['int_acc']:+.2f}", r["int_acc"] >= p["int_acc"] - 0.1))
-        rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training",
-                     f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)}",
+        rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training", label,
                      f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}", abs(r["int_acc"] - r["qat_fakequant_acc"]) <= 0.1))
     for r in find(results, script="bench"):
         rows.append(("integer inference <= 3x float32", f"{r['model']} W{r['w_bits']}A{r['a_bits']}",
