@@ -65,6 +65,8 @@ class QModule(nn.Module):
             raise IntsimError(f"unknown mode {mode!r}; use one of {MODES}")
         if mode == "int" and not bool(self.frozen):
             raise IntsimError("integer inference needs a frozen model: calibrate, then freeze")
+        if mode in ("calibrate", "qat") and bool(self.frozen):   # ranges would move under frozen M0
+            raise IntsimError(f"cannot {mode} a frozen model: convert the float model again")
         self.mode = mode
 
     def output_qparams(self):

@@ -186,6 +186,11 @@ def test_int_mode_needs_freeze_and_freeze_needs_calibration():
         set_mode(qmodel, "int")
     with pytest.raises(IntsimError, match="calibrate"):
         freeze(qmodel)
+    calibrate(qmodel, [(torch.randn(4, 1, 28, 28), None)], "cpu", 1)
+    freeze(qmodel)
+    for mode in ("calibrate", "qat"):          # ranges must not move under frozen multipliers
+        with pytest.raises(IntsimError, match="frozen model"):
+            set_mode(qmodel, mode)
 
 
 def test_dead_layer_with_zero_range_quantizes_without_nan():
