@@ -39,6 +39,13 @@ def default_save_path(args):
     return os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{args.w_bits}A{args.a_bits}{out}_{granularity}.pt")
 
 
+def result_keys(args, qconfig, test_images):
+    """The RESULT keys a training run and an --eval run share."""
+    return {"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
+            "a_bits": args.a_bits, "per_channel": args.per_channel, "single_rounding": qconfig.single_rounding,
+            "out_bits": qconfig.out_bits or qconfig.a_bits, "test_images": test_images}
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
@@ -74,12 +81,10 @@ def main():
         report = evaluate_frozen(qmodel, test, device)
         print(f"{args.model} on {args.dataset}, {name}, QAT model from {args.eval}, {len(y_test)} test images")
         print_frozen_report(ckpt["fp32_acc"], report)
-        cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
-                         "a_bits": args.a_bits, "per_channel": args.per_channel, "epochs": ckpt["epochs"],
-                         "lr": ckpt["lr"], "fp32_acc": ckpt["fp32_acc"], "qat_fakequant_acc": ckpt["qat_fakequant_acc"],
-                         "test_images": len(y_test), "evaluated_from": args.eval, "optimizer": ckpt.get("optimizer"),
-                         "single_rounding": qconfig.single_rounding, "out_bits": qconfig.out_bits or qconfig.a_bits,
-                         **report}, args.result_json)
+        cli.emit_result({**result_keys(args, qconfig, len(y_test)), "epochs": ckpt["epochs"], "lr": ckpt["lr"],
+                         "optimizer": ckpt.get("optimizer"), "fp32_acc": ckpt["fp32_acc"],
+                         "qat_fakequant_acc": ckpt["qat_fakequant_acc"], "evaluated_from": args.eval, **report},
+                        args.result_json)
         return
 
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
@@ -123,12 +128,10 @@ def main():
     save_quantized(save, qmodel, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), epochs=epochs, lr=lr,
                    optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2))
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
-    cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "w_bits": args.w_bits,
-                     "a_bits": args.a_bits, "per_channel": args.per_channel, "epochs": epochs, "lr": lr,
-                     "optimizer": args.optimizer, "single_rounding": qconfig.single_rounding, "out_bits": qconfig.out_bits or qconfig.a_bits,
-                     "fp32_acc": round(fp32_acc, 2),
-                     "qat_fakequant_acc": round(qat_fq_acc, 2), "test_images": len(y_test),
-                     "minutes": round(minutes, 2), "seed": args.seed, **report}, args.result_json)
+    cli.emit_result({**result_keys(args, qconfig, len(y_test)), "epochs": epochs, "lr": lr,
+                     "optimizer": args.optimizer, "fp32_acc": round(fp32_acc, 2),
+                     "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,
+                     **report}, args.result_json)
 
 
 if __name__ == "__main__":

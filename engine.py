@@ -5,6 +5,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from function import integers_of
 from model import output_integers, set_mode
 from module import QLayer, QuantStub
 
@@ -73,8 +74,7 @@ def layer_agreement(qmodel, x, device):
     share = []
     for name, module in producers:
         q_int, y_fq = outputs[name]
-        s, z = module.output_qparams()
-        q_fq = torch.round(y_fq / s.to(y_fq)).long() + z.to(y_fq.device)
+        q_fq = integers_of(y_fq, *module.output_qparams())
         share.append([name, round(100.0 * (q_fq != q_int.long()).float().mean().item(), 4)])
     return share
 

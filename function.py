@@ -86,6 +86,11 @@ def dequantize(q, scale, zero_point):
     return scale * (q.to(torch.float32) - zero_point)
 
 
+def integers_of(y, scale, zero_point):
+    """The integers q behind a (fake-)quantized real y = S (q - Z): round(y / S) + Z, int64."""
+    return torch.round(y / scale.to(y)).long() + zero_point.to(y.device)
+
+
 def fake_quantize(x, scale, zero_point, qmin, qmax):
     """dequantize(quantize(x)) in float, differentiable with the straight-through estimator
     (Bengio et al. 2013; Jacob et al. 2018, section 3): the gradient is the identity where x

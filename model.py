@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from function import IntsimError
+from function import IntsimError, integers_of
 from module import DeQuantStub, QConfig, QLayer, QModule, QuantStub
 
 ARCHS = ("cnn", "cnn_bn")
@@ -284,4 +284,4 @@ def freeze(qmodel):
 def output_integers(qmodel, logits):
     """The integers q = round(y / S) + Z behind a (fake-)quantized output y = S (q - Z)."""
     dq = qmodel.get_submodule("dequant_out")
-    return torch.round(logits / dq.in_scale.to(logits.device)).long() + dq.in_zero_point.to(logits.device)
+    return integers_of(logits, dq.in_scale, dq.in_zero_point)
