@@ -49,8 +49,9 @@ def main():
     print(f"{args.model} on {args.dataset}, {name}, calibrated on {n * args.batch_size} training images, "
           f"scored on {len(y_test)} test images")
     for lname, layer in qlayers(qmodel):
+        right = -layer.shift                                  # n, the right shift of M = M0 2^-n
         print(f"  {lname:12s} accumulates in {str(layer.acc_dtype(device)).replace('torch.', '')} "
-              f"(worst-case |acc| {float(layer.acc_bound):.3g})")
+              f"(worst-case |acc| {float(layer.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
     print_frozen_report(fp32_acc, report)
     if args.per_layer:
         report["layer_diff_share"] = layer_agreement(qmodel, x_test[:args.per_layer], device)
