@@ -66,6 +66,7 @@ def main():
     p.add_argument("--eval", default=None, metavar="PATH",
                    help="only evaluate a frozen QAT model saved earlier (no training)")
     args = p.parse_args()
+    cli.require_integer_activations(args, "QAT.py")
     qconfig = cli.qconfig_from(args, a_observer="ema")
     lr = args.lr if args.lr is not None else LR[args.optimizer]
     cli.seed_everything(args.seed)

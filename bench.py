@@ -41,6 +41,7 @@ def main():
     p.add_argument("--train-batches", type=int, default=TRAIN_BATCHES,
                    help="training steps timed for float vs QAT (0: skip)")
     args = p.parse_args()
+    cli.require_integer_activations(args, "bench.py")
     qconfig = cli.qconfig_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)

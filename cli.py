@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from data import DATASETS, load_split
-from function import MAX_BITS, MIN_BITS, IntsimError
+from function import FLOAT_BITS, MAX_BITS, MIN_BITS, ROUNDINGS, IntsimError
 from model import ARCHS, load_checkpoint
-from module import QConfig
+from module import LAYER_CHOICES, QConfig
+from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_CKPT_DIR = "ckpt"
@@ -40,7 +41,8 @@ def add_quant(p):
     """Flags of the scripts that quantize."""
     p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
     p.add_argument("--w-bits", type=int, default=8, help=f"weight bits ({MIN_BITS}..{MAX_BITS})")
-    p.add_argument("--a-bits", type=int, default=8, help=f"activation bits ({MIN_BITS}..{MAX_BITS})")
+    p.add_argument("--a-bits", type=int, default=8,
+                   help=f"activation bits ({MIN_BITS}..{MAX_BITS}, or {FLOAT_BITS}: float activations)")
     p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
     p.add_argument("--w-asymmetric", action="store_true",
                    help="unsigned weights with a zero point (default: signed narrow range, Z_w = 0)")
@@ -50,13 +52,40 @@ def add_quant(p):
                    help="rescale with one rounding (TFLITE_SINGLE_ROUNDING) instead of TFLite's default two")
 
 
+def add_ranges(p):
+    """Flags of post-training quantization: how ranges are picked and weights rounded. (No
+    `choices=` on purpose: a wrong value gets intsim's one-line error, which names the options.)"""
+    p.add_argument("--w-observer", default="minmax", help=f"weight range: {', '.join(WEIGHT_OBSERVERS)}")
+    p.add_argument("--a-observer", default="minmax", help=f"activation range: {', '.join(OBSERVERS)}")
+    p.add_argument("--lp-p", type=float, default=LP_DEFAULT_P, help="p of the lp observers (> 0)")
+    p.add_argument("--rounding", default="nearest", help=f"weight rounding: {', '.join(ROUNDINGS)}")
+    p.add_argument("--quantize-layers", default="all",
+                   help=f"which conv/linear layers to quantize: {', '.join(LAYER_CHOICES)} (the rest stay float)")
+    p.add_argument("--unfold-bn", action="store_true",
+                   help="quantize the conv weights before BN instead of the folded ones (needs --a-bits 32)")
+    p.add_argument("--bias-bits", type=int, default=32,
+                   help=f"32: int32 bias at S_in*S_w (TFLite); {MIN_BITS}..{MAX_BITS}: bias on its own grid first")
+
+
+def require_integer_activations(args, script):
+    if args.a_bits == FLOAT_BITS:
+        raise IntsimError(f"{script} builds integer models: --a-bits {FLOAT_BITS} (float activations) "
+                          f"is for PTQ.py and AdaRound.py")
+
+
 def default_ckpt(args):
     return args.ckpt or os.path.join(DEFAULT_CKPT_DIR, f"{args.dataset}_{args.model}.pt")
 
 
-def qconfig_from(args, a_observer="minmax"):
-    return QConfig(args.w_bits, args.a_bits, args.per_channel, not args.w_asymmetric, a_observer=a_observer,
-                   single_rounding=args.single_rounding, out_bits=args.out_bits)
+def qconfig_from(args, a_observer=None):
+    """The QConfig the flags describe (flags a script lacks keep QConfig's defaults)."""
+    get = lambda name, default: getattr(args, name, default)
+    return QConfig(args.w_bits, args.a_bits, args.per_channel, not args.w_asymmetric,
+                   a_observer=a_observer or get("a_observer", "minmax"),
+                   single_rounding=args.single_rounding, out_bits=args.out_bits,
+                   w_observer=get("w_observer", "minmax"), lp_p=get("lp_p", LP_DEFAULT_P),
+                   rounding=get("rounding", "nearest"), fold_bn=not get("unfold_bn", False),
+                   bias_bits=get("bias_bits", 32), layers=get("quantize_layers", "all"))
 
 
 def load_test(args, limit=None):

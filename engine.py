@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from function import integers_of
-from model import output_integers, set_mode
+from model import output_integers, runs_in_integers, set_mode
 from module import QLayer, QuantStub
 
 PRINT_EVERY = 100   # batches between progress lines while training
@@ -35,6 +35,8 @@ def evaluate_frozen(qmodel, batches, device):
     follows the fake-quant float simulation of it (class agreement, output-integer difference)."""
     labels = torch.cat([y for _, y in batches])
     set_mode(qmodel, "fakequant")
+    if not runs_in_integers(qmodel):     # float activations or layers left float: fake-quant only
+        return {"fakequant_acc": round(accuracy(predict(qmodel, batches, device), labels), 2)}
     # In float64 the fake-quant simulation rounds like exact arithmetic; in float32 its rounding
     # error flips a few of the ~10^4 hidden activations per image that lie near a tie, and the
     # flips propagate. float64 leaves only M0's 31-bit approximation and TFLite's double rounding.
@@ -82,6 +84,9 @@ def layer_agreement(qmodel, x, device):
 def print_frozen_report(fp32_acc, r):
     print(f"float32     {fp32_acc:6.2f}%")
     print(f"fake-quant  {r['fakequant_acc']:6.2f}%")
+    if "int_acc" not in r:
+        print("integer     -        (no integer path: activations float or layers left float)")
+        return
     print(f"integer     {r['int_acc']:6.2f}%   (same class as fake-quant: {r['int_fq_same_class']:.2f}%, "
           f"largest output-integer difference {r['int_fq_max_diff']})")
 

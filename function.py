@@ -9,6 +9,7 @@ represented as M = M0 * 2^-n with M0 an int32 in Q31 fixed point, M0 in [2^30, 2
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8          # bit widths this project supports for weights and activations
+FLOAT_BITS = 32                    # "activation bits" 32: activations stay float (weight-only quantization)
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 Q31_ONE = 2 ** 31                  # 1.0 in Q31 fixed point
 
@@ -22,6 +23,16 @@ class IntsimError(ValueError):
 def check_bits(bits, what="bits"):
     if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise IntsimError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def check_act_bits(bits, what="activation bits"):
+    """Activation bits: MIN_BITS..MAX_BITS, or FLOAT_BITS for float activations."""
+    if bits == FLOAT_BITS:
+        return bits
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise IntsimError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, or {FLOAT_BITS} "
+                          f"for float activations, got {bits!r}")
     return bits
 
 
@@ -44,6 +55,30 @@ def round_half_away(x):
     """Round to nearest, ties away from zero, as C's std::round and TFLite do (torch.round
     rounds ties to even)."""
     return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+
+ROUNDINGS = ("nearest", "floor", "ceil", "stochastic")
+
+
+def round_with(x, scheme, generator=None):
+    """Round x (a float tensor of values in integer units, x = r / S) to integers by `scheme`:
+      nearest     ties away from zero (TFLite)
+      floor, ceil toward -inf, toward +inf
+      stochastic  floor(x) + 1 with probability x - floor(x), so E[round(x)] = x (unbiased);
+                  the uniform draws come from `generator` (a seeded torch.Generator) for
+                  reproducible roundings. The AdaRound paper's Table 1 compares these four.
+    """
+    if scheme == "nearest":
+        return round_half_away(x)
+    if scheme == "floor":
+        return torch.floor(x)
+    if scheme == "ceil":
+        return torch.ceil(x)
+    if scheme == "stochastic":
+        low = torch.floor(x)
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+        return low + (u < (x - low).double()).to(x.dtype)
+    raise IntsimError(f"unknown rounding {scheme!r}; use one of {', '.join(ROUNDINGS)}")
 
 
 # ----------------------------------------------------------------------------- scale and zero point
@@ -75,9 +110,9 @@ def scale_zero_point(rmin, rmax, bits, symmetric):
 
 # ----------------------------------------------------------------------------- quantize / dequantize
 
-def quantize(x, scale, zero_point, qmin, qmax):
-    """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32."""
-    q = round_half_away(x / scale) + zero_point
+def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
+    """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
+    q = round_with(x / scale, rounding, generator) + zero_point
     return torch.clamp(q, qmin, qmax).to(torch.int32)
 
 

@@ -46,6 +46,26 @@ def cmd(r):
     return f"`{r['command']}`"
 
 
+def is_ptq(r):
+    return r["script"] == "PTQ" and "layer_diff_share" not in r
+
+
+def plain(r, *but):
+    """A PTQ row with the default ranges, rounding and bias (except the settings named in `but`)."""
+    if not is_ptq(r):
+        return False
+    defaults = {"a_bits_int": r["a_bits"] != 32, "w_observer": r.get("w_observer", "minmax") == "minmax",
+                "a_observer": r.get("a_observer", "minmax") in ("minmax", None),
+                "bias_bits": r.get("bias_bits", 32) == 32, "rounding": r.get("rounding", "nearest") == "nearest",
+                "layers": r.get("layers", "all") == "all", "fold_bn": r.get("fold_bn", True)}
+    return all(ok for k, ok in defaults.items() if k not in but)
+
+
+def observer_name(r):
+    o = r.get("w_observer", "minmax") if r["a_bits"] == 32 else r.get("a_observer") or "minmax"
+    return f"lp p={r['lp_p']:g}" if o == "lp" else o
+
+
 # name -> (which results, sort key, columns as (header, cell))
 TABLES = {
     "train": (lambda r: r["script"] == "train",
@@ -53,7 +73,7 @@ TABLES = {
               [("model", lambda r: r["model"]), ("data set", lambda r: r["dataset"]),
                ("float32 test acc. %", lambda r: pct(r["fp32_acc"])), ("epochs", lambda r: r["epochs"]),
                ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
-    "ptq": (lambda r: r["script"] == "PTQ" and "layer_diff_share" not in r,
+    "ptq": (lambda r: plain(r),
             lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("single_rounding", False),
                        r["per_channel"]),
             [("model", lambda r: r["model"]), ("W/A bits", bits),
@@ -78,6 +98,20 @@ TABLES = {
              ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
              ("top logits tied %", lambda r: f"{r['int_top_tie_share']:.2f}" if "int_top_tie_share" in r else "-"),
              ("minutes", lambda r: f"{r['minutes']:.1f}" if "minutes" in r else "(eval)"), ("command", cmd)]),
+    "act_observers": (lambda r: plain(r, "a_observer") and r["a_bits"] == 4 and r["per_channel"]
+                      and not r.get("single_rounding"),
+                      lambda r: (r["model"], -r["w_bits"], ["minmax", "lp", "sqnr"].index(r.get("a_observer") or "minmax")),
+                      [("model", lambda r: r["model"]), ("W/A bits", bits), ("activation range", observer_name),
+                       ("float32", lambda r: pct(r["fp32_acc"])), ("fake-quant", lambda r: pct(r["fakequant_acc"])),
+                       ("integer", lambda r: pct(r["int_acc"])), ("int - fp32", delta), ("command", cmd)]),
+    "bias": (lambda r: plain(r, "bias_bits") and r["per_channel"] and r["w_bits"] == r["a_bits"]
+             and r["w_bits"] in (8, 6, 4) and not r.get("single_rounding"),
+             lambda r: (r["model"], -r["w_bits"], -r.get("bias_bits", 32)),
+             [("model", lambda r: r["model"]), ("W/A bits", bits),
+              ("bias", lambda r: "int32 at S_in*S_w" if r.get("bias_bits", 32) == 32
+               else f"{r['bias_bits']}-bit, own scale"),
+              ("float32", lambda r: pct(r["fp32_acc"])), ("integer", lambda r: pct(r["int_acc"])),
+              ("int - fp32", delta), ("command", cmd)]),
     "bench": (lambda r: r["script"] == "bench",
               lambda r: (r["dataset"], r["model"], -r["w_bits"]),
               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
@@ -98,7 +132,7 @@ def find(results, **want):
 def check_targets(results):
     """(target, run, measured, met) rows: each issue's targets checked against the results."""
     rows = []
-    ptq = [r for r in results if r["script"] == "PTQ" and "layer_diff_share" not in r]
+    ptq = [r for r in results if plain(r)]
     qat = [r for r in results if r["script"] == "QAT"]
     for r in find(results, script="train"):
         rows.append(("float32 >= 91.0%", r["model"], pct(r["fp32_acc"]), r["fp32_acc"] >= 91.0))
@@ -124,6 +158,28 @@ def check_targets(results):
                              f"{r['int_acc'] - p['int_acc']:+.2f}", r["int_acc"] >= p["int_acc"] - 0.1))
         rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training", label,
                      f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}", abs(r["int_acc"] - r["qat_fakequant_acc"]) <= 0.1))
+    for r in find(results, script="Table1"):
+        for part in ("first_layer", "all_layers"):
+            t, run = r[part], f"{r['model']} W{r['w_bits']}A32, {part.replace('_', ' ')}"
+            rows.append(("Table 1: ceil and floor collapse (near chance: below 20%)", run,
+                         f"ceil {pct(t['ceil'])}, floor {pct(t['floor'])}", max(t["ceil"], t["floor"]) < 20.0))
+            rows.append(("Table 1: stochastic mean not above nearest", run,
+                         f"{t['stochastic']['mean']:.2f} vs {pct(t['nearest'])}", t["stochastic"]["mean"] <= t["nearest"]))
+            rows.append(("Table 1: best stochastic draw above nearest", run,
+                         f"{t['stochastic']['best']:.2f} vs {pct(t['nearest'])}", t["stochastic"]["best"] > t["nearest"]))
+        c = r["correlations"]
+        rows.append(("second-order term predicts accuracy better than first-order (|Pearson r|)",
+                     f"{r['model']}, {r['draws']} first-layer draws",
+                     f"{c['pearson_second_vs_acc']:+.2f} vs {c['pearson_first_vs_acc']:+.2f}",
+                     abs(c["pearson_second_vs_acc"]) > abs(c["pearson_first_vs_acc"])))
+    for model in ("cnn_bn",):
+        obs = [r for r in results if plain(r, "a_bits_int", "w_observer", "fold_bn") and r["a_bits"] == 32
+               and r["model"] == model and r["w_bits"] == 4 and r["per_channel"]]
+        if obs:
+            best = max(obs, key=lambda r: r["fakequant_acc"])
+            rows.append(("W4A32 per-channel: best observer within 2 of float32", f"{model}, {observer_name(best)}"
+                         f"{'' if best.get('fold_bn', True) else ', BN unfolded'}",
+                         f"{best['fakequant_acc'] - best['fp32_acc']:+.2f}", best["fp32_acc"] - best["fakequant_acc"] <= 2.0))
     for r in find(results, script="bench"):
         rows.append(("integer inference <= 3x float32", f"{r['model']} W{r['w_bits']}A{r['a_bits']}",
                      f"{r['int_ratio']:.2f}x", r["int_ratio"] <= 3.0))
@@ -142,9 +198,80 @@ def render_targets(results):
     return "\n".join(lines)
 
 
+OBSERVER_ORDER = ["minmax", "lp p=2", "lp p=2.4", "sqnr"]
+
+
+def render_observers(results):
+    """Weights-only (A32) fake-quant accuracy: rows model x bits x observer, columns
+    granularity x BN folded/unfolded; the best cell of each (model, bits) in bold."""
+    rows = [r for r in results if plain(r, "a_bits_int", "w_observer", "fold_bn") and r["a_bits"] == 32]
+    if not rows:
+        return "_(no results yet)_"
+    cols = [(False, True), (False, False), (True, True), (True, False)]     # (per_channel, fold_bn)
+    cell = {(r["model"], r["w_bits"], observer_name(r), r["per_channel"], r.get("fold_bn", True)): r for r in rows}
+    lines = ["| model | weights | range | float32 | per-tensor, BN folded | per-tensor, BN unfolded | "
+             "per-channel, BN folded | per-channel, BN unfolded |", "|---|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in rows}):
+        for w in sorted({r["w_bits"] for r in rows if r["model"] == model}, reverse=True):
+            group = [r for r in rows if r["model"] == model and r["w_bits"] == w]
+            best = max(r["fakequant_acc"] for r in group)
+            for obs in [o for o in OBSERVER_ORDER if any(observer_name(r) == o for r in group)]:
+                cells = []
+                for pc, fold in cols:
+                    r = cell.get((model, w, obs, pc, fold))
+                    v = "-" if r is None else pct(r["fakequant_acc"])
+                    cells.append(f"**{v}**" if r is not None and r["fakequant_acc"] == best else v)
+                lines.append(f"| {model} | W{w}A32 | {obs} | {pct(group[0]['fp32_acc'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The AdaRound paper's Table 1 (ResNet18 on ImageNet, first layer at 4 bits; cited, not run here).
+PAPER_TABLE1 = {"nearest": "52.29", "ceil": "0.10", "floor": "0.10", "stochastic (mean +- std)": "52.06 +- 5.52",
+                "stochastic (best of 100)": "63.06"}
+
+
+def render_table1(results):
+    runs = sorted(find(results, script="Table1"), key=lambda r: r["model"] != "cnn_bn")
+    if not runs:
+        return "_(no results yet)_"
+    head = ["rounding"] + [f"{r['model']} {part}" for r in runs for part in ("first layer", "all layers")]
+    lines = ["| " + " | ".join(head + ["paper: ResNet18 first layer"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for label, get in (("nearest", lambda t: pct(t["nearest"])), ("ceil", lambda t: pct(t["ceil"])),
+                       ("floor", lambda t: pct(t["floor"])),
+                       ("stochastic (mean +- std)", lambda t: f"{t['stochastic']['mean']:.2f} +- {t['stochastic']['std']:.2f}"),
+                       ("stochastic (best of 100)", lambda t: pct(t["stochastic"]["best"]))):
+        cells = [get(r[part]) for r in runs for part in ("first_layer", "all_layers")]
+        lines.append("| " + " | ".join([label] + cells + [PAPER_TABLE1[label]]) + " |")
+    lines.append("| float32 | " + " | ".join(pct(r["fp32_acc"]) for r in runs for _ in range(2)) + " | 69.68 |")
+    lines.append("")
+    lines.append("Commands: " + "; ".join(cmd(r) for r in runs) + f" ({runs[0]['draws']} draws each).")
+    return "\n".join(lines)
+
+
+def render_hessian(results):
+    runs = sorted(find(results, script="Table1"), key=lambda r: r["model"] != "cnn_bn")
+    if not runs:
+        return "_(no results yet)_"
+    lines = ["| model | draws | images for g, H | first-order vs acc. | second-order vs acc. | "
+             "first-order vs loss change | second-order vs loss change | first + second vs loss change | "
+             "Spearman: first / second vs acc. |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r["correlations"]
+        lines.append(f"| {r['model']} | {r['draws']} | {r['hessian_images']} | {c['pearson_first_vs_acc']:+.2f} | "
+                     f"{c['pearson_second_vs_acc']:+.2f} | {c['pearson_first_vs_dloss']:+.2f} | "
+                     f"{c['pearson_second_vs_dloss']:+.2f} | {c['pearson_taylor_vs_dloss']:+.2f} | "
+                     f"{c['spearman_first_vs_acc']:+.2f} / {c['spearman_second_vs_acc']:+.2f} |")
+    return "\n".join(lines)
+
+
+CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian}
+
+
 def render(name, results):
     if name == "targets":
         return render_targets(results)
+    if name in CUSTOM:
+        return CUSTOM[name](results)
     keep, key, columns = TABLES[name]
     rows = sorted((r for r in results if keep(r)), key=key)
     if not rows:
@@ -155,7 +282,7 @@ def render(name, results):
 
 
 def update(text, results):
-    for name in list(TABLES) + ["targets"]:
+    for name in list(TABLES) + list(CUSTOM) + ["targets"]:
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
         text = pattern.sub(lambda m: m.group(1) + render(name, results) + "\n" + m.group(2), text)
     return text

@@ -207,6 +207,9 @@ def convert(model, qconfig):
         d = graph.call_module("dequant_out", (output.args[0],))
     output.args = (d,)
 
+    if qconfig.layers == "first":            # the rest stay float (AdaRound's Table 1 setting)
+        for _, layer in qlayers(gm)[1:]:
+            layer.enabled = False
     for node in graph.nodes:
         _check_supported(gm, node)
     gm.delete_all_unused_submodules()
@@ -224,7 +227,11 @@ def set_mode(qmodel, mode):
 
 
 def qlayers(qmodel):
-    return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, QLayer)]
+    """(name, QLayer) pairs in the order the graph runs them (module order without a graph)."""
+    if not isinstance(qmodel, fx.GraphModule):
+        return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, QLayer)]
+    return [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes
+            if n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), QLayer)]
 
 
 def freeze_bn(qmodel):
@@ -255,30 +262,45 @@ def calibrate(qmodel, batches, device, num_batches):
     set_mode(qmodel, "float")
     if seen == 0:
         raise IntsimError("calibration saw no data: check the data set and --calib-batches")
+    for m in qmodel.modules():
+        if isinstance(m, QModule) and m.act is not None:
+            m.act.finish()                  # the lp/sqnr observers search their samples now
     return seen
 
 
 @torch.no_grad()
-def freeze(qmodel):
+def freeze(qmodel, rounding=None, generator=None):
     """Walk the graph in execution order: each layer is frozen with the (S, Z) of the tensor
-    that feeds it, taken from its producer (through pass-through ops such as flatten)."""
-    qparams = {}   # fx node -> (S, Z) of the integers it produces
+    that feeds it, taken from its producer (through pass-through ops such as flatten).
+    (S, Z) is None for float tensors (float activations, layers left in float). `rounding`
+    overrides qconfig.rounding; `generator` seeds stochastic rounding."""
+    qparams = {}   # fx node -> (S, Z) of the integers it produces, or None
     for node in qmodel.graph.nodes:
         mod = qmodel.get_submodule(node.target) if node.op == "call_module" else None
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if isinstance(mod, QuantStub):
             mod.freeze()
-            qparams[node] = mod.output_qparams()
+            qparams[node] = mod.output_qparams() if mod.act is not None else None
         elif isinstance(mod, QLayer):
-            if mod.freeze(*qparams[src]):
+            if not mod.enabled:
+                qparams[node] = None
+                continue
+            if mod.freeze(*(qparams[src] or (None, None)), rounding=rounding, generator=generator):
                 warnings.warn(f"{node.target}: the worst-case accumulator exceeds int32; "
                               f"each integer forward checks for overflow")
-            qparams[node] = mod.output_qparams()
+            qparams[node] = mod.output_qparams() if mod.act is not None else None
         elif isinstance(mod, DeQuantStub):
-            mod.freeze(*qparams[src])
+            if qparams[src] is not None:
+                mod.freeze(*qparams[src])
         elif src in qparams:
             qparams[node] = qparams[src]
     return qmodel
+
+
+def runs_in_integers(qmodel):
+    """Whether the integer path exists: activations quantized and every layer quantized."""
+    return all(not m.qconfig.float_activations and getattr(m, "enabled", True)
+               for m in qmodel.modules() if isinstance(m, QModule))
 
 
 def output_integers(qmodel, logits):

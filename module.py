@@ -19,32 +19,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from function import (INT32_MAX, IntsimError, check_bits, dequantize, fake_quantize, int32_check,
-                      quantize, quantize_multiplier, qrange, requantize, round_half_away,
-                      scale_zero_point)
-from observer import OBSERVERS, weight_range
+from function import (FLOAT_BITS, INT32_MAX, ROUNDINGS, IntsimError, check_act_bits, check_bits, dequantize,
+                      fake_quantize, int32_check, quantize, quantize_multiplier, qrange, requantize,
+                      round_half_away, scale_zero_point)
+from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS, check_p, make_observer, weight_range
 
 MODES = ("float", "calibrate", "fakequant", "qat", "int")
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
+LAYER_CHOICES = ("all", "first")   # which conv/linear layers get quantized weights
 
 
 @dataclass
 class QConfig:
     w_bits: int = 8
-    a_bits: int = 8
+    a_bits: int = 8              # FLOAT_BITS (32): activations stay float, only weights are quantized
     per_channel: bool = False    # one weight scale per output channel instead of per tensor
     w_symmetric: bool = True     # signed narrow-range weights with Z_w = 0 (TFLite); else unsigned
-    a_observer: str = "minmax"   # activation ranges: "minmax" (PTQ) or "ema" (moving average, QAT)
+    a_observer: str = "minmax"   # activation ranges: one of observer.OBSERVERS ("ema" for QAT)
     single_rounding: bool = False  # rescale as TFLite built with TFLITE_SINGLE_ROUNDING (default: double)
     out_bits: Optional[int] = None  # bits of the model's output (the logits); None: a_bits
+    w_observer: str = "minmax"   # weight ranges: one of observer.WEIGHT_OBSERVERS
+    lp_p: float = LP_DEFAULT_P   # p of the "lp" observers
+    rounding: str = "nearest"    # weight rounding at freeze: one of function.ROUNDINGS
+    fold_bn: bool = True         # quantize the BN-folded weights (False: the conv's own, BN in float)
+    bias_bits: int = 32          # 32: int32 bias at S_in S_w (TFLite); fewer: its own scale first
+    layers: str = "all"          # quantize "all" conv/linear layers or only the "first" (AdaRound Table 1)
 
     def __post_init__(self):
         check_bits(self.w_bits, "weight bits")
-        check_bits(self.a_bits, "activation bits")
+        check_act_bits(self.a_bits, "activation bits")
         if self.out_bits is not None:
-            check_bits(self.out_bits, "output bits")
+            check_act_bits(self.out_bits, "output bits")
+            if self.float_activations and self.out_bits != FLOAT_BITS:
+                raise IntsimError("--out-bits needs integer activations: with --a-bits 32 the logits stay float")
         if self.a_observer not in OBSERVERS:
             raise IntsimError(f"unknown activation observer {self.a_observer!r}; use one of {', '.join(OBSERVERS)}")
+        if self.w_observer not in WEIGHT_OBSERVERS:
+            raise IntsimError(f"unknown weight observer {self.w_observer!r}; use one of {', '.join(WEIGHT_OBSERVERS)}")
+        check_p(self.lp_p)
+        if self.rounding not in ROUNDINGS:
+            raise IntsimError(f"unknown rounding {self.rounding!r}; use one of {', '.join(ROUNDINGS)}")
+        if not self.fold_bn and self.a_bits != FLOAT_BITS:
+            raise IntsimError("BN can stay unfolded only with float activations (--a-bits 32): "
+                              "integer inference needs it folded into the conv")
+        if self.bias_bits != 32:
+            check_bits(self.bias_bits, "bias bits (or 32)")
+        if self.layers not in LAYER_CHOICES:
+            raise IntsimError(f"unknown layer choice {self.layers!r}; use one of {', '.join(LAYER_CHOICES)}")
+
+    @property
+    def float_activations(self):
+        return self.a_bits == FLOAT_BITS
 
 
 class QModule(nn.Module):
@@ -55,8 +80,10 @@ class QModule(nn.Module):
         self.qconfig = qconfig
         self.mode = "float"
         a_bits = a_bits or qconfig.a_bits           # the model's output layer may differ (out_bits)
-        self.a_qmin, self.a_qmax = qrange(a_bits, symmetric=False)
-        self.act = OBSERVERS[qconfig.a_observer](a_bits) if observe_output else None
+        self.a_float = a_bits == FLOAT_BITS         # the output stays float: nothing to observe
+        self.a_qmin, self.a_qmax = qrange(a_bits if not self.a_float else 8, symmetric=False)
+        self.act = (make_observer(qconfig.a_observer, a_bits, qconfig.lp_p)
+                    if observe_output and not self.a_float else None)
         self.observer_frozen = False     # QAT: stop moving the ranges for the last steps
         self.register_buffer("frozen", torch.tensor(False))
 
@@ -65,6 +92,9 @@ class QModule(nn.Module):
             raise IntsimError(f"unknown mode {mode!r}; use one of {MODES}")
         if mode == "int" and not bool(self.frozen):
             raise IntsimError("integer inference needs a frozen model: calibrate, then freeze")
+        if mode == "int" and self.qconfig.float_activations:
+            raise IntsimError("integer inference needs integer activations: with --a-bits 32 the "
+                              "model runs in fake-quant only")
         if mode in ("calibrate", "qat") and bool(self.frozen):   # ranges would move under frozen M0
             raise IntsimError(f"cannot {mode} a frozen model: convert the float model again")
         self.mode = mode
@@ -75,6 +105,8 @@ class QModule(nn.Module):
     def _observe_or_fake_quantize(self, y):
         """The float output in the float phases: recorded ('calibrate', and 'qat' while training)
         and rounded to the integer grid ('fakequant', 'qat')."""
+        if self.act is None:
+            return y
         if self.mode == "calibrate" or (self.mode == "qat" and self.training and not self.observer_frozen):
             self.act(y)
         if self.mode in ("fakequant", "qat"):
@@ -93,7 +125,8 @@ class QuantStub(QModule):
         return self._observe_or_fake_quantize(x)
 
     def freeze(self):
-        self.output_qparams()   # fails with a clear message when calibration saw nothing
+        if self.act is not None:
+            self.output_qparams()   # fails with a clear message when calibration saw nothing
         self.frozen.fill_(True)
 
 
@@ -164,14 +197,23 @@ class QLayer(QModule):
         self.register_buffer("m0", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("acc_bound", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("bias", torch.zeros(c_out))   # the real bias the frozen layer adds
         self.bn_frozen = False   # QAT: BN uses running statistics from now on
+        self.enabled = True      # False: this layer stays float in every mode (qconfig.layers)
 
     def extra_repr(self):
         q = self.qconfig
         fused = "+".join(n for n, on in (("bn", self.bn is not None), ("relu", self.relu),
                                          ("maxpool", self.pool is not None)) if on)
+        if not self.enabled:
+            return "float (not quantized)" + (f", fused={fused}" if fused else "")
         return (f"mode={self.mode}, w_bits={q.w_bits}, a_bits={q.a_bits}, per_channel={q.per_channel}"
-                + (f", fused={fused}" if fused else ""))
+                + (f", fused={fused}" if fused else "") + ("" if q.fold_bn else ", BN unfolded"))
+
+    def set_mode(self, mode):
+        if mode == "int" and not self.enabled:
+            raise IntsimError("integer inference needs every layer quantized (--quantize-layers all)")
+        super().set_mode(mode)
 
     def fn(self, x, w, b=None):
         return (F.conv2d if self.is_conv else F.linear)(x, w, b, **self.fn_kwargs)
@@ -193,10 +235,33 @@ class QLayer(QModule):
             return fold_bn(w, b, self.bn)
         return w, (torch.zeros(w.shape[0], device=w.device) if b is None else b)
 
+    def weight_bias(self):
+        """The weight and bias that get quantized: BN-folded (the default, and what integer
+        inference needs) or, with qconfig.fold_bn False, the conv's own (BN then runs in float)."""
+        if self.qconfig.fold_bn or self.bn is None:
+            return self.folded_weight_bias()
+        w, b = self.layer.weight, self.layer.bias
+        return w, (torch.zeros(w.shape[0], device=w.device) if b is None else b)
+
+    def _unfolded_bn(self, y):
+        return self.bn(y) if self.bn is not None and not self.qconfig.fold_bn else y
+
     def weight_qparams(self, w):
-        """(S_w, Z_w), each of shape (C_out,)."""
-        lo, hi = weight_range(w, self.qconfig.per_channel)
-        return scale_zero_point(lo, hi, self.qconfig.w_bits, self.qconfig.w_symmetric)
+        """(S_w, Z_w), each of shape (C_out,), from the range the weight observer picks."""
+        q = self.qconfig
+        lo, hi = weight_range(w, q.per_channel, q.w_observer, q.w_bits, q.w_symmetric, q.lp_p)
+        return scale_zero_point(lo, hi, q.w_bits, q.w_symmetric)
+
+    def quantize_bias(self, b):
+        """The real bias after qconfig.bias_bits: unchanged for 32 (it becomes int32 at S_in S_w,
+        as fine a grid as the accumulator's), else rounded to a b-bit grid with its own
+        per-tensor symmetric scale max|b| / QMAX (the ablation in the README)."""
+        bits = self.qconfig.bias_bits
+        if bits == 32:
+            return b
+        amax = b.detach().abs().max().reshape(1)
+        s, z = scale_zero_point(-amax, amax, bits, symmetric=True)
+        return fake_quantize(b, s.to(b), z.to(b.device), *qrange(bits, symmetric=True))
 
     def fake_quant_weight(self, w):
         s, z = self.weight_qparams(w)
@@ -212,20 +277,28 @@ class QLayer(QModule):
     def forward(self, x):
         if self.mode == "int":
             return self.int_forward(x)
+        if not self.enabled:                                         # a layer left in float
+            return self._activate(self.fn(x, *self.folded_weight_bias()))
         quantized = self.mode in ("fakequant", "qat")
         if self.mode == "qat" and self.training and self.bn is not None and not self.bn_frozen:
             y = self.conv_bn_batch_stats(x, self.fake_quant_weight)
         elif self.mode == "fakequant" and bool(self.frozen):
-            # Exactly the frozen integers the integer path uses, as reals: S_w (q_w - Z_w) and
-            # q_b S_in S_w, in the input's dtype (float64 gives an all but exact simulation).
-            w = self._w_channels(self.w_scale) * (self.w_q - self._w_channels(self.w_zero_point)).to(x.dtype)
-            y = self.fn(x, w, self.b_q.to(x.dtype) * (self.in_scale * self.w_scale))
+            y = self._unfolded_bn(self.fn(x, *self.frozen_weight_bias(x.dtype)))
         else:
-            w, b = self.folded_weight_bias()
+            w, b = self.weight_bias()
             if quantized:
                 w = self.fake_quant_weight(w)
-            y = self.fn(x, w, b)
+            y = self._unfolded_bn(self.fn(x, w, b))
         return self._observe_or_fake_quantize(self._activate(y))
+
+    def frozen_weight_bias(self, dtype):
+        """Exactly the frozen integers the integer path uses, as reals: S_w (q_w - Z_w) and
+        q_b S_in S_w (the float bias when activations are float), in `dtype` (float64 gives an
+        all but exact simulation of the integer path)."""
+        w = self._w_channels(self.w_scale) * (self.w_q - self._w_channels(self.w_zero_point)).to(dtype)
+        if self.qconfig.float_activations:
+            return w, self.bias.to(dtype)
+        return w, self.b_q.to(dtype) * (self.in_scale * self.w_scale)
 
     def conv_bn_batch_stats(self, x, weight_fn):
         """Conv + BN while training with BN in the graph (Krishnamoorthi 2018, sec. 3.2.2;
@@ -263,12 +336,24 @@ class QLayer(QModule):
     # --------------------------------------------------------------- integer
 
     @torch.no_grad()
-    def freeze(self, in_scale, in_zero_point):
-        """Compute the integer weights, int32 bias and (M0, shift) from the calibrated ranges."""
-        w, b = self.folded_weight_bias()
+    def freeze(self, in_scale, in_zero_point, rounding=None, generator=None):
+        """Compute the integer weights (rounded by `rounding`, default qconfig.rounding;
+        `generator` seeds the stochastic rounding), int32 bias and (M0, shift) from the
+        calibrated ranges. With float activations only the weights are quantized (in_scale and
+        in_zero_point are None)."""
+        w, b = self.weight_bias()
         s_w, z_w = self.weight_qparams(w)
+        w_q = quantize(w, self._w_channels(s_w), self._w_channels(z_w), self.w_qmin, self.w_qmax,
+                       rounding or self.qconfig.rounding, generator)
+        b = self.quantize_bias(b)
+        self.w_scale.copy_(s_w)
+        self.w_zero_point.copy_(z_w)
+        self.w_q.copy_(w_q)
+        self.bias.copy_(b)
+        if self.qconfig.float_activations:
+            self.frozen.fill_(True)
+            return False
         s_out, z_out = self.output_qparams()
-        w_q = quantize(w, self._w_channels(s_w), self._w_channels(z_w), self.w_qmin, self.w_qmax)
         in_scale = in_scale.to(w.device)
         # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
         bias_scale = in_scale.double() * s_w.double().to(w.device)
@@ -285,9 +370,6 @@ class QLayer(QModule):
 
         self.in_scale.copy_(in_scale)
         self.in_zero_point.copy_(in_zero_point)
-        self.w_scale.copy_(s_w)
-        self.w_zero_point.copy_(z_w)
-        self.w_q.copy_(w_q)
         self.b_q.copy_(b_q.to(torch.int32))
         self.m0.copy_(m0)
         self.shift.copy_(shift)

@@ -4,6 +4,8 @@
 #   bash reproduce.sh train
 # Quantize (PTQ about 1 min a row, QAT about 6 min a row, bench about 5 min):
 #   bash reproduce.sh ptq qat bench
+# Ranges and rounding (issue 4: observers ~10 min, bias ~2 min, table1 ~15 min):
+#   bash reproduce.sh observers bias table1
 set -euo pipefail
 cd "$(dirname "$0")"
 MODELS="cnn cnn_bn"
@@ -39,9 +41,47 @@ for what in "$@"; do
             --eval "runs/qat/fashion-mnist_${m}_W${w}A${a}${sfx}_pc.pt" --result-json "$R/qat_${m}_W${w}A${a}${sfx}_pc_single.json"
         done
       done ;;
+    observers)
+      # Weight observers at W8A32 / W4A32 (activations float): observer x granularity x BN
+      # folded or not (cnn has no BN); then activation observers at 4-bit activations.
+      for m in $MODELS; do
+        folds="fold"; [ "$m" = cnn_bn ] && folds="fold unfold"
+        for w in 8 4; do
+          for obs in "minmax" "lp 2.0" "lp 2.4" "sqnr"; do
+            read -r o pp <<< "$obs"; pflag=""; tag="$o"
+            if [ -n "$pp" ]; then pflag="--lp-p $pp"; tag="$o$pp"; fi
+            for f in $folds; do
+              fflag=""; [ "$f" = unfold ] && fflag="--unfold-bn"
+              python PTQ.py --model "$m" --w-bits "$w" --a-bits 32 --w-observer "$o" $pflag $fflag \
+                --result-json "$R/obs_${m}_W${w}A32_${tag}_pt_$f.json"
+              python PTQ.py --model "$m" --w-bits "$w" --a-bits 32 --w-observer "$o" $pflag $fflag --per-channel \
+                --result-json "$R/obs_${m}_W${w}A32_${tag}_pc_$f.json"
+            done
+          done
+        done
+        for wa in "8 4" "4 4"; do
+          read -r w a <<< "$wa"
+          for o in lp sqnr; do
+            python PTQ.py --model "$m" --w-bits "$w" --a-bits "$a" --per-channel --a-observer "$o" \
+              --result-json "$R/act_${m}_W${w}A${a}_${o}_pc.json"
+          done
+        done
+        python PTQ.py --model "$m" --w-bits 8 --a-bits 4 --per-channel --result-json "$R/act_${m}_W8A4_minmax_pc.json"
+      done ;;
+    bias)
+      # Bias on its own grid at the activations' bit width, against TFLite's int32 bias (the
+      # int32 rows are the ptq step's per-channel rows).
+      for m in $MODELS; do
+        for b in 8 6 4; do
+          python PTQ.py --model "$m" --w-bits "$b" --a-bits "$b" --per-channel --bias-bits "$b" \
+            --result-json "$R/bias_${m}_W${b}A${b}_b${b}_pc.json"
+        done
+      done ;;
+    table1)
+      for m in cnn_bn cnn; do python rounding.py --model "$m" --result-json "$R/table1_$m.json"; done ;;
     bench)
       python bench.py --model cnn_bn --result-json "$R/bench_cnn_bn_W8A8.json" ;;
-    *) echo "unknown step $what: use train, ptq, qat, bench" >&2; exit 2 ;;
+    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, bench" >&2; exit 2 ;;
   esac
 done
-python make_tables.py
+[ -n "${SKIP_TABLES:-}" ] || python make_tables.py

@@ -142,3 +142,42 @@ def test_targets_table_marks_met_and_missed():
     assert rows[("integer inference <= 3x float32", "3.20x")] is False
     assert rows[("QAT training step <= 2.5x float32 step", "2.00x")] is True
     assert "**no**" in make_tables.render_targets(results)
+
+
+def test_table1_dry_run_on_real_fashion_mnist(data_dir, tmp_path):
+    png = tmp_path / "t1.png"
+    r = result_of(run("rounding.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--plot", png))
+    assert r["script"] == "Table1" and r["draws"] == 3 and png.stat().st_size > 10000
+    for part in ("first_layer", "all_layers"):
+        row = r[part]
+        assert {"nearest", "ceil", "floor"} <= set(row) and 0 <= row["stochastic"]["mean"] <= 100
+        # floor and ceil move every weight the same way: far below rounding to nearest
+        assert row["ceil"] < row["nearest"] - 10 and row["floor"] < row["nearest"] - 10
+    # a ReLU network is piecewise linear in these weights, so H = J^T H_CE J is positive semi-definite
+    assert len(r["draw_second"]) == 3 and all(v > 0 for v in r["draw_second"])
+    assert -1 <= r["correlations"]["pearson_second_vs_acc"] <= 1
+
+
+def test_ptq_weights_only_with_lp_observer_and_stochastic_rounding(data_dir):
+    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 4, "--a-bits", 32, "--w-observer", "lp",
+                      "--lp-p", 2.0, "--rounding", "stochastic", "--per-channel", "--unfold-bn",
+                      "--test-limit", 1000, "--data-dir", data_dir))
+    assert r["a_bits"] == 32 and "int_acc" not in r and r["fakequant_acc"] > 80
+    assert (r["w_observer"], r["lp_p"], r["rounding"], r["fold_bn"]) == ("lp", 2.0, "stochastic", False)
+    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 8, "--a-bits", 4, "--a-observer", "sqnr",
+                      "--bias-bits", 4, "--dry-run", "--data-dir", data_dir))
+    assert r["a_observer"] == "sqnr" and r["bias_bits"] == 4 and r["int_acc"] > 50
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--w-observer", "ema"], ["unknown weight observer 'ema'", "minmax, lp, sqnr"]),
+    (["--a-observer", "mse"], ["unknown activation observer 'mse'"]),
+    (["--w-observer", "lp", "--lp-p", 0], ["p > 0"]),
+    (["--rounding", "up"], ["unknown rounding 'up'", "stochastic"]),
+    (["--quantize-layers", "last"], ["unknown layer choice 'last'"]),
+    (["--unfold-bn"], ["--a-bits 32"]),
+    (["--bias-bits", 16], ["bias bits"]),
+    (["--a-bits", 16], ["activation bits", "32"]),
+])
+def test_bad_range_and_rounding_options(data_dir, args, words):
+    assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", *args, "--data-dir", data_dir), *words)

@@ -1,0 +1,273 @@
+"""Range observers (Lp search, SQNR), weight rounding schemes, weights-only quantization, and
+the Hessian-vector product of the Table 1 analysis, each against an independent reference:
+NumPy brute force over dense grids, exact rounding by hand, finite differences."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from function import FLOAT_BITS, IntsimError, quantize, round_with
+from model import calibrate, convert, freeze, qlayers, runs_in_integers, set_mode
+from module import QConfig
+from observer import (SEARCH_FACTORS, SQNR_GAMMA, SQNR_GRID, SearchObserver, make_observer,
+                      search_range, weight_range)
+from rounding import LayerLoss
+from test_module import random_bn, trained_like
+
+
+# ----------------------------------------------------------------------------- NumPy references
+
+def np_round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def np_quantize_range(x, lo, hi, bits, symmetric):
+    """x quantized with the range [lo, hi] (0 included), written out in NumPy: (x_q, clipped)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        s, z = max(-lo, hi) / qmax, 0
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+        s = (hi - lo) / (qmax - qmin)
+        z = int(np.clip(np_round_half_away(qmin - lo / s), qmin, qmax))
+    s = np.float64(np.float32(s))                 # intsim keeps S in float32
+    q = np.clip(np_round_half_away(x / s) + z, qmin, qmax)
+    return (q - z) * s, (x < (qmin - z) * s) | (x > (qmax - z) * s)
+
+
+def np_lp(x, lo, hi, bits, symmetric, p):
+    xq, _ = np_quantize_range(x, lo, hi, bits, symmetric)
+    return np.mean(np.abs(x - xq) ** p)
+
+
+def np_sqnr(x, lo, hi, bits, symmetric):
+    """Signal power over noise power, clipped values' noise weighted by AIMET's gamma."""
+    xq, clipped = np_quantize_range(x, lo, hi, bits, symmetric)
+    noise = np.mean((x - xq) ** 2 * np.where(clipped, SQNR_GAMMA, 1.0))
+    return np.mean(x ** 2) / noise
+
+
+def heavy_tailed(n, seed, positive=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3, size=n)
+    return np.abs(x) if positive else x
+
+
+# ----------------------------------------------------------------------------- observers
+
+@pytest.mark.parametrize("p", [2.0, 2.4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_lp_search_finds_what_a_dense_grid_search_finds(p, bits, symmetric):
+    x = heavy_tailed(4000, seed=bits)
+    lo, hi = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "lp", p)
+    ours = np_lp(x, float(lo), float(hi), bits, symmetric, p)
+    # 1) at least as good as the best of its coarse candidates, recomputed here
+    coarse = min(np_lp(x, f * x.min(), f * x.max(), bits, symmetric, p) for f in SEARCH_FACTORS)
+    assert ours <= coarse * (1 + 1e-9)
+    # 2) a dense grid (step 0.00025, every range from 0.5% to 100% of min/max) does no better
+    #    than 0.1%
+    dense = min(np_lp(x, f * x.min(), f * x.max(), bits, symmetric, p) for f in np.linspace(0.005, 1.0, 3981))
+    assert ours <= dense * 1.001
+    # 3) with heavy tails clipping pays: the range is narrower than min/max at low bits
+    if bits <= 4:
+        assert float(hi) < x.max()
+
+
+@pytest.mark.parametrize("symmetric,positive", [(True, False), (False, False), (False, True)])
+def test_sqnr_pick_is_the_best_candidate(symmetric, positive):
+    x = heavy_tailed(3000, seed=7, positive=positive)
+    bits = 4
+    lo, hi = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "sqnr")
+    two_sided = not symmetric and not positive
+    pairs = ([(a, b) for a in SQNR_GRID for b in SQNR_GRID] if two_sided
+             else [(f, f) for f in np.linspace(0.005, 1.0, 3981)])          # a dense grid
+    best = max(np_sqnr(x, a * x.min(), b * x.max(), bits, symmetric) for a, b in pairs)
+    ours = np_sqnr(x, float(lo), float(hi), bits, symmetric)
+    if two_sided:
+        assert ours == pytest.approx(best, rel=1e-6)       # the grid's best, exactly
+    else:
+        assert ours >= best / 1.001
+    # the clipping weight matters: the plain-MSE (lp, p=2) range clips at least as much
+    lo2, hi2 = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "lp", 2.0)
+    assert float(hi2) <= float(hi) + 1e-6 or not symmetric
+
+
+def test_per_channel_search_treats_rows_independently():
+    rows = [heavy_tailed(500, seed=s) * (s + 1) for s in range(4)]
+    lo, hi = search_range(torch.tensor(np.stack(rows)), 3, True, "lp", 2.4)
+    for i, r in enumerate(rows):
+        lo1, hi1 = search_range(torch.tensor(r).reshape(1, -1), 3, True, "lp", 2.4)
+        assert float(lo[i]) == float(lo1) and float(hi[i]) == float(hi1)
+
+
+def test_weight_range_minmax_per_tensor_and_per_channel():
+    w = torch.randn(6, 3, 3, 3)
+    lo, hi = weight_range(w, per_channel=True)
+    assert torch.equal(lo, w.reshape(6, -1).min(1).values) and torch.equal(hi, w.reshape(6, -1).max(1).values)
+    lo, hi = weight_range(w, per_channel=False)
+    assert lo.shape == (6,) and torch.all(lo == w.min()) and torch.all(hi == w.max())
+    lo, hi = weight_range(w, per_channel=False, method="lp", bits=4)
+    assert lo.shape == (6,) and float(hi[0]) < float(w.abs().max())
+
+
+def test_activation_search_observer_is_seeded_and_clips_an_outlier():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(64, 8, 10, 10, generator=g) for _ in range(3)]
+    batches[1][0, 0, 0, 0] = 50.0                                     # one outlier
+    ranges = []
+    for _ in range(2):
+        obs = make_observer("lp", 4, p=2.0)
+        for b in batches:
+            obs(b)
+        assert obs.max_val.item() == 50.0                            # min/max kept until finish()
+        obs.finish()
+        ranges.append((obs.min_val.item(), obs.max_val.item()))
+    assert ranges[0] == ranges[1]                                    # reproducible
+    assert 0.5 < ranges[0][1] < 5.0                                   # the outlier is clipped
+    mm = make_observer("minmax", 4)
+    for b in batches:
+        mm(b)
+    mm.finish()
+    assert mm.max_val.item() == 50.0
+    assert isinstance(make_observer("sqnr", 8), SearchObserver)
+
+
+def test_bad_observer_options_stop_with_clear_errors():
+    with pytest.raises(IntsimError, match="unknown weight observer 'ema'"):
+        QConfig(w_observer="ema")
+    with pytest.raises(IntsimError, match="unknown activation observer"):
+        QConfig(a_observer="mse")
+    for p in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(IntsimError, match="p > 0"):
+            QConfig(w_observer="lp", lp_p=p)
+    with pytest.raises(IntsimError, match="unknown rounding"):
+        QConfig(rounding="up")
+    with pytest.raises(IntsimError, match="float activations"):
+        QConfig(fold_bn=False, a_bits=8)
+    with pytest.raises(IntsimError, match="activation bits"):
+        QConfig(a_bits=16)
+
+
+# ----------------------------------------------------------------------------- rounding
+
+def test_nearest_floor_ceil_exact_on_ties_and_negatives():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, -3.0, 3.0, -0.2, 0.7, -1.7])
+    expected = {"nearest": [-3, -2, -1, 1, 2, 3, -3, 3, 0, 1, -2],       # ties away from zero (TFLite)
+                "floor": [math.floor(v) for v in x.tolist()],
+                "ceil": [math.ceil(v) for v in x.tolist()]}
+    for scheme, want in expected.items():
+        assert round_with(x, scheme).tolist() == [float(v) for v in want], scheme
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    x = torch.tensor([-2.75, -1.5, -0.1, 0.0, 0.3, 1.5, 2.9, 4.0]).repeat(20000, 1)   # (20000, 8)
+    r = round_with(x, "stochastic", torch.Generator().manual_seed(1))
+    assert torch.all((r == torch.floor(x)) | (r == torch.floor(x) + 1))
+    assert torch.equal(r[:, [3, 7]], x[:, [3, 7]])                  # integers stay put
+    frac = (x[0] - torch.floor(x[0])).double()
+    sigma = torch.sqrt(frac * (1 - frac) / x.shape[0])
+    assert torch.all((r.double().mean(0) - x[0].double()).abs() <= 5 * sigma + 1e-12)
+    again = round_with(x, "stochastic", torch.Generator().manual_seed(1))
+    other = round_with(x, "stochastic", torch.Generator().manual_seed(2))
+    assert torch.equal(r, again) and not torch.equal(r, other)
+
+
+def test_quantize_with_floor_and_ceil_clamps_to_the_grid():
+    x = torch.tensor([-1.0, -0.26, 0.26, 0.9])
+    assert quantize(x, 0.25, 0, -3, 3, "floor").tolist() == [-3, -2, 1, 3]
+    assert quantize(x, 0.25, 0, -3, 3, "ceil").tolist() == [-3, -1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- weights-only models
+
+def test_float_activations_quantize_weights_only_and_have_no_integer_path():
+    model = trained_like("cnn_bn")
+    x = torch.randn(8, 1, 28, 28)
+    qmodel = freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS)))    # nothing to calibrate
+    assert not runs_in_integers(qmodel)
+    set_mode(qmodel, "fakequant")
+    y = qmodel(x)
+    assert torch.allclose(y, model(x), atol=0.05) and not torch.equal(y, model(x))
+    with pytest.raises(IntsimError, match="integer activations"):
+        set_mode(qmodel, "int")
+    # the fake-quant output is the frozen integer weights as reals, in a plain float model
+    ref = trained_like("cnn_bn")
+    with torch.no_grad():
+        for (name, layer), conv in zip(qlayers(qmodel), [ref.features[0], ref.features[4], ref.classifier]):
+            w, b = layer.frozen_weight_bias(torch.float32)
+            conv.weight.copy_(w)
+            if conv.bias is None:
+                conv.bias = torch.nn.Parameter(b.clone())
+            else:
+                conv.bias.copy_(b)
+        ref.features[1], ref.features[5] = torch.nn.Identity(), torch.nn.Identity()   # folded into w, b
+    assert torch.allclose(y, ref(x), atol=1e-5)
+
+
+def test_first_layer_only_leaves_the_rest_float_and_unfolded_bn_keeps_bn():
+    model = trained_like("cnn_bn")
+    x = torch.randn(8, 1, 28, 28)
+    qmodel = freeze(convert(model, QConfig(w_bits=2, a_bits=FLOAT_BITS, layers="first")))
+    names = [n for n, l in qlayers(qmodel) if l.enabled]
+    assert names == ["features.0"] and not runs_in_integers(qmodel)
+    set_mode(qmodel, "fakequant")
+    first = qlayers(qmodel)[0][1]
+    w, _ = first.folded_weight_bias()
+    assert len(torch.unique(first.w_q)) <= 3 and not torch.allclose(qmodel(x), model(x), atol=1e-3)
+    with pytest.raises(IntsimError, match="every layer quantized"):
+        qlayers(qmodel)[1][1].set_mode("int")
+    # unfolded BN at 8 bits: the conv's own weights on the grid, BN after it in float
+    unfolded = freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS, fold_bn=False)))
+    set_mode(unfolded, "fakequant")
+    layer = qlayers(unfolded)[0][1]
+    s = layer.w_scale.reshape(-1, 1, 1, 1)
+    assert torch.allclose(layer.w_q * s, layer.layer.weight, atol=float(s.max()) / 2 + 1e-7)
+    assert torch.allclose(unfolded(x), model(x), atol=0.05)
+
+
+def test_integer_model_with_lp_activation_ranges_and_8_bit_bias():
+    model = trained_like("cnn_bn")
+    x = torch.randn(16, 1, 28, 28)
+    qmodel = convert(model, QConfig(w_bits=4, a_bits=4, a_observer="lp", w_observer="sqnr", bias_bits=8))
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    freeze(qmodel)
+    layer = qlayers(qmodel)[0][1]
+    b = layer.bias                                        # the real bias after its own 8-bit grid
+    step = b.abs().max() / 127
+    assert torch.allclose(b / step, torch.round(b / step), atol=1e-3)
+    assert layer.act.max_val.item() < qmodel.quant_in.act.max_val.item() * 100
+    set_mode(qmodel, "int")
+    assert torch.isfinite(qmodel(x)).all()
+
+
+# ----------------------------------------------------------------------------- Hessian
+
+def test_hessian_vector_product_matches_finite_differences():
+    # A smooth network (no ReLU or max-pool kinks for the finite differences to straddle):
+    # conv -> BN -> linear -> softmax cross-entropy, which is not quadratic in the conv weights.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), random_bn(3, torch.Generator().manual_seed(1)),
+                                torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4)).double().eval()
+    x = torch.randn(12, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (12,))
+    qmodel = convert(model, QConfig(w_bits=4, a_bits=FLOAT_BITS, layers="first")).double()
+    loss = LayerLoss(qmodel, "0", [(x[:6], y[:6]), (x[6:], y[6:])], "cpu")
+    v = torch.randn_like(loss.w0)
+
+    def grad_at(w):
+        w = w.detach().requires_grad_(True)
+        total = sum(loss._loss(w, xb, yb) for xb, yb in loss.batches) / loss.n
+        return torch.autograd.grad(total, w)[0]
+
+    eps = 1e-4
+    fd = (grad_at(loss.w0 + eps * v) - grad_at(loss.w0 - eps * v)) / (2 * eps)
+    hv = loss.hvp(v)
+    assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-8 * float(fd.abs().max()))
+    assert torch.allclose(loss.g, grad_at(loss.w0))
+    # and the Taylor expansion predicts a small step's loss change to third order
+    dw = 1e-3 * v
+    first, second, dloss = loss.terms(dw)
+    assert abs(first + second - dloss) < 1e-3 * abs(second) + 1e-12
