@@ -26,7 +26,10 @@ class DatasetInfo:
 DATASETS = {
     "fashion-mnist": DatasetInfo(1, 28, 10, mean=(0.2860,), std=(0.3530,)),
     "cifar10": DatasetInfo(3, 32, 10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "imagenet": DatasetInfo(3, 224, 1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
+IMAGENET_WNIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
+IMAGENET_RESIZE = 256               # torchvision's evaluation transform: Resize(256), CenterCrop(224)
 CIFAR_DIR = "cifar-10-batches-py"   # torchvision's layout: pickled batches
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
@@ -82,6 +85,43 @@ def _cifar10(data_dir, train, download):
         xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch["labels"], dtype=np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def imagenet_class_index():
+    """{wnid: class index} from the full list of the 1000 ILSVRC2012 wnids (line i = class i),
+    so that a folder holding only some classes is still labelled with the standard indices."""
+    with open(IMAGENET_WNIDS) as f:
+        wnids = [line.split()[0] for line in f if line.strip()]
+    return {w: i for i, w in enumerate(wnids)}
+
+
+def load_imagenet_folder(folder, limit=None):
+    """Images of an ImageNet-style folder (`<folder>/<wnid>/*.JPEG`, e.g. val/) as (x, y):
+    Resize(256), CenterCrop(224), torchvision's normalisation, float32 (N, 3, 224, 224); labels
+    from the wnid list. All in memory (1,300 images: 0.8 GB): for the full 50,000-image
+    validation set use `limit` or a streaming loader."""
+    from PIL import Image
+    from torchvision import transforms
+    if not os.path.isdir(folder):
+        raise IntsimError(f"ImageNet folder {folder} not found: pass --data-dir (or --calib-dir) pointing "
+                          f"to a folder of <wnid>/*.JPEG class folders, such as ILSVRC2012's val/")
+    index = imagenet_class_index()
+    info = DATASETS["imagenet"]
+    tf = transforms.Compose([transforms.Resize(IMAGENET_RESIZE), transforms.CenterCrop(info.image_size),
+                             transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    files = []
+    for wnid in sorted(os.listdir(folder)):
+        if not os.path.isdir(os.path.join(folder, wnid)):
+            continue
+        if wnid not in index:
+            raise IntsimError(f"{folder}/{wnid} is not an ImageNet class (not in {IMAGENET_WNIDS})")
+        files += [(os.path.join(folder, wnid, f), index[wnid]) for f in sorted(os.listdir(os.path.join(folder, wnid)))
+                  if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    if not files:
+        raise IntsimError(f"no images in {folder}: expected <wnid>/*.JPEG class folders")
+    files = files[:limit]
+    x = torch.stack([tf(Image.open(path).convert("RGB")) for path, _ in files])
+    return x, torch.tensor([label for _, label in files])
 
 
 def load_split(name, data_dir, train, download=False):

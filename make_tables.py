@@ -46,6 +46,11 @@ def cmd(r):
     return f"`{r['command']}`"
 
 
+def ada_acc(r):
+    """An AdaRound run's accuracy: integer when the model runs in integers, else fake-quant."""
+    return r.get("int_acc", r["fakequant_acc"])
+
+
 def is_ptq(r):
     return r["script"] == "PTQ" and "layer_diff_share" not in r
 
@@ -112,6 +117,16 @@ TABLES = {
                else f"{r['bias_bits']}-bit, own scale"),
               ("float32", lambda r: pct(r["fp32_acc"])), ("integer", lambda r: pct(r["int_acc"])),
               ("int - fp32", delta), ("command", cmd)]),
+    "adaround": (lambda r: r["script"] == "AdaRound",
+                 lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"]),
+                 [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+                  ("weights", granularity), ("float32", lambda r: pct(r["fp32_acc"])),
+                  ("nearest", lambda r: pct(r["nearest_acc"])), ("AdaRound", lambda r: pct(ada_acc(r))),
+                  ("AdaRound - nearest", lambda r: f"{ada_acc(r) - r['nearest_acc']:+.2f}"),
+                  ("AdaRound - fp32", lambda r: f"{ada_acc(r) - r['fp32_acc']:+.2f}"),
+                  ("scored", lambda r: "integer" if "int_acc" in r else "fake-quant"),
+                  ("iters/layer", lambda r: r["iters"]), ("minutes", lambda r: f"{r['minutes']:.1f}"),
+                  ("command", cmd)]),
     "bench": (lambda r: r["script"] == "bench",
               lambda r: (r["dataset"], r["model"], -r["w_bits"]),
               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
@@ -168,7 +183,7 @@ def check_targets(results):
             rows.append(("Table 1: best stochastic draw above nearest", run,
                          f"{t['stochastic']['best']:.2f} vs {pct(t['nearest'])}", t["stochastic"]["best"] > t["nearest"]))
         c = r["correlations"]
-        rows.append(("second-order term predicts accuracy better than first-order (|Pearson r|)",
+        rows.append(("second-order term predicts accuracy better than first-order (absolute Pearson r)",
                      f"{r['model']}, {r['draws']} first-layer draws",
                      f"{c['pearson_second_vs_acc']:+.2f} vs {c['pearson_first_vs_acc']:+.2f}",
                      abs(c["pearson_second_vs_acc"]) > abs(c["pearson_first_vs_acc"])))
@@ -180,6 +195,17 @@ def check_targets(results):
             rows.append(("W4A32 per-channel: best observer within 2 of float32", f"{model}, {observer_name(best)}"
                          f"{'' if best.get('fold_bn', True) else ', BN unfolded'}",
                          f"{best['fakequant_acc'] - best['fp32_acc']:+.2f}", best["fp32_acc"] - best["fakequant_acc"] <= 2.0))
+    for r in find(results, script="AdaRound"):
+        run = f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)}"
+        if r["w_bits"] == 4 and r["a_bits"] == 8:
+            rows.append(("AdaRound W4A8 integer within 1.0 of float32", run, f"{ada_acc(r) - r['fp32_acc']:+.2f}",
+                         r["fp32_acc"] - ada_acc(r) <= 1.0))
+        if r["w_bits"] <= 3:
+            rows.append(("AdaRound at W3/W2 clearly (>= 1.0) above nearest", run,
+                         f"{ada_acc(r):.2f} vs {r['nearest_acc']:.2f}", ada_acc(r) - r["nearest_acc"] >= 1.0))
+        if r["model"] == "cnn_bn" and r["iters"] == 10000 and r["num_calib"] == 1024:
+            rows.append(("full AdaRound of cnn_bn (defaults) under 10 minutes on 2 cores", run,
+                         f"{r['minutes']:.1f} min", r["minutes"] < 10.0))
     for r in find(results, script="bench"):
         rows.append(("integer inference <= 3x float32", f"{r['model']} W{r['w_bits']}A{r['a_bits']}",
                      f"{r['int_ratio']:.2f}x", r["int_ratio"] <= 3.0))

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from function import IntsimError, integers_of
-from module import DeQuantStub, QConfig, QLayer, QModule, QuantStub
+from module import DeQuantStub, QAdd, QAvgPool, QConfig, QLayer, QModule, QuantStub
 
-ARCHS = ("cnn", "cnn_bn")
+ARCHS = ("cnn", "cnn_bn", "resnet18")
+IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
 
 
 # ----------------------------------------------------------------------------- networks
@@ -57,10 +58,25 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def resnet18(cfg):
+    """torchvision's ResNet18. For ImageNet-sized inputs, unchanged (7x7 stride-2 stem, max-pool).
+    For 28x28 / 32x32 inputs the stem is a 3x3 stride-1 conv followed by the usual stride-2
+    max-pool, so layer1 sees 14x14 (16x16): about four times cheaper to train on a CPU than
+    the full-resolution stem without max-pool that CIFAR ResNets use, and it keeps
+    torchvision's module names, so its checkpoints and code paths are the ImageNet model's."""
+    from torchvision.models import resnet18 as tv_resnet18
+    model = tv_resnet18(num_classes=cfg.num_classes)
+    if cfg.image_size < IMAGENET_SIZE:
+        model.conv1 = nn.Conv2d(cfg.in_channels, 64, 3, stride=1, padding=1, bias=False)
+    elif cfg.in_channels != 3:
+        raise IntsimError("the ImageNet ResNet18 takes 3-channel images")
+    return model
+
+
 def build_model(cfg):
     if cfg.arch not in ARCHS:
         raise IntsimError(f"unknown model {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    return SmallCNN(cfg)
+    return resnet18(cfg) if cfg.arch == "resnet18" else SmallCNN(cfg)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -160,7 +176,43 @@ def _check_supported(gm, node):
             return
         what = f"method .{node.target}()"
     raise IntsimError(f"cannot convert {what} to integers: supported are conv/linear "
-                      f"[+BN][+ReLU][+max-pool], max-pool, flatten and reshape")
+                      f"[+BN][+ReLU][+max-pool], add [+ReLU], global average pooling, max-pool, "
+                      f"flatten and reshape")
+
+
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_global_avg_pool(gm, node):
+    if _is_module(gm, node, nn.AdaptiveAvgPool2d):
+        size = gm.get_submodule(node.target).output_size
+        return size in (1, (1, 1))
+    return (node.op == "call_function" and node.target is F.adaptive_avg_pool2d
+            and node.args[1:] in ((1,), ((1, 1),)))
+
+
+def _convert_adds_and_pools(gm, qconfig):
+    """Residual adds (two tensors, with the ReLU after them fused) become QAdd, global average
+    pooling becomes QAvgPool; each gets a submodule named after its graph node."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2
+                  and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs)
+        if is_add:
+            relu = _sole_user(node) if _is_relu(gm, _sole_user(node)) else None
+            name = f"qadd_{node.name}"
+            gm.add_submodule(name, QAdd(qconfig, relu=relu is not None))
+        elif _is_global_avg_pool(gm, node):
+            relu, name = None, f"qavgpool_{node.name}"
+            gm.add_submodule(name, QAvgPool(qconfig))
+        else:
+            continue
+        with graph.inserting_after(relu or node):
+            new = graph.call_module(name, tuple(node.args[:2]) if is_add else (node.args[0],))
+        (relu or node).replace_all_uses_with(new)
+        if relu is not None:
+            graph.erase_node(relu)
+        graph.erase_node(node)
 
 
 def convert(model, qconfig):
@@ -194,6 +246,7 @@ def convert(model, qconfig):
             for fused in reversed(chain[1:]):
                 graph.erase_node(fused)
 
+    _convert_adds_and_pools(gm, qconfig)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise IntsimError("convert handles models with exactly one input")
@@ -269,11 +322,13 @@ def calibrate(qmodel, batches, device, num_batches):
 
 
 @torch.no_grad()
-def freeze(qmodel, rounding=None, generator=None):
+def freeze(qmodel, rounding=None, generator=None, weight_integers=None):
     """Walk the graph in execution order: each layer is frozen with the (S, Z) of the tensor
     that feeds it, taken from its producer (through pass-through ops such as flatten).
     (S, Z) is None for float tensors (float activations, layers left in float). `rounding`
-    overrides qconfig.rounding; `generator` seeds stochastic rounding."""
+    overrides qconfig.rounding; `generator` seeds stochastic rounding; `weight_integers`
+    ({layer name: integer weights}) gives some layers' integers directly (AdaRound)."""
+    weight_integers = weight_integers or {}
     qparams = {}   # fx node -> (S, Z) of the integers it produces, or None
     for node in qmodel.graph.nodes:
         mod = qmodel.get_submodule(node.target) if node.op == "call_module" else None
@@ -285,9 +340,19 @@ def freeze(qmodel, rounding=None, generator=None):
             if not mod.enabled:
                 qparams[node] = None
                 continue
-            if mod.freeze(*(qparams[src] or (None, None)), rounding=rounding, generator=generator):
+            if mod.freeze(*(qparams[src] or (None, None)), rounding=rounding, generator=generator,
+                          weight_integers=weight_integers.get(node.target)):
                 warnings.warn(f"{node.target}: the worst-case accumulator exceeds int32; "
                               f"each integer forward checks for overflow")
+            qparams[node] = mod.output_qparams() if mod.act is not None else None
+        elif isinstance(mod, QAdd):
+            inputs = [qparams[a] for a in node.args]
+            if inputs[0] is not None and inputs[1] is not None:
+                mod.freeze(*inputs)
+            qparams[node] = mod.output_qparams() if mod.act is not None else None
+        elif isinstance(mod, QAvgPool):
+            if qparams[src] is not None:
+                mod.freeze(*qparams[src])
             qparams[node] = mod.output_qparams() if mod.act is not None else None
         elif isinstance(mod, DeQuantStub):
             if qparams[src] is not None:

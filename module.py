@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from function import (FLOAT_BITS, INT32_MAX, ROUNDINGS, IntsimError, check_act_bits, check_bits, dequantize,
-                      fake_quantize, int32_check, quantize, quantize_multiplier, qrange, requantize,
-                      round_half_away, scale_zero_point)
+                      fake_quantize, int32_check, multiply_by_quantized_multiplier,
+                      multiply_by_quantized_multiplier_single_rounding, quantize, quantize_multiplier,
+                      qrange, requantize, round_half_away, scale_zero_point)
 from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS, check_p, make_observer, weight_range
 
 MODES = ("float", "calibrate", "fakequant", "qat", "int")
@@ -336,15 +337,18 @@ class QLayer(QModule):
     # --------------------------------------------------------------- integer
 
     @torch.no_grad()
-    def freeze(self, in_scale, in_zero_point, rounding=None, generator=None):
+    def freeze(self, in_scale, in_zero_point, rounding=None, generator=None, weight_integers=None):
         """Compute the integer weights (rounded by `rounding`, default qconfig.rounding;
-        `generator` seeds the stochastic rounding), int32 bias and (M0, shift) from the
-        calibrated ranges. With float activations only the weights are quantized (in_scale and
-        in_zero_point are None)."""
+        `generator` seeds the stochastic rounding; or given as `weight_integers`, e.g. learned
+        by AdaRound on the same grid), int32 bias and (M0, shift) from the calibrated ranges.
+        With float activations only the weights are quantized (in_scale, in_zero_point None)."""
         w, b = self.weight_bias()
         s_w, z_w = self.weight_qparams(w)
-        w_q = quantize(w, self._w_channels(s_w), self._w_channels(z_w), self.w_qmin, self.w_qmax,
-                       rounding or self.qconfig.rounding, generator)
+        if weight_integers is not None:
+            w_q = weight_integers.to(torch.int32)
+        else:
+            w_q = quantize(w, self._w_channels(s_w), self._w_channels(z_w), self.w_qmin, self.w_qmax,
+                           rounding or self.qconfig.rounding, generator)
         b = self.quantize_bias(b)
         self.w_scale.copy_(s_w)
         self.w_zero_point.copy_(z_w)
@@ -414,3 +418,109 @@ class QLayer(QModule):
 
     def _out_zero_point(self):
         return self.output_qparams()[1].to(self.m0.device)
+
+
+ADD_LEFT_SHIFT = 20   # TFLite's ADD: inputs (q - Z) are scaled by 2^20 before the rescale (8-bit kernels)
+
+
+class QAdd(QModule):
+    """Elementwise add of two quantized tensors (ResNet's residual), with an optional fused ReLU.
+    Integer forward, TFLite's ADD kernel (reference_ops::Add; S1, S2 inputs, S_out output):
+        twice_max = 2 max(S1, S2)
+        a_i       = MultiplyByQuantizedMultiplier((q_i - Z_i) 2^20, S_i / twice_max)     i = 1, 2
+        q_out     = clamp(MultiplyByQuantizedMultiplier(a_1 + a_2, twice_max / (2^20 S_out)) + Z_out, lo, QMAX)
+    The 2^20 keeps 20 fractional bits through the input rescale, so the two inputs meet on a
+    common fine grid; lo = Z_out with a fused ReLU (a clamp), else QMIN."""
+
+    def __init__(self, qconfig, relu=False):
+        super().__init__(qconfig)
+        self.relu = relu
+        for name in ("m1", "shift1", "m2", "shift2", "m_out", "shift_out"):
+            self.register_buffer(name, torch.zeros(1, dtype=torch.int64))
+        for name in ("in_scale1", "in_scale2"):
+            self.register_buffer(name, torch.ones(1))
+        for name in ("in_zero_point1", "in_zero_point2"):
+            self.register_buffer(name, torch.zeros(1, dtype=torch.int64))
+
+    def extra_repr(self):
+        return f"mode={self.mode}" + (", fused=relu" if self.relu else "")
+
+    def forward(self, x1, x2):
+        if self.mode == "int":
+            return self.int_forward(x1, x2)
+        y = x1 + x2
+        return self._observe_or_fake_quantize(F.relu(y) if self.relu else y)
+
+    @torch.no_grad()
+    def freeze(self, in1, in2):
+        """in1, in2: (S, Z) of the two inputs."""
+        (s1, z1), (s2, z2) = in1, in2
+        s_out, _ = self.output_qparams()
+        twice_max = 2 * torch.maximum(s1.double(), s2.double())
+        for (m, sh), real in (((self.m1, self.shift1), s1.double() / twice_max),
+                              ((self.m2, self.shift2), s2.double() / twice_max),
+                              ((self.m_out, self.shift_out), twice_max / (2 ** ADD_LEFT_SHIFT * s_out.double()))):
+            m0, shift = quantize_multiplier(real)
+            m.copy_(m0)
+            sh.copy_(shift)
+        self.in_scale1.copy_(s1)
+        self.in_scale2.copy_(s2)
+        self.in_zero_point1.copy_(z1)
+        self.in_zero_point2.copy_(z2)
+        self.frozen.fill_(True)
+
+    @torch.no_grad()
+    def int_forward(self, q1, q2):
+        single = self.qconfig.single_rounding
+        multiply = multiply_by_quantized_multiplier_single_rounding if single else multiply_by_quantized_multiplier
+        a1 = multiply((q1.long() - self.in_zero_point1) << ADD_LEFT_SHIFT, self.m1, self.shift1)
+        a2 = multiply((q2.long() - self.in_zero_point2) << ADD_LEFT_SHIFT, self.m2, self.shift2)
+        z_out = self.output_qparams()[1].to(q1.device)
+        lo = int(z_out) if self.relu else self.a_qmin
+        return requantize(a1 + a2, self.m_out, self.shift_out, z_out, lo, self.a_qmax, single).to(torch.int32)
+
+
+class QAvgPool(QModule):
+    """Global average pooling (B, C, H, W) -> (B, C, 1, 1) of a quantized tensor. Integer forward:
+        acc   = sum_{h,w} (q_in - Z_in)                                          int32
+        q_out = clamp(MultiplyByQuantizedMultiplier(acc, S_in / (H W S_out)) + Z_out, QMIN, QMAX)
+    (as TFLite's quantized MEAN, with the output on its own observed scale). H W is known only
+    from the input, so the multiplier for the input size seen at freeze time is kept, and a
+    different size at inference is refused."""
+
+    def __init__(self, qconfig):
+        super().__init__(qconfig)
+        self.register_buffer("m0", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("in_zero_point", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("in_scale", torch.ones(1))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))   # H W at freeze time
+
+    def forward(self, x):
+        if self.mode == "int":
+            return self.int_forward(x)
+        if self.mode == "calibrate" or not bool(self.frozen):
+            self.count.fill_(x.shape[-1] * x.shape[-2])
+        return self._observe_or_fake_quantize(x.mean((-2, -1), keepdim=True))
+
+    @torch.no_grad()
+    def freeze(self, in_scale, in_zero_point):
+        if int(self.count) == 0:
+            raise IntsimError("average pooling saw no input: calibrate the model before freezing it")
+        s_out, _ = self.output_qparams()
+        m0, shift = quantize_multiplier(in_scale.double() / (int(self.count) * s_out.double()))
+        self.m0.copy_(m0)
+        self.shift.copy_(shift)
+        self.in_scale.copy_(in_scale)
+        self.in_zero_point.copy_(in_zero_point)
+        self.frozen.fill_(True)
+
+    @torch.no_grad()
+    def int_forward(self, q):
+        if q.shape[-1] * q.shape[-2] != int(self.count):
+            raise IntsimError(f"average pooling was frozen for {int(self.count)} positions, got "
+                              f"{q.shape[-2]}x{q.shape[-1]}: use the image size it was calibrated on")
+        acc = (q.long() - self.in_zero_point).sum((-2, -1), keepdim=True)
+        z_out = self.output_qparams()[1].to(q.device)
+        return requantize(acc, self.m0, self.shift, z_out, self.a_qmin, self.a_qmax,
+                          self.qconfig.single_rounding).to(torch.int32)

@@ -6,6 +6,8 @@
 #   bash reproduce.sh ptq qat bench
 # Ranges and rounding (issue 4: observers ~10 min, bias ~2 min, table1 ~15 min):
 #   bash reproduce.sh observers bias table1
+# AdaRound (issue 5, about 40 min):
+#   bash reproduce.sh adaround
 set -euo pipefail
 cd "$(dirname "$0")"
 MODELS="cnn cnn_bn"
@@ -77,11 +79,26 @@ for what in "$@"; do
             --result-json "$R/bias_${m}_W${b}A${b}_b${b}_pc.json"
         done
       done ;;
+    adaround)
+      # 10000 iterations per layer (the default) where a target is checked (W4A8, and the
+      # timing of cnn_bn W4A32); 2000 elsewhere, to keep the whole step near 40 minutes.
+      for m in $MODELS; do
+        for g in pt pc; do
+          gflag=""; [ "$g" = pc ] && gflag="--per-channel"
+          python AdaRound.py --model "$m" --w-bits 4 --a-bits 8 $gflag --result-json "$R/adaround_${m}_W4A8_$g.json"
+          for wa in "4 32" "3 8" "2 8"; do
+            read -r w a <<< "$wa"
+            iters=2000; [ "$m$w$a$g" = "cnn_bn432pt" ] && iters=10000
+            python AdaRound.py --model "$m" --w-bits "$w" --a-bits "$a" $gflag --iters "$iters" \
+              --result-json "$R/adaround_${m}_W${w}A${a}_$g.json"
+          done
+        done
+      done ;;
     table1)
-      for m in cnn_bn cnn; do python rounding.py --model "$m" --result-json "$R/table1_$m.json"; done ;;
+      python rounding.py --model cnn_bn --result-json "$R/table1_cnn_bn.json" ;;
     bench)
       python bench.py --model cnn_bn --result-json "$R/bench_cnn_bn_W8A8.json" ;;
-    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, bench" >&2; exit 2 ;;
+    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, adaround, bench" >&2; exit 2 ;;
   esac
 done
 [ -n "${SKIP_TABLES:-}" ] || python make_tables.py
