@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import torch
 
-from data import DATASETS, load_split
+from data import DATASETS, dataset_info, load_imagenet_folder, load_split
 from function import FLOAT_BITS, MAX_BITS, MIN_BITS, ROUNDINGS, IntsimError
-from model import ARCHS, load_checkpoint
+from model import ARCHS, ModelConfig, build_model, load_checkpoint
 from module import LAYER_CHOICES, QConfig
 from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS
 
@@ -50,6 +50,10 @@ def add_quant(p):
                    help="bits of the model's output, the logits (default: --a-bits)")
     p.add_argument("--single-rounding", action="store_true",
                    help="rescale with one rounding (TFLITE_SINGLE_ROUNDING) instead of TFLite's default two")
+    p.add_argument("--weights", default=None,
+                   help="ImageNet resnet18: a torchvision state_dict file, or 'IMAGENET1K_V1' to download them")
+    p.add_argument("--calib-dir", default=None,
+                   help="ImageNet: folder of <wnid>/*.JPEG calibration images, separate from --data-dir")
 
 
 def add_ranges(p):
@@ -94,9 +98,55 @@ def load_test(args, limit=None):
     return x[:limit], y[:limit]
 
 
+def load_imagenet(args, test_limit=None):
+    """ImageNet: torchvision's ResNet18 with --weights, the images in --data-dir to score, and
+    the calibration images in --calib-dir (never the scored ones)."""
+    if args.model != "resnet18":
+        raise IntsimError("on ImageNet the model is resnet18 (--model resnet18)")
+    if not args.calib_dir:
+        raise IntsimError("ImageNet needs --calib-dir: a folder of calibration images other than --data-dir")
+    if os.path.realpath(args.calib_dir) == os.path.realpath(args.data_dir):
+        raise IntsimError("--calib-dir is --data-dir: calibrate on other images than the ones scored")
+    info = dataset_info("imagenet")
+    cfg = ModelConfig("resnet18", info.in_channels, info.image_size, info.num_classes)
+    model = build_model(cfg)
+    if args.weights is None:
+        raise IntsimError("ImageNet resnet18 needs --weights: a torchvision ResNet18 state_dict file, "
+                          "or IMAGENET1K_V1 to download torchvision's")
+    if args.weights == "IMAGENET1K_V1":
+        try:
+            from torchvision.models import ResNet18_Weights
+            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:
+            raise IntsimError(f"could not download torchvision's ResNet18 weights ({type(e).__name__}): "
+                              f"pass --weights PATH to a local copy") from None
+    else:
+        if not os.path.isfile(args.weights):
+            raise IntsimError(f"weights file {args.weights} not found")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise IntsimError(f"{args.weights} is not a readable state_dict ({type(e).__name__})") from None
+        if isinstance(state, dict) and "model_config" in state:
+            raise IntsimError(f"{args.weights} is an intsim checkpoint of {state['model_config']['arch']} on "
+                              f"{state.get('dataset')!r}, not ImageNet ResNet18 weights")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise IntsimError(f"{args.weights} does not hold torchvision ResNet18 ImageNet weights "
+                          f"({str(e).splitlines()[0][:120]})") from None
+    calib = load_imagenet_folder(args.calib_dir)
+    test = load_imagenet_folder(args.data_dir, test_limit)
+    return model, cfg, {"weights": args.weights}, calib, test
+
+
 def load_float_and_data(args, device, test_limit=None):
     """What the quantizing scripts start from: the float checkpoint the flags name (on
-    `device`), its ModelConfig and checkpoint dict, the training split and the test split."""
+    `device`), its ModelConfig and checkpoint dict, the training split and the test split.
+    (ImageNet: torchvision's weights, the --calib-dir images and the --data-dir images.)"""
+    if args.dataset == "imagenet":
+        model, cfg, ckpt, train, test = load_imagenet(args, test_limit)
+        return model.to(device), cfg, ckpt, train, test
     model, cfg, ckpt = load_checkpoint(default_ckpt(args), args.dataset, args.model)
     train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
     return model.to(device), cfg, ckpt, train, load_test(args, test_limit)

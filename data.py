@@ -127,6 +127,9 @@ def load_imagenet_folder(folder, limit=None):
 def load_split(name, data_dir, train, download=False):
     """(images, labels): float32 (N, C, H, W) normalised with the data set's mean and std, int64 (N,)."""
     info = dataset_info(name)
+    if name == "imagenet":
+        raise IntsimError("ImageNet is read from class folders, not in splits: the quantizing scripts take "
+                          "--data-dir (the images to score) and --calib-dir; train.py does not train on it")
     loader = _fashion_mnist if name == "fashion-mnist" else _cifar10
     x, y = loader(data_dir, train, download)
     mean = torch.tensor(info.mean).reshape(1, -1, 1, 1)

@@ -161,3 +161,28 @@ def test_missing_imagenet_folder_is_a_one_line_error(tmp_path):
     from function import IntsimError
     with pytest.raises(IntsimError, match="ImageNet folder .* not found"):
         load_imagenet_folder(str(tmp_path / "nope"))
+
+
+def test_imagenet_bad_input_gives_one_line_errors(tmp_path):
+    from test_scripts import FMNIST_CNN_BN, assert_one_line_error, run
+    val = tmp_path / "val"
+    (val / "n01440764").mkdir(parents=True)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    common = ["--dataset", "imagenet", "--model", "resnet18", "--data-dir", val]
+    assert_one_line_error(run("PTQ.py", *common, "--weights", "x.pt"), "--calib-dir")
+    assert_one_line_error(run("PTQ.py", *common, "--calib-dir", val, "--weights", "x.pt"), "calibrate on other images")
+    assert_one_line_error(run("PTQ.py", *common, "--calib-dir", calib), "needs --weights")
+    # offline, torchvision's download fails: say what to pass instead
+    assert_one_line_error(run("PTQ.py", *common, "--calib-dir", calib, "--weights", "IMAGENET1K_V1"), "--weights PATH")
+    assert_one_line_error(run("PTQ.py", *common, "--calib-dir", calib, "--weights", FMNIST_CNN_BN),
+                          "intsim checkpoint of cnn_bn", "fashion-mnist")
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    assert_one_line_error(run("PTQ.py", *common, "--calib-dir", calib, "--weights", tmp_path / "other.pt"),
+                          "does not hold torchvision ResNet18")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    from PIL import Image
+    (calib / "n01443537").mkdir()
+    Image.new("RGB", (8, 8)).save(calib / "n01443537" / "a.JPEG")
+    assert_one_line_error(run("PTQ.py", *common[:-1], tmp_path / "missing", "--calib-dir", calib,
+                              "--weights", tmp_path / "r18.pt"), "ImageNet folder", "not found")
