@@ -81,10 +81,13 @@ def build_model(cfg):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, cfg, dataset, **info):
+def save_checkpoint(path, model, cfg, dataset, half=False, **info):
+    """`half`: store floating-point tensors as float16 (loaded back as float32, which is then the
+    float reference every script uses)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"intsim": 1, "model_config": asdict(cfg), "dataset": dataset,
-                "state_dict": model.state_dict(), **info}, path)
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"intsim": 1, "model_config": asdict(cfg), "dataset": dataset, "half": half,
+                "state_dict": state, **info}, path)
 
 
 def load_checkpoint(path, dataset, arch):
@@ -104,7 +107,7 @@ def load_checkpoint(path, dataset, arch):
                           f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
     cfg = ModelConfig(**ckpt["model_config"])
     model = build_model(cfg)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     return model, cfg, ckpt
 
 

@@ -3,7 +3,9 @@
     python train.py --dataset fashion-mnist --model cnn_bn
 
 Saves ckpt/<dataset>_<model>.pt: the weights, the ModelConfig to rebuild the network, the
-data set, the test accuracy and the arguments.
+data set, the test accuracy and the arguments (resnet18's weights in float16, to stay small).
+After every epoch it also saves runs/train/<dataset>_<model>.resume.pt (model, optimizer,
+schedule, data order); `--resume` continues an interrupted run from there.
 """
 import os
 import time
@@ -22,6 +24,8 @@ WEIGHT_DECAY = 5e-4
 BATCH_SIZE = 128
 DRY_RUN_BATCHES = 2     # --dry-run: train on this many batches ...
 DRY_RUN_TEST = 1000     # ... and test on this many images
+HALF_PRECISION_ARCHS = ("resnet18",)   # checkpoints stored in float16 (ResNet18: 22 MB, not 45)
+RESUME_DIR = os.path.join("runs", "train")
 
 
 def main():
@@ -32,6 +36,9 @@ def main():
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, one-cycle)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
     p.add_argument("--ckpt-dir", default=cli.DEFAULT_CKPT_DIR, help="where to save the checkpoint")
+    p.add_argument("--resume-dir", default=RESUME_DIR, help="where the per-epoch resume state is kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <resume-dir>/<dataset>_<model>.resume.pt (same flags)")
     args = p.parse_args()
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
@@ -56,15 +63,40 @@ def main():
     print(f"{args.model} on {args.dataset}: {sum(p.numel() for p in model.parameters())} parameters, "
           f"{len(x_train)} training images, device {device}")
 
+    resume_path = os.path.join(args.resume_dir, f"{args.dataset}_{args.model}.resume.pt")
+    first_epoch, earlier_minutes = 1, 0.0
+    if args.resume:
+        if not os.path.isfile(resume_path):
+            raise cli.IntsimError(f"--resume: {resume_path} not found; start without --resume")
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        if state["epochs"] != epochs:
+            raise cli.IntsimError(f"--resume: {resume_path} was a {state['epochs']}-epoch run; pass --epochs {state['epochs']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_batches.generator.set_state(state["data_order"])
+        first_epoch, earlier_minutes = state["epoch"] + 1, state["minutes"]
+        print(f"resuming after epoch {state['epoch']} ({earlier_minutes:.1f} min so far)")
+
     start = time.time()
-    for epoch in range(1, epochs + 1):
+    acc = None
+    for epoch in range(first_epoch, epochs + 1):
         loss, speed = train_one_epoch(model, train_batches, optimizer, device, epoch, scheduler, max_batches)
         acc = evaluate(model, test_batches, device)
-        print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s")
-    minutes = (time.time() - start) / 60
+        print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s", flush=True)
+        os.makedirs(args.resume_dir, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "data_order": train_batches.generator.get_state(),
+                    "epoch": epoch, "epochs": epochs, "minutes": earlier_minutes + (time.time() - start) / 60},
+                   resume_path + ".tmp")
+        os.replace(resume_path + ".tmp", resume_path)         # never a half-written resume file
+    minutes = earlier_minutes + (time.time() - start) / 60
+    if acc is None:
+        acc = evaluate(model, test_batches, device)
 
     path = os.path.join(args.ckpt_dir, f"{args.dataset}_{args.model}.pt")
-    save_checkpoint(path, model.cpu(), cfg, args.dataset, test_acc=acc, args=vars(args))
+    save_checkpoint(path, model.cpu(), cfg, args.dataset, half=args.model in HALF_PRECISION_ARCHS,
+                    test_acc=acc, args=vars(args))
     print(f"saved {path} (test accuracy {acc:.2f}%, {minutes:.1f} min)")
     cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),

@@ -181,3 +181,32 @@ def test_ptq_weights_only_with_lp_observer_and_stochastic_rounding(data_dir):
 ])
 def test_bad_range_and_rounding_options(data_dir, args, words):
     assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", *args, "--data-dir", data_dir), *words)
+
+
+def test_train_resume_continues_from_the_saved_epoch(data_dir, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["--model", "cnn", "--dry-run", "--data-dir", data_dir, "--resume-dir", tmp_path / "resume"]
+    result_of(run("train.py", *common, "--ckpt-dir", first))
+    assert (tmp_path / "resume" / "fashion-mnist_cnn.resume.pt").exists()
+    proc = run("train.py", *common, "--ckpt-dir", second, "--resume")
+    result_of(proc)
+    assert "resuming after epoch 1" in proc.stdout
+    import torch
+    a = torch.load(first / "fashion-mnist_cnn.pt", weights_only=True)["state_dict"]
+    b = torch.load(second / "fashion-mnist_cnn.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_one_line_error(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir,
+                              "--resume-dir", tmp_path / "none", "--resume"), "not found")
+
+
+def test_resnet18_checkpoint_is_stored_in_half_precision(tmp_path):
+    import torch
+    from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+    cfg = ModelConfig(arch="resnet18")
+    model = build_model(cfg)
+    save_checkpoint(tmp_path / "r.pt", model, cfg, "fashion-mnist", half=True)
+    assert os.path.getsize(tmp_path / "r.pt") < 25e6
+    loaded, _, ckpt = load_checkpoint(str(tmp_path / "r.pt"), "fashion-mnist", "resnet18")
+    w = dict(loaded.named_parameters())["conv1.weight"]
+    assert ckpt["half"] and w.dtype == torch.float32
+    assert torch.equal(w, model.conv1.weight.detach().half().float())
