@@ -203,7 +203,8 @@ def check_targets(results):
         if r["w_bits"] <= 3:
             rows.append(("AdaRound at W3/W2 clearly (>= 1.0) above nearest", run,
                          f"{ada_acc(r):.2f} vs {r['nearest_acc']:.2f}", ada_acc(r) - r["nearest_acc"] >= 1.0))
-        if r["model"] == "cnn_bn" and r["iters"] == 10000 and r["num_calib"] == 1024:
+        defaults = (r["iters"], r["num_calib"], r["w_bits"], r["a_bits"], r["per_channel"]) == (10000, 1024, 4, 32, False)
+        if r["model"] == "cnn_bn" and defaults:
             rows.append(("full AdaRound of cnn_bn (defaults) under 10 minutes on 2 cores", run,
                          f"{r['minutes']:.1f} min", r["minutes"] < 10.0))
     for r in find(results, script="bench"):
