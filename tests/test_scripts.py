@@ -35,7 +35,8 @@ def assert_one_line_error(proc, *words):
 
 
 def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path):
-    r = result_of(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--ckpt-dir", tmp_path))
+    r = result_of(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--ckpt-dir", tmp_path,
+                      "--resume-dir", tmp_path))
     ckpt = tmp_path / "fashion-mnist_cnn_bn.pt"
     assert r["script"] == "train" and os.path.isfile(ckpt) and 0 <= r["fp32_acc"] <= 100
     r = result_of(run("PTQ.py", "--model", "cnn_bn", "--ckpt", ckpt, "--dry-run", "--data-dir", data_dir))
@@ -116,7 +117,7 @@ def write_tiny_cifar10(root, per_batch=24, seed=0):
 def test_cifar10_path_end_to_end(tmp_path):
     write_tiny_cifar10(tmp_path)
     r = result_of(run("train.py", "--dataset", "cifar10", "--model", "cnn_bn", "--dry-run", "--batch-size", 16,
-                      "--data-dir", tmp_path, "--ckpt-dir", tmp_path))
+                      "--data-dir", tmp_path, "--ckpt-dir", tmp_path, "--resume-dir", tmp_path))
     assert r["dataset"] == "cifar10"
     r = result_of(run("PTQ.py", "--dataset", "cifar10", "--model", "cnn_bn", "--ckpt", tmp_path / "cifar10_cnn_bn.pt",
                       "--w-bits", 4, "--per-channel", "--data-dir", tmp_path, "--dry-run"))
