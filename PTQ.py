@@ -57,9 +57,7 @@ def main():
     print(f"{args.model} on {args.dataset}, {name}, weights {qconfig.w_observer} range, {qconfig.rounding} "
           f"rounding, activations {qconfig.a_observer if n else 'float'}, calibrated on {n * args.batch_size} "
           f"training images, scored on {len(y_test)} test images")
-    for lname, layer in qlayers(qmodel):
-        if not runs_in_integers(qmodel):
-            break
+    for lname, layer in (qlayers(qmodel) if runs_in_integers(qmodel) else []):
         right = -layer.shift                                  # n, the right shift of M = M0 2^-n
         print(f"  {lname:12s} accumulates in {str(layer.acc_dtype(device)).replace('torch.', '')} "
               f"(worst-case |acc| {float(layer.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
