@@ -24,7 +24,7 @@ import torch
 import torch._dynamo  # noqa: F401  (Adam's first step imports it, ~3 s; here, so it/s measure the optimisation)
 
 import cli
-from data import Batches
+from data import Batches, dataset_info
 from engine import accuracy, evaluate_frozen, predict, print_frozen_report
 from function import FLOAT_BITS, IntsimError, round_half_away
 from model import calibrate, convert, freeze, qlayers, runs_in_integers, save_quantized, set_mode
@@ -38,7 +38,6 @@ REG_WEIGHT = 0.01             # lambda (paper sec. 5; AIMET and BRECQ)
 BETA_START, BETA_END = 20.0, 2.0
 WARM_START = 0.2              # share of the iterations without the regulariser
 CACHE_BATCH = 256             # images per forward pass while filling the cache
-TEST_BATCH_SIZE = 1000
 PRINT_EVERY = 2000            # iterations between progress lines
 DRY_RUN_CALIB, DRY_RUN_ITERS, DRY_RUN_TEST = 64, 20, 1000
 
@@ -245,7 +244,7 @@ def main():
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, args.test_limit)
-    test = Batches(x_test, y_test, TEST_BATCH_SIZE)
+    test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
     # Calibration images: a seeded random subset of the training set (labels unused), never test images.
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.num_calib]

@@ -11,12 +11,11 @@ fake-quant accuracy is the result.
 import torch
 
 import cli
-from data import Batches
+from data import Batches, dataset_info
 from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report
 from model import calibrate, convert, freeze, qlayers, runs_in_integers, save_quantized
 
 NUM_CALIB_BATCHES = 8       # x --batch-size training images observed for the activation ranges
-TEST_BATCH_SIZE = 1000
 DRY_RUN_CALIB = 1           # --dry-run: calibration batches ...
 DRY_RUN_TEST = 1000         # ... and test images
 
@@ -40,7 +39,7 @@ def main():
     limit = DRY_RUN_TEST if args.dry_run else args.test_limit
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
     calib_batches = DRY_RUN_CALIB if args.dry_run else args.calib_batches
-    test = Batches(x_test, y_test, TEST_BATCH_SIZE)
+    test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
 
     # Calibration images come from the training set (shuffled with the seed), never the test set.
 
@@ -55,7 +54,7 @@ def main():
 
     name = f"W{args.w_bits}A{args.a_bits} {'per-channel' if args.per_channel else 'per-tensor'}"
     print(f"{args.model} on {args.dataset}, {name}, weights {qconfig.w_observer} range, {qconfig.rounding} "
-          f"rounding, activations {qconfig.a_observer if n else 'float'}, calibrated on {n * args.batch_size} "
+          f"rounding, activations {qconfig.a_observer if n else 'float'}, calibrated on {n} "
           f"training images, scored on {len(y_test)} test images")
     for lname, layer in (qlayers(qmodel) if runs_in_integers(qmodel) else []):
         right = -layer.shift                                  # n, the right shift of M = M0 2^-n
@@ -77,7 +76,7 @@ def main():
                      "a_observer": qconfig.a_observer if n else None, "lp_p": qconfig.lp_p,
                      "rounding": qconfig.rounding, "fold_bn": qconfig.fold_bn, "bias_bits": qconfig.bias_bits,
                      "layers": qconfig.layers,
-                     "calib_images": n * args.batch_size,
+                     "calib_images": n, **({"weights": args.weights} if args.dataset == "imagenet" else {}),
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
                      "seed": args.seed, **report}, args.result_json)
 

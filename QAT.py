@@ -16,7 +16,7 @@ import time
 import torch
 
 import cli
-from data import Batches
+from data import Batches, dataset_info
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
 from model import (calibrate, convert, freeze, freeze_bn, freeze_observers, load_quantized, save_quantized,
                    set_mode)
@@ -28,7 +28,6 @@ FREEZE_BN_EPOCH = 2                # BN uses running statistics after this many 
 FREEZE_OBSERVER_EPOCH = 2          # activation ranges stop moving after this many epochs
 NUM_CALIB_BATCHES = 8              # batches that set the initial activation ranges
 BATCH_SIZE = 128
-TEST_BATCH_SIZE = 1000
 DRY_RUN_BATCHES = 2                # --dry-run: training batches per epoch ...
 DRY_RUN_TEST = 1000                # ... and test images
 
@@ -76,7 +75,7 @@ def main():
 
     if args.eval:
         x_test, y_test = cli.load_test(args, limit)
-        test = Batches(x_test, y_test, TEST_BATCH_SIZE)
+        test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
         qmodel, qconfig, ckpt = load_quantized(args.eval, args.dataset, args.model, args.single_rounding)
         qmodel.to(device)
         report = evaluate_frozen(qmodel, test, device)
@@ -89,7 +88,7 @@ def main():
         return
 
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
-    test = Batches(x_test, y_test, TEST_BATCH_SIZE)
+    test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
     train = Batches(x_train, y_train, args.batch_size, shuffle=True, seed=args.seed)
     max_batches = DRY_RUN_BATCHES if args.dry_run else None

@@ -10,7 +10,7 @@ import time
 import torch
 
 import cli
-from data import Batches
+from data import Batches, dataset_info
 from engine import predict, train_one_epoch
 from model import calibrate, convert, freeze, set_mode
 
@@ -38,6 +38,7 @@ def main():
     cli.add_quant(p)
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed passes per path (fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--test-limit", type=int, default=None, help="time only the first N test images")
     p.add_argument("--train-batches", type=int, default=TRAIN_BATCHES,
                    help="training steps timed for float vs QAT (0: skip)")
     args = p.parse_args()
@@ -47,9 +48,9 @@ def main():
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    limit = DRY_RUN_TEST if args.dry_run else None
+    limit = DRY_RUN_TEST if args.dry_run else args.test_limit
     model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
-    test = Batches(x_test, y_test, BATCH_SIZE)
+    test = Batches(x_test, y_test, min(BATCH_SIZE, dataset_info(args.dataset).eval_batch))
 
     qmodel = convert(model, qconfig).to(device)
     calibrate(qmodel, Batches(x_train, y_train, 256, shuffle=True, seed=args.seed), device, NUM_CALIB_BATCHES)

@@ -17,6 +17,7 @@ from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_CKPT_DIR = "ckpt"
+RANDOM_WEIGHTS = "random"   # --weights random: an untrained ImageNet ResNet18 (data path and arithmetic checks)
 
 
 def parser(description):
@@ -50,8 +51,15 @@ def add_quant(p):
                    help="bits of the model's output, the logits (default: --a-bits)")
     p.add_argument("--single-rounding", action="store_true",
                    help="rescale with one rounding (TFLITE_SINGLE_ROUNDING) instead of TFLite's default two")
+    add_imagenet(p)
+
+
+def add_imagenet(p):
+    """Where ImageNet's weights and calibration images come from (--dataset imagenet)."""
     p.add_argument("--weights", default=None,
-                   help="ImageNet resnet18: a torchvision state_dict file, or 'IMAGENET1K_V1' to download them")
+                   help="ImageNet resnet18: a torchvision state_dict file, 'IMAGENET1K_V1' to download them, "
+                        "or 'random' (torchvision's initialisation, seeded: tests the data path and the "
+                        "integer arithmetic, not accuracy)")
     p.add_argument("--calib-dir", default=None,
                    help="ImageNet: folder of <wnid>/*.JPEG calibration images, separate from --data-dir")
 
@@ -93,7 +101,9 @@ def qconfig_from(args, a_observer=None):
 
 
 def load_test(args, limit=None):
-    """The test split, or its first `limit` images."""
+    """The test split (ImageNet: the --data-dir folder), or its first `limit` images."""
+    if args.dataset == "imagenet":
+        return load_imagenet_folder(args.data_dir, limit)
     x, y = load_split(args.dataset, args.data_dir, train=False, download=args.download)
     return x[:limit], y[:limit]
 
@@ -109,35 +119,39 @@ def load_imagenet(args, test_limit=None):
         raise IntsimError("--calib-dir is --data-dir: calibrate on other images than the ones scored")
     info = dataset_info("imagenet")
     cfg = ModelConfig("resnet18", info.in_channels, info.image_size, info.num_classes)
-    model = build_model(cfg)
+    model = build_model(cfg)                      # torchvision's initialisation, seeded by --seed
     if args.weights is None:
         raise IntsimError("ImageNet resnet18 needs --weights: a torchvision ResNet18 state_dict file, "
-                          "or IMAGENET1K_V1 to download torchvision's")
-    if args.weights == "IMAGENET1K_V1":
+                          f"IMAGENET1K_V1 to download torchvision's, or {RANDOM_WEIGHTS}")
+    if args.weights != RANDOM_WEIGHTS:
         try:
-            from torchvision.models import ResNet18_Weights
-            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as e:
-            raise IntsimError(f"could not download torchvision's ResNet18 weights ({type(e).__name__}): "
-                              f"pass --weights PATH to a local copy") from None
-    else:
-        if not os.path.isfile(args.weights):
-            raise IntsimError(f"weights file {args.weights} not found")
-        try:
-            state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise IntsimError(f"{args.weights} is not a readable state_dict ({type(e).__name__})") from None
-        if isinstance(state, dict) and "model_config" in state:
-            raise IntsimError(f"{args.weights} is an intsim checkpoint of {state['model_config']['arch']} on "
-                              f"{state.get('dataset')!r}, not ImageNet ResNet18 weights")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise IntsimError(f"{args.weights} does not hold torchvision ResNet18 ImageNet weights "
-                          f"({str(e).splitlines()[0][:120]})") from None
+            model.load_state_dict(_imagenet_state_dict(args.weights))
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise IntsimError(f"{args.weights} does not hold torchvision ResNet18 ImageNet weights "
+                              f"({str(e).splitlines()[0][:120]})") from None
     calib = load_imagenet_folder(args.calib_dir)
     test = load_imagenet_folder(args.data_dir, test_limit)
     return model, cfg, {"weights": args.weights}, calib, test
+
+
+def _imagenet_state_dict(weights):
+    if weights == "IMAGENET1K_V1":
+        try:
+            from torchvision.models import ResNet18_Weights
+            return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:
+            raise IntsimError(f"could not download torchvision's ResNet18 weights ({type(e).__name__}): "
+                              f"pass --weights PATH to a local copy") from None
+    if not os.path.isfile(weights):
+        raise IntsimError(f"weights file {weights} not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise IntsimError(f"{weights} is not a readable state_dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "model_config" in state:
+        raise IntsimError(f"{weights} is an intsim checkpoint of {state['model_config']['arch']} on "
+                          f"{state.get('dataset')!r}, not ImageNet ResNet18 weights")
+    return state
 
 
 def load_float_and_data(args, device, test_limit=None):

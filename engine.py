@@ -51,6 +51,7 @@ def evaluate_frozen(qmodel, batches, device):
     return {"fakequant_acc": round(accuracy(fq, labels), 2), "int_acc": round(accuracy(it, labels), 2),
             "int_top_tie_share": round(100.0 * tied, 3),
             "int_fq_same_class": round(100.0 * (it.argmax(1) == fq.argmax(1)).float().mean().item(), 3),
+            "int_classes_predicted": len(it.argmax(1).unique()),   # an agreement on one class says little
             "int_fq_max_diff": int(diff.max()),
             "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4)}
 

@@ -8,7 +8,8 @@ represented as M = M0 * 2^-n with M0 an int32 in Q31 fixed point, M0 in [2^30, 2
 """
 import torch
 
-MIN_BITS, MAX_BITS = 2, 8          # bit widths this project supports for weights and activations
+MIN_BITS, MAX_BITS = 2, 16         # bit widths for weights and activations (fake-quant)
+INT_MAX_BITS = 8                   # the integer path follows TFLite's 8-bit kernels: up to 8 bits
 FLOAT_BITS = 32                    # "activation bits" 32: activations stay float (weight-only quantization)
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 Q31_ONE = 2 ** 31                  # 1.0 in Q31 fixed point

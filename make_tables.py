@@ -71,6 +71,68 @@ def observer_name(r):
     return f"lp p={r['lp_p']:g}" if o == "lp" else o
 
 
+FLOAT_TARGET = {"resnet18": 92.5}       # issue 6; the small CNNs: 91.0 (issue 2)
+ADAROUND_W4A8_TOL = {"resnet18": 1.5}   # issue 6; the small CNNs: 1.0 (issue 5)
+
+
+def imagenet_runs(results):
+    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet"]
+
+
+def imagenet_agreement(results):
+    """The folds of the same setting pooled: every image scored once, by a model calibrated on
+    the other fold. Only complete when the folds' images add up (see split_images.py)."""
+    runs = [r for r in imagenet_runs(results) if "int_fq_same_class" in r]
+    if not runs:
+        return None
+    n = sum(r["test_images"] for r in runs)
+    same = sum(r["int_fq_same_class"] * r["test_images"] for r in runs) / n
+    return {"images": n, "same_class": same, "weights": ", ".join(sorted({r.get("weights", "random") for r in runs}))}
+
+
+def render_imagenet(results):
+    runs = sorted(imagenet_runs(results), key=lambda r: r["command"])
+    if not runs:
+        return "_(no results yet)_"
+    lines = ["| weights | W/A bits | weights | calibrated on | scored | float32 | fake-quant | integer | "
+             "same class as fake-quant % | classes predicted | max output-int diff | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.get('weights', 'random')} | W{r['w_bits']}A{r['a_bits']} | {granularity(r)} | "
+                     f"{r['calib_images']} | {r['test_images']} | {pct(r['fp32_acc'])} | {pct(r['fakequant_acc'])} | "
+                     f"{pct(r['int_acc'])} | {r['int_fq_same_class']:.2f} | {r.get('int_classes_predicted', '-')} | "
+                     f"{r['int_fq_max_diff']} | {cmd(r)} |")
+    a = imagenet_agreement(results)
+    lines.append(f"| **pooled** | | | | **{a['images']}** | | | | **{a['same_class']:.2f}** | | | |")
+    return "\n".join(lines)
+
+
+def render_resnet18(results):
+    """Every Fashion-MNIST ResNet18 result in one table: float32, PTQ, AdaRound, Table 1."""
+    fm = [r for r in results if r["model"] == "resnet18" and r["dataset"] == "fashion-mnist"]
+    lines = ["| run | W/A bits | weights | accuracy % | - float32 | scored | command |", "|---|---|---|---|---|---|---|"]
+    for r in find(fm, script="train"):
+        lines.append(f"| float32 ({r['epochs']} epochs, {r['minutes']:.0f} min) | - | - | {pct(r['fp32_acc'])} | | "
+                     f"float32, 10000 | {cmd(r)} |")
+    for r in sorted((r for r in fm if plain(r)), key=lambda r: (-r["w_bits"], -r["a_bits"], r["per_channel"])):
+        lines.append(f"| PTQ (nearest) | W{r['w_bits']}A{r['a_bits']} | {granularity(r)} | {pct(r['int_acc'])} | "
+                     f"{delta(r)} | integer, {r['test_images']} | {cmd(r)} |")
+    for r in sorted(find(fm, script="AdaRound"), key=lambda r: (-r["w_bits"], -r["a_bits"], r["per_channel"])):
+        scored = "integer" if "int_acc" in r else "fake-quant"
+        lines.append(f"| AdaRound ({r['iters']} it./layer; nearest {pct(r['nearest_acc'])}) | W{r['w_bits']}A{r['a_bits']} | "
+                     f"{granularity(r)} | {pct(ada_acc(r))} | {ada_acc(r) - r['fp32_acc']:+.2f} | "
+                     f"{scored}, {r['test_images']} | {cmd(r)} |")
+    for r in find(fm, script="Table1"):
+        for part in ("first_layer", "all_layers"):
+            t = r[part]
+            lines.append(f"| Table 1, {part.replace('_', ' ')}: nearest / ceil / floor / stochastic mean +- std "
+                         f"(best) of {r['draws']} | W{r['w_bits']}A32 | {granularity(r)} | {pct(t['nearest'])} / "
+                         f"{pct(t['ceil'])} / {pct(t['floor'])} / {t['stochastic']['mean']:.2f} +- "
+                         f"{t['stochastic']['std']:.2f} ({t['stochastic']['best']:.2f}) | | fake-quant, "
+                         f"{r['test_images']} | {cmd(r)} |")
+    return "\n".join(lines) if len(lines) > 2 else "_(no results yet)_"
+
+
 # name -> (which results, sort key, columns as (header, cell))
 TABLES = {
     "train": (lambda r: r["script"] == "train",
@@ -78,7 +140,7 @@ TABLES = {
               [("model", lambda r: r["model"]), ("data set", lambda r: r["dataset"]),
                ("float32 test acc. %", lambda r: pct(r["fp32_acc"])), ("epochs", lambda r: r["epochs"]),
                ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
-    "ptq": (lambda r: plain(r),
+    "ptq": (lambda r: plain(r) and r["dataset"] != "imagenet",
             lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("single_rounding", False),
                        r["per_channel"]),
             [("model", lambda r: r["model"]), ("W/A bits", bits),
@@ -147,10 +209,11 @@ def find(results, **want):
 def check_targets(results):
     """(target, run, measured, met) rows: each issue's targets checked against the results."""
     rows = []
-    ptq = [r for r in results if plain(r)]
+    ptq = [r for r in results if plain(r) and r["dataset"] != "imagenet"]
     qat = [r for r in results if r["script"] == "QAT"]
     for r in find(results, script="train"):
-        rows.append(("float32 >= 91.0%", r["model"], pct(r["fp32_acc"]), r["fp32_acc"] >= 91.0))
+        floor = FLOAT_TARGET.get(r["model"], 91.0)
+        rows.append((f"float32 >= {floor}%", r["model"], pct(r["fp32_acc"]), r["fp32_acc"] >= floor))
     for b, tol in ((8, 0.3), (6, 1.0)):
         for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == b and not r.get("single_rounding")]:
             rows.append((f"PTQ W{b}A{b} integer within {tol} of float32",
@@ -198,8 +261,9 @@ def check_targets(results):
     for r in find(results, script="AdaRound"):
         run = f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)}"
         if r["w_bits"] == 4 and r["a_bits"] == 8:
-            rows.append(("AdaRound W4A8 integer within 1.0 of float32", run, f"{ada_acc(r) - r['fp32_acc']:+.2f}",
-                         r["fp32_acc"] - ada_acc(r) <= 1.0))
+            tol = ADAROUND_W4A8_TOL.get(r["model"], 1.0)
+            rows.append((f"AdaRound W4A8 integer within {tol} of float32", run, f"{ada_acc(r) - r['fp32_acc']:+.2f}",
+                         r["fp32_acc"] - ada_acc(r) <= tol))
         if r["w_bits"] <= 3:
             rows.append(("AdaRound at W3/W2 clearly (>= 1.0) above nearest", run,
                          f"{ada_acc(r):.2f} vs {r['nearest_acc']:.2f}", ada_acc(r) - r["nearest_acc"] >= 1.0))
@@ -207,6 +271,11 @@ def check_targets(results):
         if r["model"] == "cnn_bn" and defaults:
             rows.append(("full AdaRound of cnn_bn (defaults) under 10 minutes on 2 cores", run,
                          f"{r['minutes']:.1f} min", r["minutes"] < 10.0))
+    agree = imagenet_agreement(results)
+    if agree:
+        rows.append(("ImageNet ResNet18: integer and fake-quant predict the same class for >= 99% of the images",
+                     f"{agree['images']} images, weights {agree['weights']}", f"{agree['same_class']:.2f}%",
+                     agree["same_class"] >= 99.0))
     for r in find(results, script="bench"):
         rows.append(("integer inference <= 3x float32", f"{r['model']} W{r['w_bits']}A{r['a_bits']}",
                      f"{r['int_ratio']:.2f}x", r["int_ratio"] <= 3.0))
@@ -254,7 +323,7 @@ def render_observers(results):
 
 # The AdaRound paper's Table 1 (ResNet18 on ImageNet, first layer at 4 bits; cited, not run here).
 PAPER_TABLE1 = {"nearest": "52.29", "ceil": "0.10", "floor": "0.10", "stochastic (mean +- std)": "52.06 +- 5.52",
-                "stochastic (best of 100)": "63.06"}
+                "stochastic (best draw)": "63.06 (of 100)"}
 
 
 def render_table1(results):
@@ -266,12 +335,13 @@ def render_table1(results):
     for label, get in (("nearest", lambda t: pct(t["nearest"])), ("ceil", lambda t: pct(t["ceil"])),
                        ("floor", lambda t: pct(t["floor"])),
                        ("stochastic (mean +- std)", lambda t: f"{t['stochastic']['mean']:.2f} +- {t['stochastic']['std']:.2f}"),
-                       ("stochastic (best of 100)", lambda t: pct(t["stochastic"]["best"]))):
+                       ("stochastic (best draw)", lambda t: pct(t["stochastic"]["best"]))):
         cells = [get(r[part]) for r in runs for part in ("first_layer", "all_layers")]
         lines.append("| " + " | ".join([label] + cells + [PAPER_TABLE1[label]]) + " |")
     lines.append("| float32 | " + " | ".join(pct(r["fp32_acc"]) for r in runs for _ in range(2)) + " | 69.68 |")
     lines.append("")
-    lines.append("Commands: " + "; ".join(cmd(r) for r in runs) + f" ({runs[0]['draws']} draws each).")
+    lines.append("Commands: " + "; ".join(f"{cmd(r)} ({r['draws']} draws, {r['test_images']} test images)"
+                                          for r in runs) + ".")
     return "\n".join(lines)
 
 
@@ -291,7 +361,8 @@ def render_hessian(results):
     return "\n".join(lines)
 
 
-CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian}
+CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
+          "imagenet": render_imagenet, "resnet18": render_resnet18}
 
 
 def render(name, results):

@@ -306,22 +306,22 @@ def freeze_observers(qmodel):
 @torch.no_grad()
 def calibrate(qmodel, batches, device, num_batches):
     """Record activation ranges on `num_batches` batches (BN statistics stay as trained: the
-    model is in eval mode, so nothing but the observers changes)."""
+    model is in eval mode, so nothing but the observers changes). Returns the images seen."""
     qmodel.eval()
     set_mode(qmodel, "calibrate")
-    seen = 0
+    seen = images = 0
     for x, _ in batches:
         if seen == num_batches:
             break
         qmodel(x.to(device))
-        seen += 1
+        seen, images = seen + 1, images + len(x)
     set_mode(qmodel, "float")
     if seen == 0:
         raise IntsimError("calibration saw no data: check the data set and --calib-batches")
     for m in qmodel.modules():
         if isinstance(m, QModule) and m.act is not None:
             m.act.finish()                  # the lp/sqnr observers search their samples now
-    return seen
+    return images
 
 
 @torch.no_grad()
@@ -366,8 +366,8 @@ def freeze(qmodel, rounding=None, generator=None, weight_integers=None):
 
 
 def runs_in_integers(qmodel):
-    """Whether the integer path exists: activations quantized and every layer quantized."""
-    return all(not m.qconfig.float_activations and getattr(m, "enabled", True)
+    """Whether the integer path exists: integer activations of at most 8 bits and every layer quantized."""
+    return all(m.qconfig.integer_capable and getattr(m, "enabled", True)
                for m in qmodel.modules() if isinstance(m, QModule))
 
 

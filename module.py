@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from function import (FLOAT_BITS, INT32_MAX, ROUNDINGS, IntsimError, check_act_bits, check_bits, dequantize,
+from function import (FLOAT_BITS, INT32_MAX, INT_MAX_BITS, ROUNDINGS, IntsimError, check_act_bits, check_bits, dequantize,
                       fake_quantize, int32_check, multiply_by_quantized_multiplier,
                       multiply_by_quantized_multiplier_single_rounding, quantize, quantize_multiplier,
                       qrange, requantize, round_half_away, scale_zero_point)
@@ -27,6 +27,7 @@ from observer import LP_DEFAULT_P, OBSERVERS, WEIGHT_OBSERVERS, check_p, make_ob
 
 MODES = ("float", "calibrate", "fakequant", "qat", "int")
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
+SPLIT_BASE = 16           # digit base of the split accumulation (QLayer.accumulation)
 LAYER_CHOICES = ("all", "first")   # which conv/linear layers get quantized weights
 
 
@@ -72,6 +73,13 @@ class QConfig:
     def float_activations(self):
         return self.a_bits == FLOAT_BITS
 
+    @property
+    def integer_capable(self):
+        """Whether the integer path exists: integer activations and at most INT_MAX_BITS
+        everywhere (wider, e.g. W16A16, runs in fake-quant only)."""
+        bits = (self.w_bits, self.a_bits, self.out_bits or self.a_bits)
+        return not self.float_activations and max(bits) <= INT_MAX_BITS
+
 
 class QModule(nn.Module):
     """Base of the modules the conversion inserts: holds the mode and the activation observer."""
@@ -96,6 +104,9 @@ class QModule(nn.Module):
         if mode == "int" and self.qconfig.float_activations:
             raise IntsimError("integer inference needs integer activations: with --a-bits 32 the "
                               "model runs in fake-quant only")
+        if mode == "int" and not self.qconfig.integer_capable:
+            raise IntsimError(f"integer inference is for up to {INT_MAX_BITS} bits (TFLite's 8-bit kernels): "
+                              f"W{self.qconfig.w_bits}A{self.qconfig.a_bits} runs in fake-quant only")
         if mode in ("calibrate", "qat") and bool(self.frozen):   # ranges would move under frozen M0
             raise IntsimError(f"cannot {mode} a frozen model: convert the float model again")
         self.mode = mode
@@ -194,7 +205,7 @@ class QLayer(QModule):
         self.register_buffer("w_scale", torch.ones(c_out))
         self.register_buffer("w_zero_point", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("w_q", torch.zeros(layer.weight.shape, dtype=torch.int32))
-        self.register_buffer("b_q", torch.zeros(c_out, dtype=torch.int32))
+        self.register_buffer("b_q", torch.zeros(c_out, dtype=torch.int64))   # int32 values up to 8 bits
         self.register_buffer("m0", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(c_out, dtype=torch.int64))
         self.register_buffer("acc_bound", torch.zeros((), dtype=torch.float64))
@@ -362,49 +373,78 @@ class QLayer(QModule):
         # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
         bias_scale = in_scale.double() * s_w.double().to(w.device)
         b_q = round_half_away(b.double() / bias_scale)
-        if b_q.abs().max() > INT32_MAX:
+        if self.qconfig.integer_capable and b_q.abs().max() > INT32_MAX:
             raise IntsimError(f"{self._get_name()}: bias does not fit int32 at scale S_in*S_w")
         # Requantization multiplier M[c] = S_in S_w[c] / S_out = M0[c] 2^(shift[c] - 31).
         m0, shift = quantize_multiplier(bias_scale / s_out.double().to(w.device))
         # Worst case |acc| over the input range: sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b|.
-        in_qmin, in_qmax = qrange(self.qconfig.a_bits, symmetric=False)    # inputs are hidden activations
-        a_max = max(in_qmax - int(in_zero_point), int(in_zero_point) - in_qmin)
+        self.in_zero_point.copy_(in_zero_point)
+        a_max = self._in_abs_max()
         w_l1 = (w_q.long() - self._w_channels(z_w)).abs().reshape(w.shape[0], -1).sum(1)
         bound = (w_l1 * a_max + b_q.abs().long()).max()
 
         self.in_scale.copy_(in_scale)
-        self.in_zero_point.copy_(in_zero_point)
-        self.b_q.copy_(b_q.to(torch.int32))
+        self.b_q.copy_(b_q.long())
         self.m0.copy_(m0)
         self.shift.copy_(shift)
         self.acc_bound.fill_(float(bound))
         self.frozen.fill_(True)
-        return self.int32_overflow_possible()
+        return self.qconfig.integer_capable and self.int32_overflow_possible()
 
     def int32_overflow_possible(self):
         return float(self.acc_bound) > INT32_MAX
 
+    def _in_abs_max(self):
+        """max |q_in - Z_in| over the input's integer range (inputs are hidden activations)."""
+        in_qmin, in_qmax = qrange(self.qconfig.a_bits, symmetric=False)
+        z = int(self.in_zero_point)
+        return max(in_qmax - z, z - in_qmin)
+
+    def accumulation(self, device):
+        """How the conv/matmul is made exact (then rounded to int64):
+        "float32": every partial sum stays below 2^24 (acc_bound proves it);
+        "split":   q_in - Z_in = SPLIT_BASE hi + lo with lo in [0, SPLIT_BASE), and both digit
+                   convs stay below 2^24 in float32: acc = SPLIT_BASE conv(hi) + conv(lo), combined
+                   in float64. Two float32 convs cost less than one float64 conv on CPU;
+        "float64": exact far beyond int32 (always on CUDA, whose float32 convs may use TF32)."""
+        if device.type != "cpu":
+            return "float64"
+        bound = float(self.acc_bound)
+        if bound < FLOAT32_EXACT:
+            return "float32"
+        a_max = self._in_abs_max()
+        w_l1 = bound / max(a_max, 1)                               # >= max_c sum |q_w - Z_w|
+        digit_max = max(SPLIT_BASE - 1, -(-a_max // SPLIT_BASE))   # |lo| <= 15, |hi| <= ceil(a_max / 16)
+        return "split" if w_l1 * digit_max < FLOAT32_EXACT else "float64"
+
     def acc_dtype(self, device):
-        """float32 is exact while every partial sum stays below 2^24 (the bound proves it);
-        float64 is exact far beyond int32. On CUDA, float32 convs may use TF32 or FFT, so
-        float64 there. The sum is rounded afterwards anyway."""
-        if device.type == "cpu" and float(self.acc_bound) < FLOAT32_EXACT:
-            return torch.float32
-        return torch.float64
+        return torch.float64 if self.accumulation(device) == "float64" else torch.float32
 
     @torch.no_grad()
-    def int_forward(self, q_in):
-        dtype = self.acc_dtype(q_in.device)
+    def accumulate(self, q_in):
+        """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact (integers held in float32 or
+        float64, by `accumulation`)."""
+        how = self.accumulation(q_in.device)
+        dtype = torch.float64 if how == "float64" else torch.float32
         x = q_in.to(dtype)
         x -= float(self.in_zero_point)                            # (q_in - Z_in); zero padding is real 0
         w = (self.w_q.long() - self._w_channels(self.w_zero_point)).to(dtype)
         with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
-            acc = self.fn(x, w)
+            if how != "split":
+                return self.fn(x, w)
+            hi = torch.div(x, SPLIT_BASE, rounding_mode="floor")
+            x -= hi * SPLIT_BASE                                   # lo; one conv over both digit planes
+            hi_lo = self.fn(torch.cat([hi, x]), w).double()
+            return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):])
+
+    @torch.no_grad()
+    def int_forward(self, q_in):
+        acc = self.accumulate(q_in)
         if self.pool is not None:
             # Max-pool before the rescale: the rescale, + Z_out and the clamp are non-decreasing
             # per channel (M0 > 0), so max and rescale commute, and 4x fewer values are rescaled.
             acc = self.pool(acc)
-        acc += self._channels(self.b_q.to(dtype))                 # exact: acc_bound counts |q_b| too
+        acc += self._channels(self.b_q.to(acc.dtype))             # exact: acc_bound counts |q_b| too
         if acc.device.type != "cpu":
             acc.round_()                                           # undo any sub-0.5 error of GPU kernels
         acc = acc.to(torch.int64)

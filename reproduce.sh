@@ -8,6 +8,8 @@
 #   bash reproduce.sh observers bias table1
 # AdaRound (issue 5, about 40 min):
 #   bash reproduce.sh adaround
+# ResNet18 on Fashion-MNIST (issue 6; SKIP_TRAIN=1 starts from ckpt/) and the ImageNet agreement:
+#   SKIP_TRAIN=1 bash reproduce.sh resnet18 imagenet
 set -euo pipefail
 cd "$(dirname "$0")"
 MODELS="cnn cnn_bn"
@@ -98,7 +100,31 @@ for what in "$@"; do
       python rounding.py --model cnn_bn --result-json "$R/table1_cnn_bn.json" ;;
     bench)
       python bench.py --model cnn_bn --result-json "$R/bench_cnn_bn_W8A8.json" ;;
-    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, adaround, bench" >&2; exit 2 ;;
+    resnet18)
+      # Issue 6 on Fashion-MNIST (training ~1.7 h on 2 cores; ckpt/ holds the result; then ~1 h):
+      # AdaRound with 1000 iterations per layer (21 layers), Table 1 with 20 draws on 2000 test
+      # images and g, H on 256 training images, to fit the CPU budget.
+      [ -n "${SKIP_TRAIN:-}" ] || python train.py --model resnet18 --epochs 6 --result-json "$R/train_fashion-mnist_resnet18.json"
+      python PTQ.py --model resnet18 --per-channel --result-json "$R/ptq_resnet18_W8A8_pc.json"
+      python PTQ.py --model resnet18 --w-bits 4 --a-bits 8 --per-channel --result-json "$R/ptq_resnet18_W4A8_pc.json"
+      for wa in "4 8" "4 32"; do
+        read -r w a <<< "$wa"
+        python AdaRound.py --model resnet18 --w-bits "$w" --a-bits "$a" --per-channel --iters 1000 \
+          --result-json "$R/adaround_resnet18_W${w}A${a}_pc.json"
+      done
+      python rounding.py --model resnet18 --draws 20 --test-limit 2000 --hessian-images 256 \
+        --result-json "$R/table1_resnet18.json"
+      python bench.py --model resnet18 --test-limit 2000 --train-batches 10 --result-json "$R/bench_resnet18_W8A8.json" ;;
+    imagenet)
+      # Integer vs fake-quant agreement on the 1,300 real ImageNet images, random weights,
+      # two-fold: each half calibrates the model that scores the other (~15 min each).
+      python split_images.py ../shared/data/imagenet-val-1300/val data/imagenet-1300 --parts 2
+      for f in 0 1; do
+        python PTQ.py --dataset imagenet --model resnet18 --weights random --per-channel --batch-size 50 \
+          --calib-batches 13 --calib-dir "data/imagenet-1300/part$f" --data-dir "data/imagenet-1300/part$((1 - f))" \
+          --result-json "$R/imagenet_resnet18_random_W8A8_pc_calib$f.json"
+      done ;;
+    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, adaround, bench, resnet18, imagenet" >&2; exit 2 ;;
   esac
 done
 [ -n "${SKIP_TABLES:-}" ] || python make_tables.py

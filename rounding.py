@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import cli
-from data import Batches
+from data import Batches, dataset_info
 from engine import accuracy, predict
 from function import FLOAT_BITS
 from model import convert, freeze, qlayers, set_mode
@@ -32,7 +32,6 @@ from module import QConfig, fold_bn
 NUM_DRAWS = 100             # stochastic roundings (the paper: 100)
 NUM_HESSIAN_IMAGES = 1024   # training images for g and H dw
 HESSIAN_BATCH = 256
-TEST_BATCH_SIZE = 1000
 PRINT_EVERY = 10            # draws between progress lines
 DRY_RUN_DRAWS, DRY_RUN_TEST, DRY_RUN_HESSIAN = 3, 1000, 256
 FIXED_SCHEMES = ("nearest", "ceil", "floor")
@@ -159,6 +158,7 @@ def main():
                    help="training images for the gradient and Hessian-vector products")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     p.add_argument("--plot", default=None, help="scatter plot PNG (default: results/figures/table1_<dataset>_<model>.png)")
+    cli.add_imagenet(p)
     args = p.parse_args()
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
@@ -168,7 +168,7 @@ def main():
         raise cli.IntsimError("--draws must be at least 2 (a mean and a spread)")
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, DRY_RUN_TEST if args.dry_run else args.test_limit)
-    test = Batches(x_test, y_test, TEST_BATCH_SIZE)
+    test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32 = accuracy(predict(model, test, device), y_test)
     print(f"{args.model} on {args.dataset}: float32 {fp32:.2f}%; W{args.w_bits} "
           f"{'per-channel' if args.per_channel else 'per-tensor'} ({args.w_observer} range), activations float")

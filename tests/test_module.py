@@ -76,14 +76,45 @@ def test_integer_conv_equals_bruteforce_reference(bits, per_channel, w_symmetric
     assert np.array_equal(got.numpy(), reference_int_conv(layer, q_in))
 
 
-def test_float32_and_float64_accumulation_agree_bit_for_bit():
+@pytest.mark.parametrize("zero_point", [0, 100])
+def test_float32_split_and_float64_accumulation_agree_bit_for_bit(zero_point):
     layer, q_in = frozen_layer(QConfig(8, 8, per_channel=True), bn=True, pool=True)
+    layer.in_zero_point.fill_(zero_point)            # negative and positive q_in - Z_in
     layer.set_mode("int")
-    assert layer.acc_dtype(torch.device("cpu")) == torch.float32
+    cpu = torch.device("cpu")
+    assert layer.accumulation(cpu) == "float32"
     exact32 = layer(q_in)
-    layer.acc_bound.fill_(2.0 ** 30)                 # pretend the bound is large: float64 path
-    assert layer.acc_dtype(torch.device("cpu")) == torch.float64
+    assert np.array_equal(exact32.numpy(), reference_int_conv(layer, q_in))
+    layer.acc_bound.fill_(2.0 ** 25)                 # pretend the bound is larger: digit split
+    assert layer.accumulation(cpu) == "split"
     assert torch.equal(layer(q_in), exact32)
+    layer.acc_bound.fill_(2.0 ** 30)                 # larger still: float64
+    assert layer.accumulation(cpu) == "float64"
+    assert torch.equal(layer(q_in), exact32)
+
+
+def test_split_accumulation_is_exact_where_float32_is_not():
+    """Weights and inputs near the extremes, 256 input channels: sums far above 2^24, where a
+    float32 conv rounds; the split into 16 hi + lo must still give the int64 sum."""
+    layer = QLayer(nn.Conv2d(256, 2, 3, padding=1, bias=False), QConfig(8, 8, per_channel=True))
+    layer.act.min_val.fill_(-1.0)
+    layer.act.max_val.fill_(1.0)
+    layer.freeze(torch.tensor([1.0]), torch.tensor([3]))
+    g = torch.Generator().manual_seed(0)
+    layer.w_q.copy_(torch.randint(100, 128, layer.w_q.shape, generator=g, dtype=torch.int32))
+    layer.w_q[1].neg_()
+    w_l1 = (layer.w_q.long() - layer.w_zero_point[:, None, None, None]).abs().reshape(2, -1).sum(1)
+    layer.acc_bound.fill_(float(w_l1.max() * 252))                 # the bound freeze computes (a_max 252)
+    assert layer.accumulation(torch.device("cpu")) == "split"
+    q_in = torch.randint(0, 256, (2, 256, 5, 5), generator=g, dtype=torch.int32)
+    q_in[0] = torch.randint(240, 256, (256, 5, 5), generator=g, dtype=torch.int32)
+    acc = layer.accumulate(q_in)
+    x = (q_in.numpy().astype(np.int64) - 3)
+    x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    w = layer.w_q.numpy().astype(np.int64) - layer.w_zero_point.numpy()[:, None, None, None]
+    want = np.einsum("bchwij,ocij->bohw", sliding_window_view(x, (3, 3), axis=(2, 3)), w)
+    assert np.abs(want).max() > 2 ** 24                           # float32 alone could not hold it
+    assert np.array_equal(acc.numpy().astype(np.int64), want)
 
 
 def test_integer_linear_equals_reference():
@@ -231,7 +262,9 @@ def test_bad_qconfig_bits():
     with pytest.raises(IntsimError, match="weight bits"):
         QConfig(w_bits=1)
     with pytest.raises(IntsimError, match="activation bits"):
-        QConfig(a_bits=9)
+        QConfig(a_bits=17)
+    assert QConfig(w_bits=12, a_bits=16).integer_capable is False       # fake-quant only
+    assert QConfig(w_bits=8, a_bits=8).integer_capable and not QConfig(a_bits=32).integer_capable
 
 
 def fake_quant_integers_float64(qmodel, x):
@@ -268,4 +301,4 @@ def test_output_bits_apply_to_the_logits_only():
     assert hidden.max() <= 15 and q.max() <= 255 and len(torch.unique(q)) > 16
     assert torch.equal(q, fake_quant_integers_float64(qmodel, x))          # still exact
     with pytest.raises(IntsimError, match="output bits"):
-        QConfig(out_bits=9)
+        QConfig(out_bits=17)

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from function import qrange
+from function import IntsimError, qrange
 from model import calibrate, convert, freeze, output_integers, qlayers, set_mode
 from module import QAdd, QAvgPool, QConfig
 from test_function import ref_mbqm, ref_quantize_multiplier
@@ -134,6 +134,32 @@ def test_resnet18_goes_through_the_generic_conversion_and_runs_in_integers():
     assert torch.equal(output_integers(qmodel, it), output_integers(qmodel, fq))
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_resnet18_fake_quant_at_16_bits_matches_the_float_model(per_channel):
+    """Folding BN (downsample convs too), fusing the ReLUs and the adds preserved the function:
+    at W16A16 the fake-quant logits are the float model's up to 16-bit rounding; at W8A8 they
+    are not (so the tolerance is tight enough to notice a quantizer that does nothing)."""
+    model = small_resnet18()
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    calib = x                                   # calibrated on the scored images: nothing clipped
+    want = model(x)
+    err = {}
+    for bits in (16, 8):
+        qmodel = convert(model, QConfig(bits, bits, per_channel=per_channel))
+        calibrate(qmodel, [(calib, None)], "cpu", 1)
+        freeze(qmodel)
+        set_mode(qmodel, "fakequant")
+        with torch.no_grad():
+            err[bits] = float((qmodel(x) - want).abs().max() / want.abs().max())
+    assert err[16] < 1e-3, err
+    assert err[8] > 20 * err[16], err
+    with pytest.raises(IntsimError, match="up to 8 bits"):                  # no 16-bit integer kernels
+        qmodel_16 = convert(model, QConfig(16, 16))
+        calibrate(qmodel_16, [(calib, None)], "cpu", 1)
+        freeze(qmodel_16)
+        set_mode(qmodel_16, "int")
+
+
 def test_imagenet_subset_is_labelled_from_the_full_wnid_list():
     import os
     from conftest import ROOT
@@ -186,3 +212,46 @@ def test_imagenet_bad_input_gives_one_line_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(calib / "n01443537" / "a.JPEG")
     assert_one_line_error(run("PTQ.py", *common[:-1], tmp_path / "missing", "--calib-dir", calib,
                               "--weights", tmp_path / "r18.pt"), "ImageNet folder", "not found")
+
+
+def test_split_then_ptq_on_imagenet_folders_with_random_weights(tmp_path):
+    """split_images.py makes disjoint parts (every image once); PTQ.py calibrates on one part and
+    scores the other, end to end through the integer ResNet18 at 224x224."""
+    from PIL import Image
+    from test_scripts import result_of, run
+    src = tmp_path / "val"
+    g = torch.Generator().manual_seed(0)
+    for k, wnid in enumerate(["n01440764", "n01443537", "n15075141"]):
+        (src / wnid).mkdir(parents=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (40, 50, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(src / wnid / f"ILSVRC2012_val_{2 * k + i:08d}.JPEG")
+    proc = run("split_images.py", src, tmp_path / "parts", "--parts", 2)
+    assert proc.returncode == 0, proc.stderr
+    parts = [sorted(p.name for p in (tmp_path / "parts" / f"part{i}").rglob("*.JPEG")) for i in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3 and not set(parts[0]) & set(parts[1])
+    assert run("split_images.py", src, tmp_path / "parts").returncode == 0          # rerun: same links
+    r = result_of(run("PTQ.py", "--dataset", "imagenet", "--model", "resnet18", "--weights", "random",
+                      "--calib-dir", tmp_path / "parts" / "part0", "--data-dir", tmp_path / "parts" / "part1",
+                      "--per-channel"))
+    assert r["test_images"] == 3 and r["calib_images"] == 3 and r["weights"] == "random"
+    assert 0 <= r["int_fq_same_class"] <= 100 and r["int_classes_predicted"] >= 1
+
+
+def test_every_script_runs_resnet18_on_fashion_mnist(data_dir, tmp_path):
+    """train.py -> PTQ.py, QAT.py, AdaRound.py and rounding.py (Table 1) on a ResNet18, with
+    --dry-run sizes: the same generic conversion, no ResNet-specific code in any script."""
+    from test_scripts import result_of, run
+    common = ["--model", "resnet18", "--dry-run", "--data-dir", data_dir]
+    r = result_of(run("train.py", *common, "--ckpt-dir", tmp_path, "--resume-dir", tmp_path))
+    ckpt = tmp_path / "fashion-mnist_resnet18.pt"
+    assert r["model"] == "resnet18" and ckpt.stat().st_size < 25e6           # float16 storage
+    common += ["--ckpt", ckpt]
+    r = result_of(run("PTQ.py", *common, "--per-channel"))
+    assert r["model"] == "resnet18" and r["test_images"] == 1000 and "int_acc" in r
+    r = result_of(run("QAT.py", *common, "--epochs", 1))
+    assert r["model"] == "resnet18" and "int_acc" in r
+    r = result_of(run("AdaRound.py", *common, "--a-bits", 8, "--save", tmp_path / "ada.pt"))
+    assert len(r["layers"]) == 21 and "int_acc" in r                        # every conv and the fc
+    r = result_of(run("rounding.py", *common, "--plot", tmp_path / "t1.png"))
+    assert r["model"] == "resnet18" and r["draws"] == 3 and (tmp_path / "t1.png").exists()

@@ -73,8 +73,8 @@ def test_bench_and_tables(data_dir, tmp_path):
     assert subprocess.run(tables + ["--check"]).returncode == 0
 
 
-@pytest.mark.parametrize("flag,value,words", [("--w-bits", 9, ["weight bits", "2 to 8"]),
-                                              ("--a-bits", 1, ["activation bits", "2 to 8"])])
+@pytest.mark.parametrize("flag,value,words", [("--w-bits", 17, ["weight bits", "2 to 16"]),
+                                              ("--a-bits", 1, ["activation bits", "2 to 16"])])
 def test_bits_out_of_range(data_dir, flag, value, words):
     assert_one_line_error(run("PTQ.py", flag, value, "--data-dir", data_dir), *words)
 
@@ -177,8 +177,8 @@ def test_ptq_weights_only_with_lp_observer_and_stochastic_rounding(data_dir):
     (["--rounding", "up"], ["unknown rounding 'up'", "stochastic"]),
     (["--quantize-layers", "last"], ["unknown layer choice 'last'"]),
     (["--unfold-bn"], ["--a-bits 32"]),
-    (["--bias-bits", 16], ["bias bits"]),
-    (["--a-bits", 16], ["activation bits", "32"]),
+    (["--bias-bits", 24], ["bias bits"]),
+    (["--a-bits", 24], ["activation bits", "32"]),
 ])
 def test_bad_range_and_rounding_options(data_dir, args, words):
     assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", *args, "--data-dir", data_dir), *words)
