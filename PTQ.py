@@ -58,7 +58,7 @@ def main():
           f"training images, scored on {len(y_test)} test images")
     for lname, layer in (qlayers(qmodel) if runs_in_integers(qmodel) else []):
         right = -layer.shift                                  # n, the right shift of M = M0 2^-n
-        print(f"  {lname:12s} accumulates in {str(layer.acc_dtype(device)).replace('torch.', '')} "
+        print(f"  {lname:12s} accumulates in {layer.accumulation(device)} "
               f"(worst-case |acc| {float(layer.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
     print_frozen_report(fp32_acc, report)
     if args.per_layer and runs_in_integers(qmodel):

@@ -417,9 +417,6 @@ class QLayer(QModule):
         digit_max = max(SPLIT_BASE - 1, -(-a_max // SPLIT_BASE))   # |lo| <= 15, |hi| <= ceil(a_max / 16)
         return "split" if w_l1 * digit_max < FLOAT32_EXACT else "float64"
 
-    def acc_dtype(self, device):
-        return torch.float64 if self.accumulation(device) == "float64" else torch.float32
-
     @torch.no_grad()
     def accumulate(self, q_in):
         """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact (integers held in float32 or
