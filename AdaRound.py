@@ -233,7 +233,7 @@ def main():
     p.add_argument("--plot-layer", type=int, default=1, help="which quantized layer (0-based) to plot h(V) for")
     args = p.parse_args()
     if args.dry_run:
-        args.num_calib, args.iters, args.test_limit = DRY_RUN_CALIB, DRY_RUN_ITERS, DRY_RUN_TEST
+        args.num_calib, args.iters = DRY_RUN_CALIB, DRY_RUN_ITERS
     if args.iters < 1 or args.num_calib < 1 or args.batch_size < 1:
         raise IntsimError("--iters, --num-calib and --batch-size must be positive")
     if not 0 <= args.warm_start < 1:
@@ -243,7 +243,8 @@ def main():
     qconfig = cli.qconfig_from(args)
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, args.test_limit)
+    limit = cli.test_limit(args, DRY_RUN_TEST)
+    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
     # Calibration images: a seeded random subset of the training set (labels unused), never test images.

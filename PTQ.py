@@ -36,7 +36,7 @@ def main():
     qconfig = cli.qconfig_from(args)
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    limit = DRY_RUN_TEST if args.dry_run else args.test_limit
+    limit = cli.test_limit(args, DRY_RUN_TEST)
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
     calib_batches = DRY_RUN_CALIB if args.dry_run else args.calib_batches
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)

@@ -70,7 +70,7 @@ def main():
     lr = args.lr if args.lr is not None else LR[args.optimizer]
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    limit = DRY_RUN_TEST if args.dry_run else args.test_limit
+    limit = cli.test_limit(args, DRY_RUN_TEST)
     name = f"W{args.w_bits}A{args.a_bits} {'per-channel' if args.per_channel else 'per-tensor'}"
 
     if args.eval:

@@ -48,7 +48,7 @@ def main():
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)
     device = cli.device_from(args.device)
-    limit = DRY_RUN_TEST if args.dry_run else args.test_limit
+    limit = cli.test_limit(args, DRY_RUN_TEST)
     model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
     test = Batches(x_test, y_test, min(BATCH_SIZE, dataset_info(args.dataset).eval_batch))
 

@@ -100,6 +100,13 @@ def qconfig_from(args, a_observer=None):
                    bias_bits=get("bias_bits", 32), layers=get("quantize_layers", "all"))
 
 
+def test_limit(args, dry_run_images):
+    """How many test images to score: --test-limit, capped at `dry_run_images` with --dry-run."""
+    if args.dry_run:
+        return min(dry_run_images, args.test_limit or dry_run_images)
+    return args.test_limit
+
+
 def load_test(args, limit=None):
     """The test split (ImageNet: the --data-dir folder), or its first `limit` images."""
     if args.dataset == "imagenet":

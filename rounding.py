@@ -167,7 +167,7 @@ def main():
     if draws < 2:
         raise cli.IntsimError("--draws must be at least 2 (a mean and a spread)")
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
-        args, device, DRY_RUN_TEST if args.dry_run else args.test_limit)
+        args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32 = accuracy(predict(model, test, device), y_test)
     print(f"{args.model} on {args.dataset}: float32 {fp32:.2f}%; W{args.w_bits} "

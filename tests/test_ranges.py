@@ -148,7 +148,7 @@ def test_bad_observer_options_stop_with_clear_errors():
     with pytest.raises(IntsimError, match="float activations"):
         QConfig(fold_bn=False, a_bits=8)
     with pytest.raises(IntsimError, match="activation bits"):
-        QConfig(a_bits=16)
+        QConfig(a_bits=24)
 
 
 # ----------------------------------------------------------------------------- rounding
