@@ -94,7 +94,7 @@ def render_imagenet(results):
     runs = sorted(imagenet_runs(results), key=lambda r: r["command"])
     if not runs:
         return "_(no results yet)_"
-    lines = ["| weights | W/A bits | weights | calibrated on | scored | float32 | fake-quant | integer | "
+    lines = ["| model weights | W/A bits | weight scales | calibrated on | scored | float32 | fake-quant | integer | "
              "same class as fake-quant % | classes predicted | max output-int diff | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
