@@ -30,6 +30,7 @@ DATASETS = {
     "imagenet": DatasetInfo(3, 224, 1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), eval_batch=50),
 }
 IMAGENET_WNIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")   # image files in ImageNet class folders
 IMAGENET_RESIZE = 256               # torchvision's evaluation transform: Resize(256), CenterCrop(224)
 CIFAR_DIR = "cifar-10-batches-py"   # torchvision's layout: pickled batches
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
@@ -96,6 +97,26 @@ def imagenet_class_index():
     return {w: i for i, w in enumerate(wnids)}
 
 
+def imagenet_files(folder):
+    """[(wnid, file name)] of the images under `<folder>/<wnid>/`, class folders in order and
+    files sorted; one-line errors for a missing folder, a folder that is not a wnid, no images."""
+    if not os.path.isdir(folder):
+        raise IntsimError(f"ImageNet folder {folder} not found: point it (--data-dir, --calib-dir) at a folder "
+                          f"of <wnid>/*.JPEG class folders, such as ILSVRC2012's val/")
+    index = imagenet_class_index()
+    files = []
+    for wnid in sorted(os.listdir(folder)):
+        if not os.path.isdir(os.path.join(folder, wnid)):
+            continue
+        if wnid not in index:
+            raise IntsimError(f"{folder}/{wnid} is not an ImageNet class (not in {IMAGENET_WNIDS})")
+        files += [(wnid, f) for f in sorted(os.listdir(os.path.join(folder, wnid)))
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise IntsimError(f"no images in {folder}: expected <wnid>/*.JPEG class folders")
+    return files
+
+
 def load_imagenet_folder(folder, limit=None):
     """Images of an ImageNet-style folder (`<folder>/<wnid>/*.JPEG`, e.g. val/) as (x, y):
     Resize(256), CenterCrop(224), torchvision's normalisation, float32 (N, 3, 224, 224); labels
@@ -103,23 +124,11 @@ def load_imagenet_folder(folder, limit=None):
     validation set use `limit` or a streaming loader."""
     from PIL import Image
     from torchvision import transforms
-    if not os.path.isdir(folder):
-        raise IntsimError(f"ImageNet folder {folder} not found: pass --data-dir (or --calib-dir) pointing "
-                          f"to a folder of <wnid>/*.JPEG class folders, such as ILSVRC2012's val/")
     index = imagenet_class_index()
+    files = [(os.path.join(folder, wnid, f), index[wnid]) for wnid, f in imagenet_files(folder)]
     info = DATASETS["imagenet"]
     tf = transforms.Compose([transforms.Resize(IMAGENET_RESIZE), transforms.CenterCrop(info.image_size),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-    files = []
-    for wnid in sorted(os.listdir(folder)):
-        if not os.path.isdir(os.path.join(folder, wnid)):
-            continue
-        if wnid not in index:
-            raise IntsimError(f"{folder}/{wnid} is not an ImageNet class (not in {IMAGENET_WNIDS})")
-        files += [(os.path.join(folder, wnid, f), index[wnid]) for f in sorted(os.listdir(os.path.join(folder, wnid)))
-                  if f.lower().endswith((".jpeg", ".jpg", ".png"))]
-    if not files:
-        raise IntsimError(f"no images in {folder}: expected <wnid>/*.JPEG class folders")
     files = files[:limit]
     x = torch.stack([tf(Image.open(path).convert("RGB")) for path, _ in files])
     return x, torch.tensor([label for _, label in files])

@@ -80,8 +80,8 @@ def imagenet_runs(results):
 
 
 def imagenet_agreement(results):
-    """The folds of the same setting pooled: every image scored once, by a model calibrated on
-    the other fold. Only complete when the folds' images add up (see split_images.py)."""
+    """Every ImageNet PTQ run pooled, weighted by images scored: with the two folds of
+    split_images.py, every image once, each by a model calibrated on the other fold."""
     runs = [r for r in imagenet_runs(results) if "int_fq_same_class" in r]
     if not runs:
         return None

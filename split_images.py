@@ -14,20 +14,8 @@ order, so every part mixes the classes). Two-fold use, every image scored once:
 import os
 
 import cli
+from data import imagenet_files
 from function import IntsimError
-
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-def list_images(src):
-    """[(wnid, file name)] of every image under src/<wnid>/, sorted by file name."""
-    if not os.path.isdir(src):
-        raise IntsimError(f"image folder {src} not found: point it at <wnid>/*.JPEG class folders")
-    images = [(wnid, f) for wnid in sorted(os.listdir(src)) if os.path.isdir(os.path.join(src, wnid))
-              for f in os.listdir(os.path.join(src, wnid)) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not images:
-        raise IntsimError(f"no images in {src}: expected <wnid>/*.JPEG class folders")
-    return sorted(images, key=lambda wf: (wf[1], wf[0]))
 
 
 def split(src, dst, parts):
@@ -36,7 +24,8 @@ def split(src, dst, parts):
         raise IntsimError("--parts must be at least 2 (one to calibrate, one to score)")
     src = os.path.abspath(src)
     counts = [0] * parts
-    for k, (wnid, name) in enumerate(list_images(src)):
+    # sorted by file name across classes (ILSVRC2012's val names are in random class order)
+    for k, (wnid, name) in enumerate(sorted(imagenet_files(src), key=lambda wf: (wf[1], wf[0]))):
         part = k % parts
         folder = os.path.join(dst, f"part{part}", wnid)
         os.makedirs(folder, exist_ok=True)
@@ -44,7 +33,7 @@ def split(src, dst, parts):
         if os.path.islink(link) and os.readlink(link) == target:
             pass                                        # made by an earlier run: keep
         elif os.path.lexists(link):
-            raise IntsimError(f"{link} exists and is not a link to {target}: use an empty --dst folder")
+            raise IntsimError(f"{link} exists and is not a link to {target}: use an empty dst folder")
         else:
             os.symlink(target, link)
         counts[part] += 1
@@ -56,10 +45,13 @@ def main():
     p.add_argument("src", help="folder of <wnid>/*.JPEG class folders")
     p.add_argument("dst", help="where the parts go (part0, part1, ...)")
     p.add_argument("--parts", type=int, default=2, help="number of disjoint parts")
+    p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     args = p.parse_args()
     counts = split(args.src, args.dst, args.parts)
     for part, n in enumerate(counts):
         print(f"{os.path.join(args.dst, f'part{part}')}: {n} images")
+    cli.emit_result({"script": "split_images", "src": args.src, "dst": args.dst, "images_per_part": counts},
+                    args.result_json)
 
 
 if __name__ == "__main__":

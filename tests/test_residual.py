@@ -249,9 +249,10 @@ def test_every_script_runs_resnet18_on_fashion_mnist(data_dir, tmp_path):
     common += ["--ckpt", ckpt, "--test-limit", 200]              # --dry-run's 1000, fewer
     r = result_of(run("PTQ.py", *common, "--per-channel"))
     assert r["model"] == "resnet18" and r["test_images"] == 200 and "int_acc" in r
-    r = result_of(run("QAT.py", *common, "--epochs", 1))
+    r = result_of(run("QAT.py", *common, "--epochs", 1, "--save", tmp_path / "qat.pt"))
     assert r["model"] == "resnet18" and "int_acc" in r
-    r = result_of(run("AdaRound.py", *common, "--a-bits", 8, "--save", tmp_path / "ada.pt"))
+    r = result_of(run("AdaRound.py", *common, "--a-bits", 8, "--save", tmp_path / "ada.pt",
+                      "--plot", tmp_path / "h.png"))
     assert len(r["layers"]) == 21 and "int_acc" in r                        # every conv and the fc
     r = result_of(run("rounding.py", *common, "--plot", tmp_path / "t1.png"))
     assert r["model"] == "resnet18" and r["draws"] == 3 and (tmp_path / "t1.png").exists()
