@@ -251,16 +251,17 @@ def main():
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.num_calib]
     images = x_train[pick]
 
+    print(f"{args.model} on {args.dataset}, W{args.w_bits}A{args.a_bits} "
+          f"{'per-channel' if args.per_channel else 'per-tensor'}, {args.w_observer} weight range: AdaRound "
+          f"{args.iters} iterations per layer on {len(images)} training images; float32 {fp32_acc:.2f}%", flush=True)
     qmodel = convert(model, qconfig).to(device)
     if not qconfig.float_activations:
         calibrate(qmodel, [(xb, None) for xb in images.split(CACHE_BATCH)], device, len(images))
     freeze(qmodel)
+    print(f"scoring rounding to nearest on {len(y_test)} test images first", flush=True)
     nearest = evaluate_frozen(qmodel, test, device)
     names = [n for n, l in qlayers(qmodel) if l.enabled]
     snapshot_layer = names[min(args.plot_layer, len(names) - 1)]
-    print(f"{args.model} on {args.dataset}, W{args.w_bits}A{args.a_bits} "
-          f"{'per-channel' if args.per_channel else 'per-tensor'}, {args.w_observer} weight range: AdaRound "
-          f"{args.iters} iterations per layer on {len(images)} training images")
     start = time.time()
     stats, snapshots = adaround(qmodel, images, device, args.iters, args.batch_size, args.lr, args.reg_weight,
                                 args.seed, schedule, snapshot_layer)

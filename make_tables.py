@@ -71,6 +71,7 @@ def observer_name(r):
     return f"lp p={r['lp_p']:g}" if o == "lp" else o
 
 
+SMALL_CNNS = ("cnn", "cnn_bn")          # the models of issues 2-5 (their ablations and targets)
 FLOAT_TARGET = {"resnet18": 92.5}       # issue 6; the small CNNs: 91.0 (issue 2)
 ADAROUND_W4A8_TOL = {"resnet18": 1.5}   # issue 6; the small CNNs: 1.0 (issue 5)
 
@@ -171,7 +172,7 @@ TABLES = {
                       [("model", lambda r: r["model"]), ("W/A bits", bits), ("activation range", observer_name),
                        ("float32", lambda r: pct(r["fp32_acc"])), ("fake-quant", lambda r: pct(r["fakequant_acc"])),
                        ("integer", lambda r: pct(r["int_acc"])), ("int - fp32", delta), ("command", cmd)]),
-    "bias": (lambda r: plain(r, "bias_bits") and r["per_channel"] and r["w_bits"] == r["a_bits"]
+    "bias": (lambda r: plain(r, "bias_bits") and r["model"] in SMALL_CNNS and r["per_channel"] and r["w_bits"] == r["a_bits"]
              and r["w_bits"] in (8, 6, 4) and not r.get("single_rounding"),
              lambda r: (r["model"], -r["w_bits"], -r.get("bias_bits", 32)),
              [("model", lambda r: r["model"]), ("W/A bits", bits),
@@ -219,10 +220,15 @@ def check_targets(results):
             rows.append((f"PTQ W{b}A{b} integer within {tol} of float32",
                          f"{r['model']} {granularity(r)}", delta(r), abs(r["int_acc"] - r["fp32_acc"]) <= tol))
     for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == 8]:
-        rows.append(("integer vs fake-quant: same class >= 99.9%, max output diff <= 1",
-                     f"{r['model']} W8A8 {granularity(r)}, {rounding(r)} rounding",
-                     f"{r['int_fq_same_class']:.2f}%, {r['int_fq_max_diff']}",
-                     r["int_fq_same_class"] >= 99.9 and r["int_fq_max_diff"] <= 1))
+        label = f"{r['model']} W8A8 {granularity(r)}, {rounding(r)} rounding"
+        if r["model"] in SMALL_CNNS:
+            rows.append(("integer vs fake-quant: same class >= 99.9%, max output diff <= 1", label,
+                         f"{r['int_fq_same_class']:.2f}%, {r['int_fq_max_diff']}",
+                         r["int_fq_same_class"] >= 99.9 and r["int_fq_max_diff"] <= 1))
+        else:   # issue 6 set 99% (on ImageNet) for ResNet18: 20 convs and 8 adds of double rounding
+            rows.append(("integer vs fake-quant: same class >= 99% (issue 6's ImageNet bar)", label,
+                         f"{r['int_fq_same_class']:.2f}%, max diff {r['int_fq_max_diff']}",
+                         r["int_fq_same_class"] >= 99.0))
     for r in qat:
         if r["w_bits"] == r["a_bits"] == 4:
             rows.append(("QAT W4A4 integer within 1.0 of float32",

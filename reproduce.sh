@@ -114,7 +114,7 @@ for what in "$@"; do
       done
       python rounding.py --model resnet18 --draws 20 --test-limit 2000 --hessian-images 256 \
         --result-json "$R/table1_resnet18.json"
-      python bench.py --model resnet18 --test-limit 2000 --train-batches 10 --result-json "$R/bench_resnet18_W8A8.json" ;;
+      python bench.py --model resnet18 --per-channel --test-limit 2000 --train-batches 10 --result-json "$R/bench_resnet18_W8A8.json" ;;
     imagenet)
       # Integer vs fake-quant agreement on the 1,300 real ImageNet images, random weights,
       # two-fold: each half calibrates the model that scores the other (~15 min each).

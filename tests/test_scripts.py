@@ -134,12 +134,23 @@ def test_targets_table_marks_met_and_missed():
         {**common, "script": "PTQ", "w_bits": 6, "a_bits": 6, "fp32_acc": 92.0, "fakequant_acc": 90.0,
          "int_acc": 90.9, "int_fq_same_class": 99.0, "int_fq_max_diff": 2},
         {**common, "script": "bench", "w_bits": 8, "a_bits": 8, "int_ratio": 3.2, "qat_train_ratio": 2.0},
+        {**common, "model": "resnet18", "script": "PTQ", "w_bits": 8, "a_bits": 8, "fp32_acc": 93.0,
+         "fakequant_acc": 93.0, "int_acc": 93.1, "int_fq_same_class": 99.5, "int_fq_max_diff": 2},
+        {**common, "model": "resnet18", "dataset": "imagenet", "script": "PTQ", "w_bits": 8, "a_bits": 8,
+         "per_channel": True, "fp32_acc": 0.0, "fakequant_acc": 0.0, "int_acc": 0.0, "int_fq_same_class": 98.0,
+         "int_fq_max_diff": 2, "test_images": 10, "calib_images": 10},
     ]
     rows = {(t, m): ok for t, _, m, ok in make_tables.check_targets(results)}
     assert rows[("float32 >= 91.0%", "90.50")] is False
     assert rows[("PTQ W8A8 integer within 0.3 of float32", "-0.20")] is True
     assert rows[("PTQ W6A6 integer within 1.0 of float32", "-1.10")] is False
     assert rows[("integer vs fake-quant: same class >= 99.9%, max output diff <= 1", "99.95%, 1")] is True
+    # ResNet18 is held to issue 6's 99% bar, not the small CNNs' 99.9%; ImageNet runs are pooled apart
+    assert rows[("integer vs fake-quant: same class >= 99% (issue 6's ImageNet bar)", "99.50%, max diff 2")] is True
+    assert [m for t, run, m, _ in make_tables.check_targets(results) if "99.9%" in t] == ["99.95%, 1"]
+    assert rows[("ImageNet ResNet18: integer and fake-quant predict the same class for >= 99% of the images",
+                 "98.00%")] is False
+    assert "resnet18" not in make_tables.render("bias", results) + make_tables.render("ptq", [results[-1]])
     assert rows[("integer inference <= 3x float32", "3.20x")] is False
     assert rows[("QAT training step <= 2.5x float32 step", "2.00x")] is True
     assert "**no**" in make_tables.render_targets(results)
