@@ -101,7 +101,8 @@ for what in "$@"; do
     bench)
       python bench.py --model cnn_bn --result-json "$R/bench_cnn_bn_W8A8.json" ;;
     resnet18)
-      # Issue 6 on Fashion-MNIST (training ~1.7 h on 2 cores; ckpt/ holds the result; then ~1 h):
+      # Issue 6 on Fashion-MNIST (training ~1.7 h on 2 cores; ckpt/ holds the result; then ~2 h:
+      # PTQ ~8 min a run, AdaRound ~35 min a run, Table 1 ~10 min, bench ~4 min):
       # AdaRound with 1000 iterations per layer (21 layers), Table 1 with 20 draws on 2000 test
       # images and g, H on 256 training images, to fit the CPU budget.
       [ -n "${SKIP_TRAIN:-}" ] || python train.py --model resnet18 --epochs 6 --result-json "$R/train_fashion-mnist_resnet18.json"
