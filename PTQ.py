@@ -11,74 +11,74 @@ fake-quant accuracy is the result.
 import torch
 
 import cli
-from data import Batches, dataset_info
+from checkpoint import save_frozen
+from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report
-from model import calibrate, convert, freeze, qlayers, runs_in_integers, save_quantized
+from frozen import IntConv, runs_in_integers
+from model import calibrate, convert, freeze
 
 NUM_CALIB_BATCHES = 8       # x --batch-size training images observed for the activation ranges
 DRY_RUN_CALIB = 1           # --dry-run: calibration batches ...
 DRY_RUN_TEST = 1000         # ... and test images
 
 
+def print_layers(frozen, device):
+    """How each integer conv/linear accumulates, and its right shifts n (M = M0 2^-n)."""
+    for name, op in frozen.named_modules():
+        if isinstance(op, IntConv):
+            right = -op.shift
+            print(f"  {name:12s} accumulates in {op.accumulation(device)} (worst-case |acc| "
+                  f"{float(op.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
-    cli.add_quant(p)
-    cli.add_ranges(p)
+    cli.add_checkpoint(p)
+    cli.add_qconfig(p)
     p.add_argument("--calib-batches", type=int, default=NUM_CALIB_BATCHES,
                    help="training batches used to calibrate activation ranges")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
-    p.add_argument("--save", default=None, help="save the frozen quantized model's state_dict here")
+    p.add_argument("--save", default=None, help="save the frozen quantized model here")
     p.add_argument("--per-layer", type=int, default=0, metavar="N",
                    help="also report, layer by layer, the share of output integers where the integer "
                         "path and the float64 fake-quant differ, on the first N test images")
-    args = p.parse_args()
+    args, device = cli.start(p)
     qconfig = cli.qconfig_from(args)
-    cli.seed_everything(args.seed)
-    device = cli.device_from(args.device)
-    limit = cli.test_limit(args, DRY_RUN_TEST)
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
-    calib_batches = DRY_RUN_CALIB if args.dry_run else args.calib_batches
+    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+        args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
-
-    # Calibration images come from the training set (shuffled with the seed), never the test set.
-
     fp32_acc = accuracy(predict(model, test, device), y_test)
+
+    # calibrate (training images, never test images) -> freeze -> score both paths
     qmodel = convert(model, qconfig).to(device)
     n = 0
     if not qconfig.float_activations:
-        n = calibrate(qmodel, Batches(x_train, y_train, args.batch_size, shuffle=True, seed=args.seed),
-                      device, calib_batches)
-    freeze(qmodel, generator=torch.Generator().manual_seed(args.seed))    # seeds --rounding stochastic
-    report = evaluate_frozen(qmodel, test, device)
+        batches = DRY_RUN_CALIB if args.dry_run else args.calib_batches
+        calib = calibration_set(x_train, y_train, batches * args.batch_size, args.seed)
+        n = calibrate(qmodel, Batches(*calib, args.batch_size), device, batches)
+    frozen = freeze(qmodel, generator=torch.Generator().manual_seed(args.seed))   # seeds stochastic rounding
+    report = evaluate_frozen(frozen, test, device)
 
-    name = f"W{args.w_bits}A{args.a_bits} {'per-channel' if args.per_channel else 'per-tensor'}"
-    print(f"{args.model} on {args.dataset}, {name}, weights {qconfig.w_observer} range, {qconfig.rounding} "
-          f"rounding, activations {qconfig.a_observer if n else 'float'}, calibrated on {n} "
-          f"training images, scored on {len(y_test)} test images")
-    for lname, layer in (qlayers(qmodel) if runs_in_integers(qmodel) else []):
-        right = -layer.shift                                  # n, the right shift of M = M0 2^-n
-        print(f"  {lname:12s} accumulates in {layer.accumulation(device)} "
-              f"(worst-case |acc| {float(layer.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
+    print(f"{args.model} on {args.dataset}, {qconfig.name()}, weights {qconfig.w_observer} range, "
+          f"{qconfig.w_rounding} rounding, activations {qconfig.a_observer if n else 'float'}, calibrated on "
+          f"{n} training images, scored on {len(y_test)} test images")
+    integer = runs_in_integers(frozen)
+    if integer:
+        print_layers(frozen, device)
     print_frozen_report(fp32_acc, report)
-    if args.per_layer and runs_in_integers(qmodel):
-        report["layer_diff_share"] = layer_agreement(qmodel, x_test[:args.per_layer], device)
+    if args.per_layer and integer:
+        report["layer_diff_share"] = layer_agreement(frozen, x_test[:args.per_layer], device)
         print(f"output integers that differ between integer and fake-quant, on {args.per_layer} images:")
         for lname, share in report["layer_diff_share"]:
             print(f"  {lname:12s} {share:8.4f}%")
     if args.save:
-        save_quantized(args.save, qmodel, qconfig, cfg, args.dataset, **report)
+        save_frozen(args.save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), **report)
         print(f"saved the frozen model to {args.save}")
-    cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model,
-                     "w_bits": args.w_bits, "a_bits": args.a_bits, "per_channel": args.per_channel,
-                     "w_symmetric": qconfig.w_symmetric, "single_rounding": qconfig.single_rounding,
-                     "out_bits": qconfig.out_bits or qconfig.a_bits, "w_observer": qconfig.w_observer,
-                     "a_observer": qconfig.a_observer if n else None, "lp_p": qconfig.lp_p,
-                     "rounding": qconfig.rounding, "fold_bn": qconfig.fold_bn, "bias_bits": qconfig.bias_bits,
-                     "layers": qconfig.layers,
-                     "calib_images": n, **({"weights": args.weights} if args.dataset == "imagenet" else {}),
-                     "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
-                     "seed": args.seed, **report}, args.result_json)
+    cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model, "calib_images": n,
+                     **({"weights": args.weights} if args.dataset == "imagenet" else {}),
+                     "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2), "seed": args.seed, **report},
+                    args.result_json, qconfig)
 
 
 if __name__ == "__main__":

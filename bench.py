@@ -5,16 +5,19 @@ float vs QAT training steps on the same training batches, in one run, and print 
     python bench.py --model cnn_bn --w-bits 8 --a-bits 8
 """
 import copy
+import dataclasses
 import time
 
 import torch
 
 import cli
-from data import Batches, dataset_info
+from data import Batches, calibration_set, dataset_info
 from engine import predict, train_one_epoch
-from model import calibrate, convert, freeze, set_mode
+from frozen import set_mode
+from model import calibrate, convert, freeze, set_phase
 
 NUM_CALIB_BATCHES = 8
+CALIB_BATCH = 256
 BATCH_SIZE = 1000           # test images per forward
 REPEATS = 3                 # timed passes over the test set per path; the fastest counts
 DRY_RUN_TEST = 2000
@@ -35,38 +38,36 @@ def best_time(fn, repeats):
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
-    cli.add_quant(p)
+    cli.add_checkpoint(p)
+    cli.add_qconfig(p)
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed passes per path (fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--test-limit", type=int, default=None, help="time only the first N test images")
     p.add_argument("--train-batches", type=int, default=TRAIN_BATCHES,
                    help="training steps timed for float vs QAT (0: skip)")
-    args = p.parse_args()
-    cli.require_integer_activations(args, "bench.py")
+    args, device = cli.start(p)
     qconfig = cli.qconfig_from(args)
+    cli.require_integer_activations(qconfig, "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cli.seed_everything(args.seed)
-    device = cli.device_from(args.device)
-    limit = cli.test_limit(args, DRY_RUN_TEST)
-    model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(args, device, limit)
+    model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+        args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, min(BATCH_SIZE, dataset_info(args.dataset).eval_batch))
+    calib = Batches(*calibration_set(x_train, y_train, NUM_CALIB_BATCHES * CALIB_BATCH, args.seed), CALIB_BATCH)
 
     qmodel = convert(model, qconfig).to(device)
-    calibrate(qmodel, Batches(x_train, y_train, 256, shuffle=True, seed=args.seed), device, NUM_CALIB_BATCHES)
-    freeze(qmodel)
+    calibrate(qmodel, calib, device, NUM_CALIB_BATCHES)
+    frozen = freeze(qmodel)
     repeats = 1 if args.dry_run else args.repeats
 
     def timed(mode):
-        net = model if mode == "float32" else qmodel
-        if mode != "float32":
-            set_mode(qmodel, mode)
+        net = model if mode == "float32" else set_mode(frozen, "reals" if mode == "fakequant" else "int")
         predict(net, test, device)                   # warm-up (allocations, kernel selection)
         return best_time(lambda: predict(net, test, device), repeats)
 
     seconds = {mode: timed(mode) for mode in ("float32", "fakequant", "int")}
     n = len(y_test)
-    print(f"{args.model} on {args.dataset}, W{args.w_bits}A{args.a_bits}, {n} test images, "
+    print(f"{args.model} on {args.dataset}, {qconfig.name()}, {n} test images, "
           f"{torch.get_num_threads()} threads, device {device}, best of {repeats}")
     for mode, s in seconds.items():
         print(f"{mode:10s} {s:7.3f} s   {n / s:8.0f} images/s   {s / seconds['float32']:.2f}x float32")
@@ -75,9 +76,9 @@ def main():
     steps = 2 if args.dry_run else args.train_batches
     if steps:
         # The same batches, the same optimizer, from the same float weights: float vs QAT steps.
-        qat = convert(model, cli.qconfig_from(args, a_observer="ema")).to(device)
-        calibrate(qat, Batches(x_train, y_train, 256), device, 1)
-        set_mode(qat, "qat")
+        qat = convert(model, dataclasses.replace(qconfig, a_observer="ema")).to(device)
+        calibrate(qat, calib, device, 1)
+        set_phase(qat, "qat")
         for label, net in (("float32", copy.deepcopy(model)), ("qat", qat)):
             batches = Batches(x_train, y_train, TRAIN_BATCH_SIZE, shuffle=True, seed=args.seed)
             optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -85,16 +86,14 @@ def main():
                                                              max_batches=steps, verbose=False), repeats)
         print(f"training, {steps} steps of {TRAIN_BATCH_SIZE}: float32 {train['float32']:.2f} s, "
               f"QAT {train['qat']:.2f} s, {train['qat'] / train['float32']:.2f}x float32")
-    cli.emit_result({"script": "bench", "dataset": args.dataset, "model": args.model,
-                     "w_bits": args.w_bits, "a_bits": args.a_bits, "per_channel": args.per_channel,
-                     "test_images": n, "threads": torch.get_num_threads(), "device": str(device),
+    cli.emit_result({"script": "bench", "dataset": args.dataset, "model": args.model, "test_images": n, "threads": torch.get_num_threads(), "device": str(device),
                      **{f"{m}_s": round(s, 4) for m, s in seconds.items()},
                      "fakequant_ratio": round(seconds["fakequant"] / seconds["float32"], 3),
                      "int_ratio": round(seconds["int"] / seconds["float32"], 3),
                      **({"train_steps": steps, "train_float32_s": round(train["float32"], 4),
                          "train_qat_s": round(train["qat"], 4),
                          "qat_train_ratio": round(train["qat"] / train["float32"], 3)} if train else {})},
-                    args.result_json)
+                    args.result_json, qconfig)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from function import IntsimError
+from errors import IntsimError
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,23 @@ def load_split(name, data_dir, train, download=False):
     mean = torch.tensor(info.mean).reshape(1, -1, 1, 1)
     std = torch.tensor(info.std).reshape(1, -1, 1, 1)
     return (x.float() / 255 - mean) / std, y
+
+
+def load_test(name, data_dir, download=False, limit=None):
+    """The test split (ImageNet: the images of the `data_dir` class folders), or its first `limit` images."""
+    if name == "imagenet":
+        return load_imagenet_folder(data_dir, limit)
+    x, y = load_split(name, data_dir, train=False, download=download)
+    return x[:limit], y[:limit]
+
+
+def calibration_set(x, y, count, seed):
+    """The images every script calibrates on (and AdaRound reconstructs on, Table 1 takes its
+    Hessian from): the first `count` of the training set shuffled with `seed`, never a test
+    image. They are the first `count` images of Batches(x, y, b, shuffle=True, seed=seed)'s
+    first pass."""
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
+    return x[pick], y[pick]
 
 
 def random_crop_flip(x, generator):

@@ -1,15 +1,16 @@
 """Training and evaluation loops shared by every script."""
+import hashlib
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from frozen import IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode
 from function import integers_of
-from model import output_integers, runs_in_integers, set_mode
-from module import QLayer, QuantStub
 
-PRINT_EVERY = 100   # batches between progress lines while training
+PRINT_EVERY = 100          # batches between progress lines while training
+PRODUCERS = (Quantize, IntConv, IntAdd, IntMean)   # frozen ops that put values onto a new grid
 
 
 @torch.no_grad()
@@ -30,22 +31,28 @@ def evaluate(model, batches, device):
     return accuracy(predict(model, batches, device), labels)
 
 
-def evaluate_frozen(qmodel, batches, device):
+def fingerprint(t):
+    """A short hash of a tensor's values: two runs that computed the same numbers agree on it."""
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def evaluate_frozen(frozen, batches, device):
     """Fake-quant and integer accuracy of a frozen model, and how closely the integer path
     follows the fake-quant float simulation of it (class agreement, output-integer difference)."""
     labels = torch.cat([y for _, y in batches])
-    set_mode(qmodel, "fakequant")
-    if not runs_in_integers(qmodel):     # float activations or layers left float: fake-quant only
-        return {"fakequant_acc": round(accuracy(predict(qmodel, batches, device), labels), 2)}
+    set_mode(frozen, "reals")
+    if not runs_in_integers(frozen):     # float activations or layers left float: fake-quant only
+        fq = predict(frozen, batches, device)
+        return {"fakequant_acc": round(accuracy(fq, labels), 2), "fq_logits_sha": fingerprint(fq)}
     # In float64 the fake-quant simulation rounds like exact arithmetic; in float32 its rounding
     # error flips a few of the ~10^4 hidden activations per image that lie near a tie, and the
     # flips propagate. float64 leaves only M0's 31-bit approximation and TFLite's double rounding.
-    fq = predict(qmodel.double(), batches, device, torch.float64)
-    qmodel.float()
-    set_mode(qmodel, "int")
-    it = predict(qmodel, batches, device)
-    q_int = output_integers(qmodel, it)
-    diff = (q_int - output_integers(qmodel, fq)).abs()
+    fq = predict(frozen.double(), batches, device, torch.float64)
+    frozen.float()
+    set_mode(frozen, "int")
+    it = predict(frozen, batches, device)
+    q_int, q_fq = output_integers(frozen, it), output_integers(frozen, fq)
+    diff = (q_int - q_fq).abs()
     # images whose largest output integer is shared by two classes: argmax then takes the first
     tied = ((q_int == q_int.max(1, keepdim=True).values).sum(1) > 1).float().mean().item()
     return {"fakequant_acc": round(accuracy(fq, labels), 2), "int_acc": round(accuracy(it, labels), 2),
@@ -53,31 +60,49 @@ def evaluate_frozen(qmodel, batches, device):
             "int_fq_same_class": round(100.0 * (it.argmax(1) == fq.argmax(1)).float().mean().item(), 3),
             "int_classes_predicted": len(it.argmax(1).unique()),   # an agreement on one class says little
             "int_fq_max_diff": int(diff.max()),
-            "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4)}
+            "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4),
+            "int_outputs_sha": fingerprint(q_int), "fq_outputs_sha": fingerprint(q_fq)}
+
+
+def _tensor_ends(frozen):
+    """[(name, op)] for every op that puts values onto a new grid, with the op whose output is
+    that tensor as the next layer sees it (after the max-pools that follow at the same scale)."""
+    nodes = {n.target: n for n in frozen.graph.nodes if n.op == "call_module"}
+    ends = []
+    for name, node in nodes.items():
+        op = frozen.get_submodule(name)
+        if not isinstance(op, PRODUCERS):
+            continue
+        end = node
+        while len(end.users) == 1 and next(iter(end.users)).op == "call_module" and \
+                isinstance(frozen.get_submodule(next(iter(end.users)).target), IntMaxPool):
+            end = next(iter(end.users))
+        ends.append((name, op, frozen.get_submodule(end.target)))
+    return ends
 
 
 @torch.no_grad()
-def layer_agreement(qmodel, x, device):
-    """Where the integer path and the float64 fake-quant part ways: [layer, share in %] of its
-    output integers that differ, on the same images, for each layer that produces integers, in
-    graph order (a list, so that the RESULT JSON keeps the order)."""
-    producers = [(node.target, qmodel.get_submodule(node.target)) for node in qmodel.graph.nodes
-                 if node.op == "call_module" and isinstance(qmodel.get_submodule(node.target), (QuantStub, QLayer))]
-    outputs = {n: [] for n, _ in producers}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: outputs[n].append(out)) for n, m in producers]
+def layer_agreement(frozen, x, device):
+    """Where the integer path and the float64 fake-quant part ways: [name, share in %] of the
+    output integers that differ, on the same images, for every op that produces a quantized
+    tensor (input, conv/linear, add, mean), in graph order (a list: RESULT JSON keeps order)."""
+    ends = _tensor_ends(frozen)
+    outputs = {name: [] for name, _, _ in ends}
+    hooks = [end.register_forward_hook(lambda mod, inp, out, n=name: outputs[n].append(out))
+             for name, _, end in ends]
     try:
-        set_mode(qmodel, "int")
-        qmodel(x.to(device))
-        set_mode(qmodel, "fakequant")
-        qmodel.double()(x.to(device, torch.float64))
+        set_mode(frozen, "int")
+        frozen(x.to(device))
+        set_mode(frozen, "reals")
+        frozen.double()(x.to(device, torch.float64))
     finally:
-        qmodel.float()
+        frozen.float()
         for h in hooks:
             h.remove()
     share = []
-    for name, module in producers:
+    for name, op, _ in ends:
         q_int, y_fq = outputs[name]
-        q_fq = integers_of(y_fq, *module.output_qparams())
+        q_fq = integers_of(y_fq, *op.out_qparams())
         share.append([name, round(100.0 * (q_fq != q_int.long()).float().mean().item(), 4)])
     return share
 

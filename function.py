@@ -1,4 +1,4 @@
-"""Quantization math: integer ranges, scales and zero points, rounding, fake-quant with a
+"""Quantization math: integer grids, scales and zero points, rounding, fake-quant with a
 straight-through gradient, and TFLite's fixed-point requantization.
 
 Notation (Jacob et al. 2018, arXiv 1712.05877): a real value r is stored as an integer q
@@ -6,7 +6,11 @@ with r = S * (q - Z), S the scale (a positive real) and Z the zero point (an int
 [QMIN, QMAX], so that r = 0 is represented exactly). A real multiplier M in (0, 1) is
 represented as M = M0 * 2^-n with M0 an int32 in Q31 fixed point, M0 in [2^30, 2^31).
 """
+from dataclasses import dataclass
+
 import torch
+
+from errors import IntsimError
 
 MIN_BITS, MAX_BITS = 2, 16         # bit widths for weights and activations (fake-quant)
 INT_MAX_BITS = 8                   # the integer path follows TFLite's 8-bit kernels: up to 8 bits
@@ -15,39 +19,68 @@ INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 Q31_ONE = 2 ** 31                  # 1.0 in Q31 fixed point
 
 
-class IntsimError(ValueError):
-    """A problem with the user's input (bits, checkpoint, data): the scripts print it as one line."""
-
-
-# ----------------------------------------------------------------------------- integer ranges
+# ----------------------------------------------------------------------------- integer grids
 
 def check_bits(bits, what="bits"):
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
         raise IntsimError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return bits
 
 
 def check_act_bits(bits, what="activation bits"):
     """Activation bits: MIN_BITS..MAX_BITS, or FLOAT_BITS for float activations."""
-    if bits == FLOAT_BITS:
+    if bits == FLOAT_BITS and not isinstance(bits, bool):
         return bits
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
         raise IntsimError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, or {FLOAT_BITS} "
                           f"for float activations, got {bits!r}")
     return bits
 
 
-def qrange(bits, symmetric):
-    """(QMIN, QMAX) of a b-bit integer.
+@dataclass(frozen=True)
+class Grid:
+    """The integers a tensor may take, and how its range maps onto them. Three choices that
+    TFLite keeps apart:
+      signed        [-2^(b-1), 2^(b-1) - 1] (int8) or unsigned [0, 2^b - 1] (uint8)
+      narrow_range  drop the lowest integer, so that -QMIN == QMAX when signed (TFLite's int8
+                    weights: [-127, 127])
+      symmetric     Z = 0 and S = max|r| / QMAX (needs a signed grid); else S and Z from the
+                    range's two ends (asymmetric, with a zero point)
+    intsim's defaults: weights signed, narrow, symmetric; activations unsigned, asymmetric (the
+    2018 paper's uint8); TFLite's current int8 activations are signed and asymmetric."""
+    bits: int
+    signed: bool = False
+    narrow_range: bool = False
+    symmetric: bool = False
 
-    symmetric: signed narrow range [-(2^(b-1) - 1), 2^(b-1) - 1] (TFLite's int8 weights: the
-    narrow range keeps -QMIN == QMAX so that the zero point is exactly 0).
-    asymmetric: unsigned [0, 2^b - 1] (the 2018 paper's uint8).
-    """
-    check_bits(bits)
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.symmetric and not self.signed:
+            raise IntsimError("a symmetric grid (Z = 0) needs signed integers")
+
+    @property
+    def qmin(self):
+        low = -(2 ** (self.bits - 1)) if self.signed else 0
+        return low + 1 if self.narrow_range else low
+
+    @property
+    def qmax(self):
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+
+def weight_grid(bits, symmetric=True):
+    """intsim's weight grid: TFLite's int8 scheme (signed, narrow, Z = 0) or unsigned with a zero point."""
+    return Grid(bits, signed=True, narrow_range=True, symmetric=True) if symmetric else Grid(bits)
+
+
+def activation_grid(bits, signed=False):
+    """intsim's activation grid: unsigned with a zero point (uint8), or signed with one (TFLite's int8)."""
+    return Grid(bits, signed=signed)
+
+
+def to_grid(v, zero_point, qmin, qmax):
+    """Integers v (float tensor, already rounded) shifted by Z and clamped: clamp(v + Z, QMIN, QMAX)."""
+    return torch.clamp(v + zero_point, qmin, qmax)
 
 
 # ----------------------------------------------------------------------------- rounding
@@ -84,19 +117,19 @@ def round_with(x, scheme, generator=None):
 
 # ----------------------------------------------------------------------------- scale and zero point
 
-def scale_zero_point(rmin, rmax, bits, symmetric):
-    """S and Z for the range [rmin, rmax] (tensors of equal shape: one entry per channel).
+def scale_zero_point(rmin, rmax, grid):
+    """S and Z for the range [rmin, rmax] on `grid` (tensors of equal shape: one entry per channel).
 
     The range is first extended to contain 0 so that 0.0 is exactly representable. A zero
     range (all values 0) gets S = 1: any scale represents it, and no division by zero follows.
     Returns float32 S and int64 Z.
     """
-    qmin, qmax = qrange(bits, symmetric)
+    qmin, qmax = grid.qmin, grid.qmax
     rmin = torch.clamp(torch.as_tensor(rmin, dtype=torch.float64), max=0.0)
     rmax = torch.clamp(torch.as_tensor(rmax, dtype=torch.float64), min=0.0)
     if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
         raise IntsimError("cannot quantize a range that is not finite (NaN or inf in the observed values)")
-    if symmetric:
+    if grid.symmetric:
         span = torch.maximum(-rmin, rmax)                    # [-span, span] onto [-qmax, qmax]
         scale = span / qmax
         zero_point = torch.zeros_like(scale, dtype=torch.int64)
@@ -113,8 +146,7 @@ def scale_zero_point(rmin, rmax, bits, symmetric):
 
 def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
     """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
-    q = round_with(x / scale, rounding, generator) + zero_point
-    return torch.clamp(q, qmin, qmax).to(torch.int32)
+    return to_grid(round_with(x / scale, rounding, generator), zero_point, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q, scale, zero_point):
@@ -127,17 +159,36 @@ def integers_of(y, scale, zero_point):
     return torch.round(y / scale.to(y)).long() + zero_point.to(y.device)
 
 
-def fake_quantize(x, scale, zero_point, qmin, qmax):
-    """dequantize(quantize(x)) in float, differentiable with the straight-through estimator
-    (Bengio et al. 2013; Jacob et al. 2018, section 3): the gradient is the identity where x
-    lies inside the representable range [S (QMIN - Z), S (QMAX - Z)] and 0 where it is clipped.
-    (Written out rather than through round-then-clamp, whose gradient is also 0 for values
-    that round exactly onto QMIN or QMAX.)"""
-    with torch.no_grad():
-        q = torch.clamp(round_half_away(x / scale) + zero_point, qmin, qmax)
-        y = (q - zero_point) * scale
+class _FakeQuantize(torch.autograd.Function):
+    """dequantize(quantize(x)) with straight-through gradients (see fake_quantize)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        q = to_grid(round_half_away(x / scale), zero_point, qmin, qmax)
         inside = (x >= (qmin - zero_point) * scale) & (x <= (qmax - zero_point) * scale)
-    return y + (x - x.detach()) * inside
+        ctx.save_for_backward(x, scale, zero_point, q if ctx.needs_input_grad[1] else None, inside)
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point, q, inside = ctx.saved_tensors
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # d y / d S = (q - Z) - x / S inside the range (round's gradient taken as 1), and
+            # q - Z where x is clipped (LSQ, Esser et al. 2019, eq. 3, with a zero point)
+            d = (q - zero_point) - torch.where(inside, x / scale, torch.zeros_like(x))
+            grad_scale = (grad * d).sum_to_size(scale.shape)
+        return grad * inside, grad_scale, None, None, None
+
+
+def fake_quantize(x, scale, zero_point, qmin, qmax):
+    """dequantize(quantize(x)) in float, S (clamp(round(x / S) + Z, QMIN, QMAX) - Z), with the
+    straight-through estimator (Bengio et al. 2013; Jacob et al. 2018, section 3): the
+    gradient is the identity where x lies inside the representable range
+    [S (QMIN - Z), S (QMAX - Z)] and 0 where it is clipped (a value that rounds onto QMIN or
+    QMAX from inside still gets it). When S requires a gradient (a learned step size), it gets
+    LSQ's. scale and zero_point broadcast against x (one per channel, or one)."""
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
 
 
 # ----------------------------------------------------------------------------- fixed-point requantization
@@ -211,7 +262,7 @@ def multiply_by_quantized_multiplier_single_rounding(x, m0, shift):
 
     The default above rounds twice: SRDHM rounds to 2^-n of an output step first, so a value
     just below a half lands on it and RoundingDivideByPOT rounds it up; about 2^-(n+1) of all
-    outputs differ from exact rounding by 1 (0.15% for n = 7, measured in the README)."""
+    outputs differ from exact rounding by 1 (0.15% for n = 7, measured in RESULTS.md)."""
     total = 31 - torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     out = x * m0
     out += 1 << (total - 1)
@@ -219,13 +270,20 @@ def multiply_by_quantized_multiplier_single_rounding(x, m0, shift):
     return out
 
 
-def requantize(acc, m0, shift, zero_point, qmin, qmax, single_rounding=False):
-    """int32 accumulator -> output integer: MultiplyByQuantizedMultiplier, + Z_out, clamp."""
-    multiply = (multiply_by_quantized_multiplier_single_rounding if single_rounding
-                else multiply_by_quantized_multiplier)
-    y = multiply(acc, m0, shift)
+def rescale(x, m0, shift, single_rounding=False):
+    """The one place the rescale kernel is chosen: TFLite's default (two roundings) or, with
+    `single_rounding`, the TFLITE_SINGLE_ROUNDING build's."""
+    if single_rounding:
+        return multiply_by_quantized_multiplier_single_rounding(x, m0, shift)
+    return multiply_by_quantized_multiplier(x, m0, shift)
+
+
+def requantize(acc, m0, shift, zero_point, act_min, act_max, single_rounding=False):
+    """int32 accumulator -> output integer: rescale, + Z_out, clamp to [act_min, act_max] (the
+    output grid intersected with the fused activation's range)."""
+    y = rescale(acc, m0, shift, single_rounding)
     y += zero_point
-    return y.clamp_(qmin, qmax)
+    return y.clamp_(act_min, act_max)
 
 
 def multiplier_to_float(m0, shift):
@@ -239,5 +297,3 @@ def int32_check(x, what):
     if lo < INT32_MIN or hi > INT32_MAX:
         raise IntsimError(f"{what}: int32 accumulator overflow (values in [{lo}, {hi}]); "
                           f"use fewer bits or a smaller layer")
-
-

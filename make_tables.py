@@ -1,9 +1,11 @@
-"""Build the README's results tables from the saved RESULT files (results/*.json).
+"""Build the tables of RESULTS.md and README.md from the saved RESULT files (results/*.json).
 
-    python make_tables.py            # rewrite the tables in README.md in place
-    python make_tables.py --check    # exit 1 if README.md is not up to date
+    python make_tables.py            # rewrite the tables in place
+    python make_tables.py --check    # exit 1 if a table is not up to date
 
-Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in README.md.
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in a markdown file;
+tables.py says what each NAME shows, targets.py renders the `targets` table. Rendering here is
+generic: a spec (which rows, their order, the columns) becomes a markdown table.
 """
 import argparse
 import glob
@@ -12,372 +14,35 @@ import os
 import re
 import sys
 
+from checkpoint import write_text
+from config import QCONFIG_FIELDS
+from tables import CUSTOM, TABLES
+from targets import render_targets
+
+FILES = ("README.md", "RESULTS.md")
+
 
 def load_results(folder):
+    """Every results/*.json; one line naming the file for a folder without any, unreadable
+    JSON, or a result that lacks the QConfig every table selects on."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
+    if not paths:
+        sys.exit(f"error: no results in {folder}/: pass --results FOLDER of RESULT json files")
     rows = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path) as f:
-            rows.append(json.load(f))
+    for path in paths:
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path} is not a readable RESULT file ({type(e).__name__}): re-run its command")
+        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images")]
+        if missing:
+            sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")
+        rows.append(r)
     return rows
 
 
-def pct(v):
-    return f"{v:.2f}"
-
-
-def delta(r):
-    return f"{r['int_acc'] - r['fp32_acc']:+.2f}"
-
-
-def granularity(r):
-    return "per-channel" if r.get("per_channel") else "per-tensor"
-
-
-def bits(r):
-    out = r.get("out_bits") or r["a_bits"]
-    return f"W{r['w_bits']}A{r['a_bits']}" + (f", logits {out}-bit" if out != r["a_bits"] else "")
-
-
-def rounding(r):
-    return "single" if r.get("single_rounding") else "double"
-
-
-def cmd(r):
-    return f"`{r['command']}`"
-
-
-def ada_acc(r):
-    """An AdaRound run's accuracy: integer when the model runs in integers, else fake-quant."""
-    return r.get("int_acc", r["fakequant_acc"])
-
-
-def is_ptq(r):
-    return r["script"] == "PTQ" and "layer_diff_share" not in r
-
-
-def plain(r, *but):
-    """A PTQ row with the default ranges, rounding and bias (except the settings named in `but`).
-    ImageNet runs are integer-agreement checks with random weights: they have their own table."""
-    if not is_ptq(r) or r["dataset"] == "imagenet":
-        return False
-    defaults = {"a_bits_int": r["a_bits"] != 32, "w_observer": r.get("w_observer", "minmax") == "minmax",
-                "a_observer": r.get("a_observer", "minmax") in ("minmax", None),
-                "bias_bits": r.get("bias_bits", 32) == 32, "rounding": r.get("rounding", "nearest") == "nearest",
-                "layers": r.get("layers", "all") == "all", "fold_bn": r.get("fold_bn", True)}
-    return all(ok for k, ok in defaults.items() if k not in but)
-
-
-def observer_name(r):
-    o = r.get("w_observer", "minmax") if r["a_bits"] == 32 else r.get("a_observer") or "minmax"
-    return f"lp p={r['lp_p']:g}" if o == "lp" else o
-
-
-SMALL_CNNS = ("cnn", "cnn_bn")          # the models of issues 2-5 (their ablations and targets)
-FLOAT_TARGET = {"resnet18": 92.5}       # issue 6; the small CNNs: 91.0 (issue 2)
-ADAROUND_W4A8_TOL = {"resnet18": 1.5}   # issue 6; the small CNNs: 1.0 (issue 5)
-
-
-def imagenet_runs(results):
-    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet"]
-
-
-def imagenet_agreement(results):
-    """Every ImageNet PTQ run pooled, weighted by images scored: with the two folds of
-    split_images.py, every image once, each by a model calibrated on the other fold."""
-    runs = [r for r in imagenet_runs(results) if "int_fq_same_class" in r]
-    if not runs:
-        return None
-    n = sum(r["test_images"] for r in runs)
-    same = sum(r["int_fq_same_class"] * r["test_images"] for r in runs) / n
-    return {"images": n, "same_class": same, "weights": ", ".join(sorted({r.get("weights", "random") for r in runs}))}
-
-
-def render_imagenet(results):
-    runs = sorted(imagenet_runs(results), key=lambda r: r["command"])
-    if not runs:
-        return "_(no results yet)_"
-    lines = ["| model weights | W/A bits | weight scales | calibrated on | scored | float32 | fake-quant | integer | "
-             "same class as fake-quant % | classes predicted | max output-int diff | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r.get('weights', 'random')} | W{r['w_bits']}A{r['a_bits']} | {granularity(r)} | "
-                     f"{r['calib_images']} | {r['test_images']} | {pct(r['fp32_acc'])} | {pct(r['fakequant_acc'])} | "
-                     f"{pct(r['int_acc'])} | {r['int_fq_same_class']:.2f} | {r.get('int_classes_predicted', '-')} | "
-                     f"{r['int_fq_max_diff']} | {cmd(r)} |")
-    a = imagenet_agreement(results)
-    lines.append(f"| **pooled** | | | | **{a['images']}** | | | | **{a['same_class']:.2f}** | | | |")
-    return "\n".join(lines)
-
-
-def render_resnet18(results):
-    """Every Fashion-MNIST ResNet18 result in one table: float32, PTQ, AdaRound, Table 1."""
-    fm = [r for r in results if r["model"] == "resnet18" and r["dataset"] == "fashion-mnist"]
-    lines = ["| run | W/A bits | weights | accuracy % | - float32 | scored | command |", "|---|---|---|---|---|---|---|"]
-    for r in find(fm, script="train"):
-        lines.append(f"| float32 ({r['epochs']} epochs, {r['minutes']:.0f} min) | - | - | {pct(r['fp32_acc'])} | | "
-                     f"float32, 10000 | {cmd(r)} |")
-    for r in sorted((r for r in fm if plain(r)), key=lambda r: (-r["w_bits"], -r["a_bits"], r["per_channel"])):
-        lines.append(f"| PTQ (nearest) | W{r['w_bits']}A{r['a_bits']} | {granularity(r)} | {pct(r['int_acc'])} | "
-                     f"{delta(r)} | integer, {r['test_images']} | {cmd(r)} |")
-    for r in sorted(find(fm, script="AdaRound"), key=lambda r: (-r["w_bits"], -r["a_bits"], r["per_channel"])):
-        scored = "integer" if "int_acc" in r else "fake-quant"
-        lines.append(f"| AdaRound ({r['iters']} it./layer; nearest {pct(r['nearest_acc'])}) | W{r['w_bits']}A{r['a_bits']} | "
-                     f"{granularity(r)} | {pct(ada_acc(r))} | {ada_acc(r) - r['fp32_acc']:+.2f} | "
-                     f"{scored}, {r['test_images']} | {cmd(r)} |")
-    for r in find(fm, script="Table1"):
-        for part in ("first_layer", "all_layers"):
-            t = r[part]
-            lines.append(f"| Table 1, {part.replace('_', ' ')}: nearest / ceil / floor / stochastic mean +- std "
-                         f"(best) of {r['draws']} | W{r['w_bits']}A32 | {granularity(r)} | {pct(t['nearest'])} / "
-                         f"{pct(t['ceil'])} / {pct(t['floor'])} / {t['stochastic']['mean']:.2f} +- "
-                         f"{t['stochastic']['std']:.2f} ({t['stochastic']['best']:.2f}) | | fake-quant, "
-                         f"{r['test_images']} | {cmd(r)} |")
-    return "\n".join(lines) if len(lines) > 2 else "_(no results yet)_"
-
-
-# name -> (which results, sort key, columns as (header, cell))
-TABLES = {
-    "train": (lambda r: r["script"] == "train",
-              lambda r: (r["dataset"], r["model"]),
-              [("model", lambda r: r["model"]), ("data set", lambda r: r["dataset"]),
-               ("float32 test acc. %", lambda r: pct(r["fp32_acc"])), ("epochs", lambda r: r["epochs"]),
-               ("minutes", lambda r: f"{r['minutes']:.1f}"), ("command", cmd)]),
-    "ptq": (lambda r: plain(r),
-            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("single_rounding", False),
-                       r["per_channel"]),
-            [("model", lambda r: r["model"]), ("W/A bits", bits),
-             ("weights", granularity), ("rescale", rounding), ("float32", lambda r: pct(r["fp32_acc"])),
-             ("fake-quant", lambda r: pct(r["fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
-             ("int - fp32", delta), ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
-             ("max output-int diff", lambda r: r["int_fq_max_diff"]), ("command", cmd)]),
-    "layers": (lambda r: "layer_diff_share" in r,
-               lambda r: (r["model"], r.get("single_rounding", False)),
-               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
-                ("rescale", rounding),
-                ("output integers that differ, per layer (in order)",
-                 lambda r: ", ".join(f"{k} {v:.2f}%" for k, v in r["layer_diff_share"])),
-                ("same class %", lambda r: f"{r['int_fq_same_class']:.2f}"), ("command", cmd)]),
-    "qat": (lambda r: r["script"] == "QAT",
-            lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r.get("out_bits") or r["a_bits"],
-                       r["per_channel"], r.get("single_rounding", False)),
-            [("model", lambda r: r["model"]), ("W/A bits", bits),
-             ("weights", granularity), ("rescale", rounding), ("float32", lambda r: pct(r["fp32_acc"])),
-             ("QAT fake-quant", lambda r: pct(r["qat_fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
-             ("int - fp32", delta), ("int - QAT fake-quant", lambda r: f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}"),
-             ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),
-             ("top logits tied %", lambda r: f"{r['int_top_tie_share']:.2f}" if "int_top_tie_share" in r else "-"),
-             ("minutes", lambda r: f"{r['minutes']:.1f}" if "minutes" in r else "(eval)"), ("command", cmd)]),
-    "act_observers": (lambda r: plain(r, "a_observer") and r["a_bits"] == 4 and r["per_channel"]
-                      and not r.get("single_rounding"),
-                      lambda r: (r["model"], -r["w_bits"], ["minmax", "lp", "sqnr"].index(r.get("a_observer") or "minmax")),
-                      [("model", lambda r: r["model"]), ("W/A bits", bits), ("activation range", observer_name),
-                       ("float32", lambda r: pct(r["fp32_acc"])), ("fake-quant", lambda r: pct(r["fakequant_acc"])),
-                       ("integer", lambda r: pct(r["int_acc"])), ("int - fp32", delta), ("command", cmd)]),
-    "bias": (lambda r: plain(r, "bias_bits") and r["model"] in SMALL_CNNS and r["per_channel"] and r["w_bits"] == r["a_bits"]
-             and r["w_bits"] in (8, 6, 4) and not r.get("single_rounding"),
-             lambda r: (r["model"], -r["w_bits"], -r.get("bias_bits", 32)),
-             [("model", lambda r: r["model"]), ("W/A bits", bits),
-              ("bias", lambda r: "int32 at S_in*S_w" if r.get("bias_bits", 32) == 32
-               else f"{r['bias_bits']}-bit, own scale"),
-              ("float32", lambda r: pct(r["fp32_acc"])), ("integer", lambda r: pct(r["int_acc"])),
-              ("int - fp32", delta), ("command", cmd)]),
-    "adaround": (lambda r: r["script"] == "AdaRound",
-                 lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"]),
-                 [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
-                  ("weights", granularity), ("float32", lambda r: pct(r["fp32_acc"])),
-                  ("nearest", lambda r: pct(r["nearest_acc"])), ("AdaRound", lambda r: pct(ada_acc(r))),
-                  ("AdaRound - nearest", lambda r: f"{ada_acc(r) - r['nearest_acc']:+.2f}"),
-                  ("AdaRound - fp32", lambda r: f"{ada_acc(r) - r['fp32_acc']:+.2f}"),
-                  ("scored", lambda r: "integer" if "int_acc" in r else "fake-quant"),
-                  ("iters/layer", lambda r: r["iters"]), ("minutes", lambda r: f"{r['minutes']:.1f}"),
-                  ("command", cmd)]),
-    "bench": (lambda r: r["script"] == "bench",
-              lambda r: (r["dataset"], r["model"], -r["w_bits"]),
-              [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
-               ("images", lambda r: r["test_images"]), ("threads", lambda r: r["threads"]),
-               ("float32 s", lambda r: f"{r['float32_s']:.2f}"), ("fake-quant s", lambda r: f"{r['fakequant_s']:.2f}"),
-               ("integer s", lambda r: f"{r['int_s']:.2f}"),
-               ("integer / float32", lambda r: f"{r['int_ratio']:.2f}x"),
-               ("QAT step / float32 step", lambda r: f"{r['qat_train_ratio']:.2f}x" if "qat_train_ratio" in r else "-"),
-               ("command", cmd)]),
-}
-
-
-def find(results, **want):
-    return [r for r in results if all(r.get(k, False if k in ("single_rounding", "per_channel") else None) == v
-                                      for k, v in want.items())]
-
-
-def check_targets(results):
-    """(target, run, measured, met) rows: each issue's targets checked against the results."""
-    rows = []
-    ptq = [r for r in results if plain(r)]
-    qat = [r for r in results if r["script"] == "QAT"]
-    for r in find(results, script="train"):
-        floor = FLOAT_TARGET.get(r["model"], 91.0)
-        rows.append((f"float32 >= {floor}%", r["model"], pct(r["fp32_acc"]), r["fp32_acc"] >= floor))
-    for b, tol in ((8, 0.3), (6, 1.0)):
-        for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == b and not r.get("single_rounding")]:
-            rows.append((f"PTQ W{b}A{b} integer within {tol} of float32",
-                         f"{r['model']} {granularity(r)}", delta(r), abs(r["int_acc"] - r["fp32_acc"]) <= tol))
-    for r in [r for r in ptq if r["w_bits"] == r["a_bits"] == 8]:
-        label = f"{r['model']} W8A8 {granularity(r)}, {rounding(r)} rounding"
-        if r["model"] in SMALL_CNNS:
-            rows.append(("integer vs fake-quant: same class >= 99.9%, max output diff <= 1", label,
-                         f"{r['int_fq_same_class']:.2f}%, {r['int_fq_max_diff']}",
-                         r["int_fq_same_class"] >= 99.9 and r["int_fq_max_diff"] <= 1))
-        else:   # issue 6 set 99% (on ImageNet) for ResNet18: 20 convs and 8 adds of double rounding
-            rows.append(("integer vs fake-quant: same class >= 99% (issue 6's ImageNet bar)", label,
-                         f"{r['int_fq_same_class']:.2f}%, max diff {r['int_fq_max_diff']}",
-                         r["int_fq_same_class"] >= 99.0))
-    for r in qat:
-        if r["w_bits"] == r["a_bits"] == 4:
-            rows.append(("QAT W4A4 integer within 1.0 of float32",
-                         f"{r['model']} {bits(r)} {granularity(r)}, {rounding(r)} rounding", delta(r),
-                         abs(r["int_acc"] - r["fp32_acc"]) <= 1.0))
-        label = f"{r['model']} {bits(r)} {granularity(r)}, {rounding(r)} rounding"
-        if r["w_bits"] == r["a_bits"] == 8:
-            for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"],
-                          single_rounding=r.get("single_rounding", False)):
-                rows.append(("QAT W8A8 not below PTQ W8A8 by more than 0.1", label,
-                             f"{r['int_acc'] - p['int_acc']:+.2f}", r["int_acc"] >= p["int_acc"] - 0.1))
-        rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training", label,
-                     f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}", abs(r["int_acc"] - r["qat_fakequant_acc"]) <= 0.1))
-    for r in find(results, script="Table1"):
-        for part in ("first_layer", "all_layers"):
-            t, run = r[part], f"{r['model']} W{r['w_bits']}A32, {part.replace('_', ' ')}"
-            rows.append(("Table 1: ceil and floor collapse (near chance: below 20%)", run,
-                         f"ceil {pct(t['ceil'])}, floor {pct(t['floor'])}", max(t["ceil"], t["floor"]) < 20.0))
-            rows.append(("Table 1: stochastic mean not above nearest", run,
-                         f"{t['stochastic']['mean']:.2f} vs {pct(t['nearest'])}", t["stochastic"]["mean"] <= t["nearest"]))
-            rows.append(("Table 1: best stochastic draw above nearest", run,
-                         f"{t['stochastic']['best']:.2f} vs {pct(t['nearest'])}", t["stochastic"]["best"] > t["nearest"]))
-        c = r["correlations"]
-        rows.append(("second-order term predicts accuracy better than first-order (absolute Pearson r)",
-                     f"{r['model']}, {r['draws']} first-layer draws",
-                     f"{c['pearson_second_vs_acc']:+.2f} vs {c['pearson_first_vs_acc']:+.2f}",
-                     abs(c["pearson_second_vs_acc"]) > abs(c["pearson_first_vs_acc"])))
-    for model in ("cnn_bn",):
-        obs = [r for r in results if plain(r, "a_bits_int", "w_observer", "fold_bn") and r["a_bits"] == 32
-               and r["model"] == model and r["w_bits"] == 4 and r["per_channel"]]
-        if obs:
-            best = max(obs, key=lambda r: r["fakequant_acc"])
-            rows.append(("W4A32 per-channel: best observer within 2 of float32", f"{model}, {observer_name(best)}"
-                         f"{'' if best.get('fold_bn', True) else ', BN unfolded'}",
-                         f"{best['fakequant_acc'] - best['fp32_acc']:+.2f}", best["fp32_acc"] - best["fakequant_acc"] <= 2.0))
-    for r in find(results, script="AdaRound"):
-        run = f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)}"
-        if r["w_bits"] == 4 and r["a_bits"] == 8:
-            tol = ADAROUND_W4A8_TOL.get(r["model"], 1.0)
-            rows.append((f"AdaRound W4A8 integer within {tol} of float32", run, f"{ada_acc(r) - r['fp32_acc']:+.2f}",
-                         r["fp32_acc"] - ada_acc(r) <= tol))
-        if r["w_bits"] <= 3:
-            rows.append(("AdaRound at W3/W2 clearly (>= 1.0) above nearest", run,
-                         f"{ada_acc(r):.2f} vs {r['nearest_acc']:.2f}", ada_acc(r) - r["nearest_acc"] >= 1.0))
-        defaults = (r["iters"], r["num_calib"], r["w_bits"], r["a_bits"], r["per_channel"]) == (10000, 1024, 4, 32, False)
-        if r["model"] == "cnn_bn" and defaults:
-            rows.append(("full AdaRound of cnn_bn (defaults) under 10 minutes on 2 cores", run,
-                         f"{r['minutes']:.1f} min", r["minutes"] < 10.0))
-    agree = imagenet_agreement(results)
-    if agree:
-        rows.append(("ImageNet ResNet18: integer and fake-quant predict the same class for >= 99% of the images",
-                     f"{agree['images']} images, weights {agree['weights']}", f"{agree['same_class']:.2f}%",
-                     agree["same_class"] >= 99.0))
-    for r in find(results, script="bench"):
-        rows.append(("integer inference <= 3x float32", f"{r['model']} W{r['w_bits']}A{r['a_bits']}",
-                     f"{r['int_ratio']:.2f}x", r["int_ratio"] <= 3.0))
-        if "qat_train_ratio" in r:
-            rows.append(("QAT training step <= 2.5x float32 step", r["model"], f"{r['qat_train_ratio']:.2f}x",
-                         r["qat_train_ratio"] <= 2.5))
-    return rows
-
-
-def render_targets(results):
-    rows = check_targets(results)
-    if not rows:
-        return "_(no results yet)_"
-    lines = ["| target | run | measured | met |", "|---|---|---|---|"]
-    lines += [f"| {t} | {run} | {m} | {'yes' if ok else '**no**'} |" for t, run, m, ok in rows]
-    return "\n".join(lines)
-
-
-OBSERVER_ORDER = ["minmax", "lp p=2", "lp p=2.4", "sqnr"]
-
-
-def render_observers(results):
-    """Weights-only (A32) fake-quant accuracy: rows model x bits x observer, columns
-    granularity x BN folded/unfolded; the best cell of each (model, bits) in bold."""
-    rows = [r for r in results if plain(r, "a_bits_int", "w_observer", "fold_bn") and r["a_bits"] == 32]
-    if not rows:
-        return "_(no results yet)_"
-    cols = [(False, True), (False, False), (True, True), (True, False)]     # (per_channel, fold_bn)
-    cell = {(r["model"], r["w_bits"], observer_name(r), r["per_channel"], r.get("fold_bn", True)): r for r in rows}
-    lines = ["| model | weights | range | float32 | per-tensor, BN folded | per-tensor, BN unfolded | "
-             "per-channel, BN folded | per-channel, BN unfolded |", "|---|---|---|---|---|---|---|---|"]
-    for model in sorted({r["model"] for r in rows}):
-        for w in sorted({r["w_bits"] for r in rows if r["model"] == model}, reverse=True):
-            group = [r for r in rows if r["model"] == model and r["w_bits"] == w]
-            best = max(r["fakequant_acc"] for r in group)
-            for obs in [o for o in OBSERVER_ORDER if any(observer_name(r) == o for r in group)]:
-                cells = []
-                for pc, fold in cols:
-                    r = cell.get((model, w, obs, pc, fold))
-                    v = "-" if r is None else pct(r["fakequant_acc"])
-                    cells.append(f"**{v}**" if r is not None and r["fakequant_acc"] == best else v)
-                lines.append(f"| {model} | W{w}A32 | {obs} | {pct(group[0]['fp32_acc'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# The AdaRound paper's Table 1 (ResNet18 on ImageNet, first layer at 4 bits; cited, not run here).
-PAPER_TABLE1 = {"nearest": "52.29", "ceil": "0.10", "floor": "0.10", "stochastic (mean +- std)": "52.06 +- 5.52",
-                "stochastic (best draw)": "63.06 (of 100)"}
-
-
-def render_table1(results):
-    runs = sorted(find(results, script="Table1"), key=lambda r: r["model"] != "cnn_bn")
-    if not runs:
-        return "_(no results yet)_"
-    head = ["rounding"] + [f"{r['model']} {part}" for r in runs for part in ("first layer", "all layers")]
-    lines = ["| " + " | ".join(head + ["paper: ResNet18 first layer"]) + " |", "|" + "---|" * (len(head) + 1)]
-    for label, get in (("nearest", lambda t: pct(t["nearest"])), ("ceil", lambda t: pct(t["ceil"])),
-                       ("floor", lambda t: pct(t["floor"])),
-                       ("stochastic (mean +- std)", lambda t: f"{t['stochastic']['mean']:.2f} +- {t['stochastic']['std']:.2f}"),
-                       ("stochastic (best draw)", lambda t: pct(t["stochastic"]["best"]))):
-        cells = [get(r[part]) for r in runs for part in ("first_layer", "all_layers")]
-        lines.append("| " + " | ".join([label] + cells + [PAPER_TABLE1[label]]) + " |")
-    lines.append("| float32 | " + " | ".join(pct(r["fp32_acc"]) for r in runs for _ in range(2)) + " | 69.68 |")
-    lines.append("")
-    lines.append("Commands: " + "; ".join(f"{cmd(r)} ({r['draws']} draws, {r['test_images']} test images)"
-                                          for r in runs) + ".")
-    return "\n".join(lines)
-
-
-def render_hessian(results):
-    runs = sorted(find(results, script="Table1"), key=lambda r: r["model"] != "cnn_bn")
-    if not runs:
-        return "_(no results yet)_"
-    lines = ["| model | draws | images for g, H | first-order vs acc. | second-order vs acc. | "
-             "first-order vs loss change | second-order vs loss change | first + second vs loss change | "
-             "Spearman: first / second vs acc. |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        c = r["correlations"]
-        lines.append(f"| {r['model']} | {r['draws']} | {r['hessian_images']} | {c['pearson_first_vs_acc']:+.2f} | "
-                     f"{c['pearson_second_vs_acc']:+.2f} | {c['pearson_first_vs_dloss']:+.2f} | "
-                     f"{c['pearson_second_vs_dloss']:+.2f} | {c['pearson_taylor_vs_dloss']:+.2f} | "
-                     f"{c['spearman_first_vs_acc']:+.2f} / {c['spearman_second_vs_acc']:+.2f} |")
-    return "\n".join(lines)
-
-
-CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
-          "imagenet": render_imagenet, "resnet18": render_resnet18}
-
-
-def render(name, results):
-    if name == "targets":
-        return render_targets(results)
-    if name in CUSTOM:
-        return CUSTOM[name](results)
-    keep, key, columns = TABLES[name]
+def render_spec(keep, key, columns, results):
     rows = sorted((r for r in results if keep(r)), key=key)
     if not rows:
         return "_(no results yet)_"
@@ -386,34 +51,49 @@ def render(name, results):
     return "\n".join(lines)
 
 
+def render(name, results):
+    if name == "targets":
+        return render_targets(results)
+    if name in CUSTOM:
+        return CUSTOM[name](results)
+    return render_spec(*TABLES[name], results)
+
+
 def update(text, results):
-    for name in list(TABLES) + list(CUSTOM) + ["targets"]:
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + render(name, results) + "\n" + m.group(2), text)
-    return text
+    """`text` with every table marker it holds filled from `results`."""
+    def fill(m):
+        return m.group(1) + render(m.group(2), results) + "\n" + m.group(3)
+    return re.sub(r"(<!-- table:(\w+) -->\n).*?(<!-- /table:\2 -->)", fill, text, flags=re.S)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", default="results", help="folder of RESULT json files")
-    p.add_argument("--readme", default="README.md", help="markdown file whose tables are rewritten")
+    p.add_argument("--files", nargs="+", default=list(FILES), help="markdown files whose tables are rewritten")
     p.add_argument("--check", action="store_true", help="only check that the tables are up to date")
     args = p.parse_args()
-    if not os.path.isfile(args.readme):
-        sys.exit(f"error: {args.readme} not found: pass --readme")
-    with open(args.readme) as f:
-        text = f.read()
-    new = update(text, load_results(args.results))
-    if args.check:
+    results = load_results(args.results)
+    stale = []
+    for path in args.files:
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path} not found: pass --files")
+        with open(path) as f:
+            text = f.read()
+        new = update(text, results)
+        unknown = set(re.findall(r"<!-- table:(\w+) -->", text)) - set(TABLES) - set(CUSTOM) - {"targets"}
+        if unknown:
+            sys.exit(f"error: {path} has tables make_tables does not know: {', '.join(sorted(unknown))}")
         if new != text:
-            print(f"{args.readme} tables are out of date: run python make_tables.py", file=sys.stderr)
-            sys.exit(1)
-        print(f"{args.readme} tables are up to date")
-        return
-    with open(args.readme, "w") as f:
-        f.write(new)
-    print(f"rewrote the tables in {args.readme} from {args.results}/")
+            stale.append(path)
+            if not args.check:
+                write_text(path, new)
+    if args.check:
+        if stale:
+            sys.exit(f"{', '.join(stale)}: tables are out of date: run python make_tables.py")
+        print(f"{', '.join(args.files)}: tables are up to date")
+    else:
+        print(f"rewrote the tables in {', '.join(stale) or 'nothing (all up to date)'} from {args.results}/")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,34 @@
-"""The networks, and the one conversion of a float network into its quantized form.
+"""The networks, and the one conversion of any float network into its quantized form.
 
-`convert` traces any float model with torch.fx, then rewrites the graph:
-  conv/linear [-> BatchNorm] [-> ReLU] [-> MaxPool]   becomes one QLayer (BN folded, rest fused)
-  the input                                           gets a QuantStub (float -> integers)
-  the output                                          gets a DeQuantStub (integers -> float)
-  max-pool, flatten, reshape, dropout                 stay: they act on integers unchanged
-and refuses anything else by name. No network is written out again in quantized form.
-Then: `calibrate` (observe ranges on training data) -> `freeze` (walk the graph in order,
-handing each layer the S and Z of its input) -> integer inference (`set_mode(m, "int")`).
+`convert(model, qconfig)` traces the model with torch.fx and rewrites the graph by the op
+table OPS (one entry per op: how to recognise it, what it becomes, how it freezes):
+  conv/linear [-> BatchNorm]   one QLayer per call site (BN folded; the float weights are shared)
+  global average pooling       a QMean (it remembers the window it pooled)
+  dropout                      removed (the converted model is in eval mode)
+  the rest (add, ReLU, ReLU6, max-pool, flatten, reshape, shapes)   stay as they are
+then, with integer activations, puts an activation quantizer (quantizer.Quantizer) after every
+op that makes new values (the input, conv/linear, add, mean), behind the ReLU/ReLU6 and
+max-pool that follow it: those keep the grid (TFLite fuses the clamp into the op and pools at
+the same scale). Anything else is refused in one line that names it.
+
+The phases: calibrate (observe ranges) -> fake-quant / QAT (`set_phase`) -> `freeze`, which
+walks the graph and builds the frozen integer model (frozen.py) from each op's integers.
 """
 import copy
-import dataclasses
+import math
 import operator
-import os
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from function import IntsimError, integers_of
-from module import DeQuantStub, QAdd, QAvgPool, QConfig, QLayer, QModule, QuantStub
+from errors import IntsimError
+from frozen import Dequantize, IntAdd, IntClamp, IntMaxPool, IntMean, QParams, Quantize
+from module import QLayer, QMean
+from observer import WeightObserver, make_observer
+from quantizer import Quantizer
 
 ARCHS = ("cnn", "cnn_bn", "resnet18")
 IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
@@ -79,76 +86,163 @@ def build_model(cfg):
     return resnet18(cfg) if cfg.arch == "resnet18" else SmallCNN(cfg)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- the op table
 
-def save_checkpoint(path, model, cfg, dataset, half=False, **info):
-    """`half`: store floating-point tensors as float16 (loaded back as float32, which is then the
-    float reference every script uses)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({"intsim": 1, "model_config": asdict(cfg), "dataset": dataset, "half": half,
-                "state_dict": state, **info}, path)
-
-
-def load_checkpoint(path, dataset, arch):
-    """Load a float checkpoint written by train.py and check that it is the one asked for."""
-    if not os.path.isfile(path):
-        raise IntsimError(f"checkpoint {path} not found: train it with "
-                          f"`python train.py --dataset {dataset} --model {arch}` or pass --ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # a truncated or foreign file: say which, not where torch failed
-        raise IntsimError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise IntsimError(f"{path} is not an intsim checkpoint (no model_config); use one saved by train.py")
-    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
-    if got != (arch, dataset):
-        raise IntsimError(f"{path} holds model {got[0]!r} trained on {got[1]!r}, not {arch!r} on "
-                          f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
-    cfg = ModelConfig(**ckpt["model_config"])
-    model = build_model(cfg)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
-    return model, cfg, ckpt
+PRODUCER = "producer"   # makes new values: an activation quantizer follows it (through CLAMP / POOL)
+CLAMP = "clamp"         # ReLU, ReLU6: fused into the producer before it as act_min / act_max
+POOL = "pool"           # max-pool: picks values, keeps the grid
+SAME = "same"           # flatten, reshape: move values, keep the grid
+SHAPE = "shape"         # x.size(), x.shape[0]: no tensor
+QUANT = "quantizer"     # an activation quantizer (inserted by convert)
 
 
-def save_quantized(path, qmodel, qconfig, cfg, dataset, **info):
-    """A frozen quantized model: its state_dict (integer weights, biases, M0, shifts, ranges)
-    and what is needed to rebuild the graph it loads into."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"intsim": 1, "quantized": True, "model_config": asdict(cfg), "qconfig": asdict(qconfig),
-                "dataset": dataset, "state_dict": qmodel.state_dict(), **info}, path)
+def _module(gm, node, types):
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), types)
 
 
-def load_quantized(path, dataset, arch, single_rounding=None):
-    """Rebuild a model saved by save_quantized: convert a fresh float model with the saved
-    QConfig, then load the frozen state (the float weights come back from it too).
-    `single_rounding` may override the rescale kernel: M0 and shift are the same for both."""
-    if not os.path.isfile(path):
-        raise IntsimError(f"quantized checkpoint {path} not found: run QAT.py (or PTQ.py --save) first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not ckpt.get("quantized"):
-        raise IntsimError(f"{path} is not a quantized checkpoint: it was not written by QAT.py or PTQ.py --save")
-    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
-    if got != (arch, dataset):
-        raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
-    qconfig = QConfig(**ckpt["qconfig"])
-    if single_rounding is not None:
-        qconfig = dataclasses.replace(qconfig, single_rounding=single_rounding)
-    qmodel = convert(build_model(ModelConfig(**ckpt["model_config"])), qconfig)
-    qmodel.load_state_dict(ckpt["state_dict"])
-    return qmodel, qconfig, ckpt
+def _function(node, functions):
+    return node.op == "call_function" and node.target in functions
 
 
-# ----------------------------------------------------------------------------- conversion
+def _method(node, names):
+    return node.op == "call_method" and node.target in names
 
-def _is_module(gm, node, types):
-    return node is not None and node.op == "call_module" and isinstance(gm.get_submodule(node.target), types)
+
+def _is_add(gm, node):
+    """x + y, x += y, torch.add(x, y), x.add(y): two tensors (no alpha, no constants)."""
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    binary = (_function(node, (operator.add, operator.iadd, torch.add)) or _method(node, ("add", "add_")))
+    return binary and len(node.args) == 2 and len(tensors) == 2 and not node.kwargs
 
 
 def _is_relu(gm, node):
-    return node is not None and (_is_module(gm, node, nn.ReLU)
-                                 or (node.op == "call_function" and node.target in (F.relu, torch.relu))
-                                 or (node.op == "call_method" and node.target in ("relu", "relu_")))
+    return (_module(gm, node, nn.ReLU) or _function(node, (F.relu, torch.relu, torch.relu_))
+            or _method(node, ("relu", "relu_")))
+
+
+def _is_relu6(gm, node):
+    if _module(gm, node, nn.Hardtanh):                    # nn.ReLU6 is a Hardtanh(0, 6)
+        m = gm.get_submodule(node.target)
+        return (m.min_val, m.max_val) == (0.0, 6.0)
+    hardtanh = _function(node, (F.hardtanh,)) and tuple(node.args[1:3]) == (0.0, 6.0)
+    return _function(node, (F.relu6,)) or hardtanh
+
+
+def _is_max_pool(gm, node):
+    return _module(gm, node, nn.MaxPool2d) or (_function(node, (F.max_pool2d,))
+                                              and not node.kwargs.get("return_indices", False))
+
+
+def _is_same_grid(gm, node):
+    return (_module(gm, node, nn.Flatten) or _function(node, (torch.flatten, torch.reshape))
+            or _method(node, ("view", "reshape", "flatten", "contiguous")))
+
+
+def _is_shape(gm, node):
+    shape_attr = _function(node, (getattr,)) and node.args[1] == "shape"
+    item = _function(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) and \
+        _is_shape(gm, node.args[0])
+    return shape_attr or item or _method(node, ("size", "dim"))
+
+
+def _is_dropout(gm, node):
+    """Dropout in eval mode (the identity). F.dropout with its default training=True drops even
+    in eval: refused in `_refusal`."""
+    return (_module(gm, node, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity))
+            or (_function(node, (F.dropout, F.dropout2d)) and node.kwargs.get("training", True) is False))
+
+
+def _is_layer_source(gm, node):
+    return _module(gm, node, (nn.Conv2d, nn.Linear))
+
+
+def _is_mean_source(gm, node):
+    """Global average pooling: AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d(x, 1), x.mean((2, 3))."""
+    if _module(gm, node, nn.AdaptiveAvgPool2d):
+        return gm.get_submodule(node.target).output_size in (1, (1, 1))
+    if _function(node, (F.adaptive_avg_pool2d,)):
+        return tuple(node.args[1:]) in ((1,), ((1, 1),)) or node.kwargs.get("output_size") in (1, (1, 1))
+    if _function(node, (torch.mean,)) or _method(node, ("mean",)):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dims is not None and sorted(d % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims])) == [2, 3]
+    return False
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    role: str
+    match: Callable                       # (gm, node) -> bool, on the converted graph
+    clamp: tuple = (-math.inf, math.inf)  # CLAMP: the real range it clamps to
+    freeze: Optional[Callable] = None     # PRODUCER: (gm, node, inputs, out, act, generator) -> [modules]
+
+
+def _freeze_layer(gm, node, ins, out, act, generator):
+    return gm.get_submodule(node.target).freeze(ins[0], out, act, generator)
+
+
+def _freeze_add(gm, node, ins, out, act, generator):
+    if ins[0] is None or ins[1] is None:
+        raise IntsimError(f"{node.name}: an add of a float and a quantized tensor")
+    return [IntAdd(ins[0], ins[1], out, act, single_rounding=gm.qconfig.single_rounding)]
+
+
+def _freeze_mean(gm, node, ins, out, act, generator):
+    mean = gm.get_submodule(node.target)
+    return [IntMean(int(mean.count), ins[0], out, mean.keepdim, single_rounding=gm.qconfig.single_rounding)]
+
+
+OPS = (
+    Op("input", PRODUCER, lambda gm, n: n.op == "placeholder"),
+    Op("conv/linear", PRODUCER, lambda gm, n: _module(gm, n, QLayer), freeze=_freeze_layer),
+    Op("add", PRODUCER, _is_add, freeze=_freeze_add),
+    Op("global average pooling", PRODUCER, lambda gm, n: _module(gm, n, QMean), freeze=_freeze_mean),
+    Op("ReLU", CLAMP, _is_relu, clamp=(0.0, math.inf)),
+    Op("ReLU6", CLAMP, _is_relu6, clamp=(0.0, 6.0)),
+    Op("max-pool", POOL, _is_max_pool),
+    Op("flatten/reshape", SAME, _is_same_grid),
+    Op("shape", SHAPE, _is_shape),
+    Op("activation quantizer", QUANT, lambda gm, n: _module(gm, n, Quantizer)),
+    Op("output", "output", lambda gm, n: n.op == "output"),
+)
+SUPPORTED = ("conv/linear [+BatchNorm], add, ReLU, ReLU6, max-pool, global average pooling, flatten/reshape/view, "
+             "dropout (eval), x.size()/x.shape")
+
+
+def op_of(gm, node):
+    """The OPS entry of a node of a converted graph; refuses, in one line, what is not in it."""
+    for op in OPS:
+        if op.match(gm, node):
+            return op
+    raise IntsimError(_refusal(gm, node))
+
+
+def _describe(gm, node):
+    if node.op == "call_module":
+        return f"module {node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)} ({node.name})"
+    return f"{node.op} {node.target} ({node.name})"
+
+
+def _refusal(gm, node):
+    """Why a node cannot be converted, and what would work."""
+    what = _describe(gm, node)
+    if node.op == "get_attr":
+        return (f"cannot convert {node.target}: a parameter or buffer used as a tensor in forward (e.g. x + "
+                f"self.p); only values computed from the input are quantized")
+    if _module(gm, node, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return (f"cannot convert {what}: BatchNorm is folded into the conv/linear directly before it, and "
+                f"this one follows no conv/linear whose output it alone uses")
+    if _function(node, (F.dropout, F.dropout2d)):
+        return (f"cannot convert {what}: F.dropout(x, p) drops values even in eval mode (training=True is its "
+                f"default); pass training=self.training or use nn.Dropout")
+    if _module(gm, node, nn.AdaptiveAvgPool2d) or _function(node, (F.adaptive_avg_pool2d, F.avg_pool2d)):
+        return f"cannot convert {what}: only global average pooling (output size 1) is supported"
+    if _function(node, (operator.add, torch.add)) or _method(node, ("add",)):
+        return (f"cannot convert {what}: add is supported for two tensors computed from the input "
+                f"(no constants, no alpha)")
+    return f"cannot convert {what} to integers: supported are {SUPPORTED}"
 
 
 def _sole_user(node):
@@ -156,222 +250,288 @@ def _sole_user(node):
     return users[0] if len(users) == 1 else None
 
 
-# Ops that act on quantized integers exactly as on reals (they only move or pick values).
-PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout, operator.getitem)
-PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "size", "contiguous")
+def chain(gm, node):
+    """The nodes after `node` whose values stay on its grid and that only it feeds: the
+    ReLU/ReLU6 clamps and max-pools its activation quantizer goes behind."""
+    out = []
+    nxt = _sole_user(node)
+    while nxt is not None and op_of(gm, nxt).role in (CLAMP, POOL):
+        out.append(nxt)
+        nxt = _sole_user(nxt)
+    return out
 
 
-def _check_supported(gm, node):
-    if node.op in ("placeholder", "output", "get_attr"):
-        return
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, (QModule,) + PASSTHROUGH_MODULES):
-            return
-        what = f"module {node.target} ({type(mod).__name__})"
-    elif node.op == "call_function":
-        if node.target in PASSTHROUGH_FUNCTIONS:
-            return
-        what = f"function {getattr(node.target, '__name__', node.target)}"
-    else:
-        if node.target in PASSTHROUGH_METHODS:
-            return
-        what = f"method .{node.target}()"
-    raise IntsimError(f"cannot convert {what} to integers: supported are conv/linear "
-                      f"[+BN][+ReLU][+max-pool], add [+ReLU], global average pooling, max-pool, "
-                      f"flatten and reshape")
+# ----------------------------------------------------------------------------- conversion
+
+def _trace(model):
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:          # data-dependent control flow, untraceable calls
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise IntsimError(f"cannot trace the model with torch.fx ({first}); convert needs a forward "
+                          f"without data-dependent control flow") from None
 
 
-ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+def _replace_layer(gm, node, layer, qconfig, name):
+    """conv/linear `layer` [-> its BatchNorm] at one call site -> a QLayer named `name`."""
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        raise IntsimError(f"cannot convert {node.target}: only zero padding is supported, not {layer.padding_mode!r}")
+    bn_type = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
+    nxt, bn = _sole_user(node), None
+    if nxt is not None and _module(gm, nxt, bn_type):
+        bn = gm.get_submodule(nxt.target)
+        if not bn.track_running_stats or bn.running_var is None:
+            raise IntsimError(f"cannot fold {nxt.target} (BatchNorm without running statistics, "
+                              f"track_running_stats=False) into {node.target}")
+        nxt.replace_all_uses_with(node)
+        gm.graph.erase_node(nxt)
+    grid = qconfig.w_grid
+    w_quantizer = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
+                            channels=layer.weight.shape[0], name=f"{name} weights")
+    w_quantizer.rounding = qconfig.w_rounding
+    gm.add_submodule(name, QLayer(layer, w_quantizer, bn, qconfig.fold_bn, qconfig.bias_bits,
+                                  qconfig.single_rounding))
+    node.target = name
 
 
-def _is_global_avg_pool(gm, node):
-    if _is_module(gm, node, nn.AdaptiveAvgPool2d):
-        size = gm.get_submodule(node.target).output_size
-        return size in (1, (1, 1))
-    return (node.op == "call_function" and node.target is F.adaptive_avg_pool2d
-            and node.args[1:] in ((1,), ((1, 1),)))
+def _replace_sources(gm, qconfig):
+    """Conv/linear (+BN) and global average pooling become modules of their own at every call
+    site (a module called twice gets two, sharing its float weights); dropout goes."""
+    calls = {}
+
+    def site_name(node):              # the module's own name at its first call site
+        calls[node.target] = calls.get(node.target, 0) + 1
+        return node.target if calls[node.target] == 1 else f"{node.target}_call{calls[node.target]}"
+
+    layers = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if _is_layer_source(gm, n)}
+    means = [n for n in gm.graph.nodes if _is_mean_source(gm, n)]   # before any module is replaced
+    for node in list(gm.graph.nodes):
+        if node in layers:
+            _replace_layer(gm, node, layers[node], qconfig, site_name(node))
+        elif node in means:
+            functional = node.op != "call_module"
+            keepdim = not functional or node.target is F.adaptive_avg_pool2d or \
+                bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+            name = f"mean_{node.name}" if functional else site_name(node)
+            gm.add_submodule(name, QMean(keepdim))
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        elif _is_dropout(gm, node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
-def _convert_adds_and_pools(gm, qconfig):
-    """Residual adds (two tensors, with the ReLU after them fused) become QAdd, global average
-    pooling becomes QAvgPool; each gets a submodule named after its graph node."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2
-                  and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs)
-        if is_add:
-            relu = _sole_user(node) if _is_relu(gm, _sole_user(node)) else None
-            name = f"qadd_{node.name}"
-            gm.add_submodule(name, QAdd(qconfig, relu=relu is not None))
-        elif _is_global_avg_pool(gm, node):
-            relu, name = None, f"qavgpool_{node.name}"
-            gm.add_submodule(name, QAvgPool(qconfig))
-        else:
+def _reaches_output(gm, node):
+    """Whether node's value is the model's output, through ops that keep the grid."""
+    for user in node.users:
+        if user.op == "output" or (op_of(gm, user).role in (CLAMP, POOL, SAME) and _reaches_output(gm, user)):
+            return True
+    return False
+
+
+def _insert_quantizers(gm, qconfig):
+    """An activation quantizer after each producer's chain (see `chain`)."""
+    for node in list(gm.graph.nodes):
+        if op_of(gm, node).role != PRODUCER:
             continue
-        with graph.inserting_after(relu or node):
-            new = graph.call_module(name, tuple(node.args[:2]) if is_add else (node.args[0],))
-        (relu or node).replace_all_uses_with(new)
-        if relu is not None:
-            graph.erase_node(relu)
-        graph.erase_node(node)
+        end = (chain(gm, node) or [node])[-1]
+        name = "quant_in" if node.op == "placeholder" else (
+            f"{node.target}.out" if node.op == "call_module" else f"{node.name}_out")
+        grid = qconfig.a_grid(output=_reaches_output(gm, end))
+        gm.add_submodule(name, Quantizer(grid, make_observer(qconfig.a_observer, grid, qconfig.lp_p), name=name))
+        with gm.graph.inserting_after(end):
+            q = gm.graph.call_module(name, (end,))
+        end.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
 
 
 def convert(model, qconfig):
     """A quantized copy of a float model (the float model is left as it is). BN must be in
     eval mode when folded, so the copy is put in eval mode."""
-    model = copy.deepcopy(model).eval()
-    gm = fx.symbolic_trace(model)
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if not _is_module(gm, node, (nn.Conv2d, nn.Linear)):
-            continue
-        layer = gm.get_submodule(node.target)
-        chain, bn, relu, pool = [node], None, False, None
-        nxt = _sole_user(chain[-1])
-        if isinstance(layer, nn.Conv2d) and _is_module(gm, nxt, nn.BatchNorm2d):
-            bn = gm.get_submodule(nxt.target)
-            chain.append(nxt)
-            nxt = _sole_user(nxt)
-        if _is_relu(gm, nxt):
-            relu = True
-            chain.append(nxt)
-            nxt = _sole_user(nxt)
-        if isinstance(layer, nn.Conv2d) and _is_module(gm, nxt, nn.MaxPool2d):
-            pool = gm.get_submodule(nxt.target)
-            chain.append(nxt)
-        is_output = any(user.op == "output" for user in chain[-1].users)   # produces the logits
-        gm.add_submodule(node.target, QLayer(layer, qconfig, bn=bn, relu=relu, pool=pool,
-                                             a_bits=qconfig.out_bits if is_output else None))
-        if len(chain) > 1:
-            chain[-1].replace_all_uses_with(node)
-            for fused in reversed(chain[1:]):
-                graph.erase_node(fused)
-
-    _convert_adds_and_pools(gm, qconfig)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    gm = _trace(copy.deepcopy(model).eval())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise IntsimError("convert handles models with exactly one input")
-    gm.add_submodule("quant_in", QuantStub(qconfig))
-    with graph.inserting_after(placeholders[0]):
-        q = graph.call_module("quant_in", (placeholders[0],))
-    placeholders[0].replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
-    output = next(n for n in graph.nodes if n.op == "output")
-    gm.add_submodule("dequant_out", DeQuantStub(qconfig))
-    with graph.inserting_before(output):
-        d = graph.call_module("dequant_out", (output.args[0],))
-    output.args = (d,)
-
-    if qconfig.layers == "first":            # the rest stay float (AdaRound's Table 1 setting)
+        raise IntsimError(f"convert handles models with exactly one input, this one takes {len(placeholders)}")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
+        raise IntsimError("the model returns several values (a tuple, list or dict): convert handles models "
+                          "with one tensor output")
+    _replace_sources(gm, qconfig)
+    for node in gm.graph.nodes:
+        op_of(gm, node)                          # refuse what cannot be converted, before any change
+    if not qconfig.float_activations:
+        _insert_quantizers(gm, qconfig)
+    if qconfig.quantize_layers == "first":       # the rest stay float (AdaRound's Table 1 setting)
         for _, layer in qlayers(gm)[1:]:
-            layer.enabled = False
-    for node in graph.nodes:
-        _check_supported(gm, node)
+            layer.w_quantizer = None
+    gm.qconfig = qconfig
     gm.delete_all_unused_submodules()
-    graph.lint()
+    gm.graph.lint()
     gm.recompile()
     return gm
 
 
 # ----------------------------------------------------------------------------- phases
 
-def set_mode(qmodel, mode):
-    for m in qmodel.modules():
-        if isinstance(m, QModule):
-            m.set_mode(mode)
+# phase -> (weights fake-quantized, activations fake-quantized, when activation ranges are observed)
+PHASES = {
+    "float":     (False, False, "never"),      # the float function (BN folded: the same function)
+    "calibrate": (False, False, "always"),     # the float function, while observers record ranges
+    "fakequant": (True, True, "never"),        # weights and activations on their integer grids
+    "qat":       (True, True, "training"),     # as fakequant; in train() ranges move and BN uses batch stats
+}
 
 
 def qlayers(qmodel):
-    """(name, QLayer) pairs in the order the graph runs them (module order without a graph)."""
-    if not isinstance(qmodel, fx.GraphModule):
-        return [(name, m) for name, m in qmodel.named_modules() if isinstance(m, QLayer)]
-    return [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes
-            if n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), QLayer)]
+    """(name, QLayer) pairs in the order the graph runs them."""
+    return [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes if _module(qmodel, n, QLayer)]
 
 
-def freeze_bn(qmodel):
+def activation_quantizers(qmodel):
+    return [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if _module(qmodel, n, Quantizer)]
+
+
+def set_phase(qmodel, phase):
+    if phase not in PHASES:
+        raise IntsimError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)} "
+                          f"(integer inference: freeze(qmodel), then frozen.set_mode(.., 'int'))")
+    weights, activations, observe = PHASES[phase]
+    for _, layer in qlayers(qmodel):
+        if layer.w_quantizer is not None:
+            layer.w_quantizer.enabled = weights
+            layer.w_quantizer.observe = "always" if weights else "never"   # weights: S, Z follow W
+        layer.bn_stats = "batch" if phase == "qat" and layer.bn is not None else "running"
+    for q in activation_quantizers(qmodel):
+        q.enabled, q.observe = activations, observe
+    return qmodel
+
+
+def bn_use_running_stats(qmodel):
     """QAT: from now on BN uses its running statistics (and stops updating them)."""
     for _, layer in qlayers(qmodel):
-        layer.bn_frozen = True
+        layer.bn_stats = "running"
 
 
-def freeze_observers(qmodel):
+def fix_ranges(qmodel):
     """QAT: from now on the activation ranges stay where the moving average left them."""
-    for m in qmodel.modules():
-        if isinstance(m, QModule):
-            m.observer_frozen = True
+    for q in activation_quantizers(qmodel):
+        q.observe = "never"
 
 
 @torch.no_grad()
 def calibrate(qmodel, batches, device, num_batches):
     """Record activation ranges on `num_batches` batches (BN statistics stay as trained: the
-    model is in eval mode, so nothing but the observers changes). Returns the images seen."""
+    model is in eval mode, so nothing but the observers changes), then set every activation's
+    S and Z. Returns the images seen."""
     qmodel.eval()
-    set_mode(qmodel, "calibrate")
+    set_phase(qmodel, "calibrate")
     seen = images = 0
     for x, _ in batches:
         if seen == num_batches:
             break
         qmodel(x.to(device))
         seen, images = seen + 1, images + len(x)
-    set_mode(qmodel, "float")
+    set_phase(qmodel, "float")
     if seen == 0:
         raise IntsimError("calibration saw no data: check the data set and --calib-batches")
-    for m in qmodel.modules():
-        if isinstance(m, QModule) and m.act is not None:
-            m.act.finish()                  # the lp/sqnr observers search their samples now
+    for q in activation_quantizers(qmodel):
+        q.finish()                      # the lp/sqnr observers search their samples now
     return images
 
 
+# ----------------------------------------------------------------------------- freeze
+
+def _qparams(q):
+    s, z = q.qparams()
+    return QParams(s, z, q.grid)
+
+
+def _clamp_range(ops):
+    lo = max([o.clamp[0] for o in ops], default=-math.inf)
+    hi = min([o.clamp[1] for o in ops], default=math.inf)
+    return lo, hi
+
+
 @torch.no_grad()
-def freeze(qmodel, rounding=None, generator=None, weight_integers=None):
-    """Walk the graph in execution order: each layer is frozen with the (S, Z) of the tensor
-    that feeds it, taken from its producer (through pass-through ops such as flatten).
-    (S, Z) is None for float tensors (float activations, layers left in float). `rounding`
-    overrides qconfig.rounding; `generator` seeds stochastic rounding; `weight_integers`
-    ({layer name: integer weights}) gives some layers' integers directly (AdaRound)."""
-    weight_integers = weight_integers or {}
-    qparams = {}   # fx node -> (S, Z) of the integers it produces, or None
+def freeze(qmodel, rounding=None, generator=None):
+    """The frozen integer model (a new fx.GraphModule of frozen.py's ops; `qmodel` is left as
+    it is). Walks the graph in execution order: every producer is frozen with the (S, Z) of the
+    tensors that feed it and of the activation quantizer after it, and the ReLU/ReLU6 between
+    them becomes its act_min/act_max. `rounding` overrides the weight quantizers' rounding (a
+    learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding."""
+    if rounding is not None:
+        for _, layer in qlayers(qmodel):
+            if isinstance(layer.w_quantizer, Quantizer):
+                layer.w_quantizer.rounding = rounding
+    graph, env, grid, modules, absorbed = fx.Graph(), {}, {}, {}, set()
+
+    def emit(name, module, args):
+        modules[name] = module
+        return graph.call_module(name, args)
+
     for node in qmodel.graph.nodes:
-        mod = qmodel.get_submodule(node.target) if node.op == "call_module" else None
+        op = op_of(qmodel, node)
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if isinstance(mod, QuantStub):
-            mod.freeze()
-            qparams[node] = mod.output_qparams() if mod.act is not None else None
-        elif isinstance(mod, QLayer):
-            if not mod.enabled:
-                qparams[node] = None
-                continue
-            if mod.freeze(*(qparams[src] or (None, None)), rounding=rounding, generator=generator,
-                          weight_integers=weight_integers.get(node.target)):
-                warnings.warn(f"{node.target}: the worst-case accumulator exceeds int32; "
-                              f"each integer forward checks for overflow")
-            qparams[node] = mod.output_qparams() if mod.act is not None else None
-        elif isinstance(mod, QAdd):
-            inputs = [qparams[a] for a in node.args]
-            if inputs[0] is not None and inputs[1] is not None:
-                mod.freeze(*inputs)
-            qparams[node] = mod.output_qparams() if mod.act is not None else None
-        elif isinstance(mod, QAvgPool):
-            if qparams[src] is not None:
-                mod.freeze(*qparams[src])
-            qparams[node] = mod.output_qparams() if mod.act is not None else None
-        elif isinstance(mod, DeQuantStub):
-            if qparams[src] is not None:
-                mod.freeze(*qparams[src])
-        elif src in qparams:
-            qparams[node] = qparams[src]
-    return qmodel
+        if node.op == "placeholder":
+            env[node], grid[node] = graph.placeholder(node.name), None
+        elif op.role == QUANT:
+            q = _qparams(qmodel.get_submodule(node.target))
+            if grid[src] is None:                                  # the input: float -> integers
+                env[node], grid[node] = emit(node.target, Quantize(q), (env[src],)), q
+            else:                                                  # its producer requantized to q already
+                env[node], grid[node] = env[src], grid[src]
+        elif op.role == PRODUCER:
+            links = chain(qmodel, node)
+            after = _sole_user(links[-1] if links else node)
+            out = _qparams(qmodel.get_submodule(after.target)) if after is not None and \
+                op_of(qmodel, after).role == QUANT else None
+            clamps = [op_of(qmodel, n) for n in links if op_of(qmodel, n).role == CLAMP] if out else []
+            absorbed.update(n for n in links if out and op_of(qmodel, n).role == CLAMP)
+            ins = [grid[a] for a in node.args if isinstance(a, fx.Node)]
+            if ins and all(i is None for i in ins) and op.freeze is not _freeze_layer:
+                env[node] = graph.node_copy(node, lambda n: env[n])  # float activations: a float op
+                if node.op == "call_module":
+                    modules[node.target] = qmodel.get_submodule(node.target)
+            else:
+                made = op.freeze(qmodel, node, ins, out, _clamp_range(clamps), generator)
+                value = env[node.args[0]] if node.op == "call_module" else None
+                for k, m in enumerate(made):
+                    args = (value,) if k or node.op == "call_module" else tuple(env[a] for a in node.args)
+                    value = emit(node.target if node.op == "call_module" and k == 0 else
+                                 f"{node.target}_bn" if k else node.name, m, args)
+                env[node] = value
+            grid[node] = out
+        elif op.role == CLAMP and node in absorbed:
+            env[node], grid[node] = env[src], grid[src]
+        elif op.role in (CLAMP, POOL) and grid[src] is not None:
+            module = IntClamp(grid[src], op.clamp) if op.role == CLAMP else IntMaxPool(_pool_settings(qmodel, node))
+            env[node], grid[node] = emit(node.target if node.op == "call_module" else node.name, module,
+                                         (env[src],)), grid[src]
+        elif node.op == "output":
+            value = env[src]
+            if grid[src] is not None:
+                value = emit("dequant_out", Dequantize(grid[src]), (value,))
+            graph.output(value)
+        else:                                                     # SAME, SHAPE, and float CLAMP/POOL
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op == "call_module":
+                modules[node.target] = qmodel.get_submodule(node.target)
+            grid[node] = grid.get(src) if op.role != SHAPE else None
+    frozen = fx.GraphModule(modules, graph, class_name="FrozenModel")
+    return frozen
 
 
-def runs_in_integers(qmodel):
-    """Whether the integer path exists: integer activations of at most 8 bits and every layer quantized."""
-    return all(m.qconfig.integer_capable and getattr(m, "enabled", True)
-               for m in qmodel.modules() if isinstance(m, QModule))
+class _PoolSettings:
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, ceil_mode
 
 
-def output_integers(qmodel, logits):
-    """The integers q = round(y / S) + Z behind a (fake-)quantized output y = S (q - Z)."""
-    dq = qmodel.get_submodule("dequant_out")
-    return integers_of(logits, dq.in_scale, dq.in_zero_point)
+def _pool_settings(gm, node):
+    """nn.MaxPool2d or F.max_pool2d's settings."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    kwargs = dict(zip(names, node.args[1:]), **{k: v for k, v in node.kwargs.items() if k in names})
+    return _PoolSettings(**kwargs)

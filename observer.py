@@ -13,19 +13,20 @@ Four ways to pick the range [rmin, rmax] that S and Z are computed from:
           one-sided or symmetric; otherwise rmin and rmax scale independently (a 25 x 25 grid).
 The same search (`search_range`) serves weights and activations.
 
-Activations use an observer module (its running min/max are buffers, so they follow
-`.to(device)` and `state_dict()`); it only records while its owner is in a recording mode
-('calibrate' or 'qat'), so calibration ends when the mode changes, and `finish()` then turns
-what it saw into the final range (the searching observers search a random sample of the
-values seen). Weights need no state: their range is read off the weight tensor when it is
-quantized (`weight_range`).
+An observer only proposes a range: the quantizer that owns it (quantizer.py) turns the range
+into S and Z and keeps them. Activation observers are modules (their running min/max are
+buffers, so they follow `.to(device)` and `state_dict()`); they record only while their
+quantizer observes (calibration, QAT training), and `finish()` turns what they saw into the
+final range (the searching observers search a random sample of the values seen). Weights
+need no state: `WeightObserver` reads the range off the weight tensor it is given.
 """
 import math
 
 import torch
 from torch import nn
 
-from function import IntsimError, qrange, round_half_away, scale_zero_point
+from errors import IntsimError
+from function import round_half_away, scale_zero_point, to_grid
 
 EMA_MOMENTUM = 0.01   # moving-average weight of a new batch's min/max (QAT, Jacob et al. 2018, sec. 3.1)
 LP_DEFAULT_P = 2.4    # BRECQ's p for the Lp range search
@@ -36,14 +37,14 @@ SQNR_GRID = [i / 25 for i in range(25, 0, -1)]             # two-sided sqnr: 25 
 SAMPLES_PER_BATCH = 2 ** 15   # activation values kept per calibration batch for the lp/sqnr search
 
 
-def range_error(x, lo, hi, bits, symmetric, method, p=LP_DEFAULT_P):
-    """The quantization error of the rows of x (C, N) with the ranges [lo, hi] (each (C,)):
-    mean |x - Q(x)|^p ('lp'), or the noise of 'sqnr' (mean squared error with clipped values
-    weighted SQNR_GAMMA; the signal is fixed, so the lowest noise is the best SQNR). (C,)."""
-    qmin, qmax = qrange(bits, symmetric)
-    s, z = scale_zero_point(lo, hi, bits, symmetric)
+def range_error(x, lo, hi, grid, method, p=LP_DEFAULT_P):
+    """The quantization error of the rows of x (C, N) on `grid` with the ranges [lo, hi] (each
+    (C,)): mean |x - Q(x)|^p ('lp'), or the noise of 'sqnr' (mean squared error with clipped
+    values weighted SQNR_GAMMA; the signal is fixed, so the lowest noise is the best SQNR). (C,)."""
+    qmin, qmax = grid.qmin, grid.qmax
+    s, z = scale_zero_point(lo, hi, grid)
     s, z = s.to(x).reshape(-1, 1), z.to(x).reshape(-1, 1)
-    q = torch.clamp(round_half_away(x / s) + z, qmin, qmax)
+    q = to_grid(round_half_away(x / s), z, qmin, qmax)
     err = x - (q - z) * s
     if method == "lp":
         return err.abs().pow(p).mean(1)
@@ -52,7 +53,7 @@ def range_error(x, lo, hi, bits, symmetric, method, p=LP_DEFAULT_P):
 
 
 @torch.no_grad()
-def search_range(x, bits, symmetric, method, p=LP_DEFAULT_P):
+def search_range(x, grid, method, p=LP_DEFAULT_P):
     """The candidate range with the lowest `range_error` for each row of x (C, N): (lo, hi),
     each (C,). Candidates are [f_lo rmin, f_hi rmax]; ties go to the earlier (wider) one."""
     check_p(p)
@@ -64,12 +65,12 @@ def search_range(x, bits, symmetric, method, p=LP_DEFAULT_P):
     def consider(f_lo, f_hi):          # factors: floats or (C,) tensors
         nonlocal best, best_lo, best_hi
         lo, hi = lo0 * f_lo, hi0 * f_hi
-        err = range_error(x, lo, hi, bits, symmetric, method, p)
+        err = range_error(x, lo, hi, grid, method, p)
         better = err < best
         best = torch.where(better, err, best)
         best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
 
-    if method == "sqnr" and not symmetric and bool(((lo0 < 0) & (hi0 > 0)).any()):
+    if method == "sqnr" and not grid.symmetric and bool(((lo0 < 0) & (hi0 > 0)).any()):
         for f_lo in SQNR_GRID:                                  # two-sided: both ends move
             for f_hi in SQNR_GRID:
                 consider(f_lo, f_hi)
@@ -92,9 +93,9 @@ def check_p(p):
 class MinMaxObserver(nn.Module):
     """Per-tensor range of everything observed: min over batches of the batch min, max of max."""
 
-    def __init__(self, bits, symmetric=False):
+    def __init__(self, grid):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        self.grid = grid
         self.register_buffer("min_val", torch.tensor([float("inf")]))
         self.register_buffer("max_val", torch.tensor([float("-inf")]))
 
@@ -116,19 +117,17 @@ class MinMaxObserver(nn.Module):
     def has_data(self):
         return bool(torch.isfinite(self.min_val).all())
 
-    def qparams(self, name="activation"):
-        """(S, Z) of the observed range: float32 and int64 tensors of shape (1,)."""
-        if not self.has_data():
-            raise IntsimError(f"{name} has no observed range: calibrate the model before quantizing it")
-        return scale_zero_point(self.min_val, self.max_val, self.bits, self.symmetric)
+    def range(self):
+        """(min, max) of what was observed: float32 tensors of shape (1,)."""
+        return self.min_val, self.max_val
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of the batch min/max (Jacob et al. 2018, sec. 3.1): the first
     batch sets the range, later batches move it by EMA_MOMENTUM."""
 
-    def __init__(self, bits, symmetric=False, momentum=EMA_MOMENTUM):
-        super().__init__(bits, symmetric)
+    def __init__(self, grid, momentum=EMA_MOMENTUM):
+        super().__init__(grid)
         self.momentum = momentum
 
     def _update(self, lo, hi):
@@ -145,8 +144,8 @@ class SearchObserver(MinMaxObserver):
     SAMPLES_PER_BATCH values of every batch (seeded, so calibration is reproducible); `finish()`
     searches the sample (with the observed min and max added) and keeps the best range."""
 
-    def __init__(self, bits, symmetric=False, method="lp", p=LP_DEFAULT_P, seed=0):
-        super().__init__(bits, symmetric)
+    def __init__(self, grid, method="lp", p=LP_DEFAULT_P, seed=0):
+        super().__init__(grid)
         self.method, self.p = method, check_p(p)
         self.generator = torch.Generator().manual_seed(seed)
         self.samples = []
@@ -164,38 +163,62 @@ class SearchObserver(MinMaxObserver):
         if not self.samples:
             return
         x = torch.cat(self.samples + [self.min_val.double().cpu(), self.max_val.double().cpu()])
-        lo, hi = search_range(x.reshape(1, -1), self.bits, self.symmetric, self.method, self.p)
+        lo, hi = search_range(x.reshape(1, -1), self.grid, self.method, self.p)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self.samples = []
 
 
-def make_observer(name, bits, p=LP_DEFAULT_P):
-    """An activation observer by name (one of OBSERVERS)."""
+def make_observer(name, grid, p=LP_DEFAULT_P):
+    """An activation observer by name (one of OBSERVERS) for values that go onto `grid`."""
     if name == "minmax":
-        return MinMaxObserver(bits)
+        return MinMaxObserver(grid)
     if name == "ema":
-        return MovingAverageMinMaxObserver(bits)
+        return MovingAverageMinMaxObserver(grid)
     if name in ("lp", "sqnr"):
-        return SearchObserver(bits, method=name, p=p)
+        return SearchObserver(grid, method=name, p=p)
     raise IntsimError(f"unknown activation observer {name!r}; use one of {', '.join(OBSERVERS)}")
 
 
-def weight_range(w, per_channel, method="minmax", bits=8, symmetric=True, p=LP_DEFAULT_P):
+def weight_range(w, per_channel, method="minmax", grid=None, p=LP_DEFAULT_P):
     """(min, max) of a weight tensor (C_out, ...), each of shape (C_out,): per output channel,
     or the tensor's range repeated C_out times (per-tensor), so both have one shape. `method`
-    is one of WEIGHT_OBSERVERS; the searches need the bits and symmetry the weights will get."""
+    is one of WEIGHT_OBSERVERS; the searches need the grid the weights will go onto."""
     flat = w.detach().reshape(w.shape[0], -1)
     if not per_channel:
         flat = flat.reshape(1, -1)
     if method == "minmax":
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     elif method in ("lp", "sqnr"):
-        lo, hi = search_range(flat, bits, symmetric, method, p)
+        lo, hi = search_range(flat, grid, method, p)
         lo, hi = lo.to(w), hi.to(w)
     else:
         raise IntsimError(f"unknown weight observer {method!r}; use one of {', '.join(WEIGHT_OBSERVERS)}")
     return lo.expand(w.shape[0]), hi.expand(w.shape[0])
+
+
+class WeightObserver(nn.Module):
+    """The range of the weight tensor it was last given (`weight_range`): weights are quantized
+    from their current values, so nothing accumulates."""
+
+    def __init__(self, grid, per_channel, method="minmax", p=LP_DEFAULT_P):
+        super().__init__()
+        self.grid, self.per_channel, self.method, self.p = grid, per_channel, method, p
+        self.last = None
+
+    @torch.no_grad()
+    def forward(self, w):
+        self.last = weight_range(w, self.per_channel, self.method, self.grid, self.p)
+        return w
+
+    def finish(self):
+        """Nothing to finish: the range is the last tensor's."""
+
+    def has_data(self):
+        return self.last is not None
+
+    def range(self):
+        return self.last
 
 
 OBSERVERS = ("minmax", "ema", "lp", "sqnr")     # for activations

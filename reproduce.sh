@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-run every experiment behind the README's tables, then rebuild the tables.
+# Re-run every experiment behind the tables of RESULTS.md and README.md, then rebuild the tables.
 # Train (about 15 min per model on 2 CPU cores; ckpt/ already holds the results):
 #   bash reproduce.sh train
 # Quantize (PTQ about 1 min a row, QAT about 6 min a row, bench about 5 min):
@@ -97,7 +97,7 @@ for what in "$@"; do
         done
       done ;;
     table1)
-      python rounding.py --model cnn_bn --result-json "$R/table1_cnn_bn.json" ;;
+      python table1.py --model cnn_bn --result-json "$R/table1_cnn_bn.json" ;;
     bench)
       python bench.py --model cnn_bn --result-json "$R/bench_cnn_bn_W8A8.json" ;;
     resnet18)
@@ -113,7 +113,7 @@ for what in "$@"; do
         python AdaRound.py --model resnet18 --w-bits "$w" --a-bits "$a" --per-channel --iters 1000 \
           --result-json "$R/adaround_resnet18_W${w}A${a}_pc.json"
       done
-      python rounding.py --model resnet18 --draws 20 --test-limit 2000 --hessian-images 256 \
+      python table1.py --model resnet18 --draws 20 --test-limit 2000 --hessian-images 256 \
         --result-json "$R/table1_resnet18.json"
       python bench.py --model resnet18 --per-channel --test-limit 2000 --train-batches 10 --result-json "$R/bench_resnet18_W8A8.json" ;;
     imagenet)

@@ -15,7 +15,7 @@ import os
 
 import cli
 from data import imagenet_files
-from function import IntsimError
+from errors import IntsimError
 
 
 def split(src, dst, parts):

@@ -13,9 +13,11 @@ import time
 import torch
 
 import cli
+from checkpoint import save_checkpoint, torch_save
 from data import Batches, dataset_info, load_split, random_crop_flip
-from engine import evaluate, train_one_epoch
-from model import ModelConfig, build_model, save_checkpoint
+from engine import evaluate, fingerprint, train_one_epoch
+from errors import IntsimError
+from model import ModelConfig, build_model
 
 # defaults (each is a flag)
 EPOCHS = 15
@@ -39,9 +41,7 @@ def main():
     p.add_argument("--resume-dir", default=RESUME_DIR, help="where the per-epoch resume state is kept")
     p.add_argument("--resume", action="store_true",
                    help="continue from <resume-dir>/<dataset>_<model>.resume.pt (same flags)")
-    args = p.parse_args()
-    cli.seed_everything(args.seed)
-    device = cli.device_from(args.device)
+    args, device = cli.start(p)
 
     info = dataset_info(args.dataset)
     x_train, y_train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
@@ -67,10 +67,10 @@ def main():
     first_epoch, earlier_minutes = 1, 0.0
     if args.resume:
         if not os.path.isfile(resume_path):
-            raise cli.IntsimError(f"--resume: {resume_path} not found; start without --resume")
+            raise IntsimError(f"--resume: {resume_path} not found; start without --resume")
         state = torch.load(resume_path, map_location=device, weights_only=False)
         if state["epochs"] != epochs:
-            raise cli.IntsimError(f"--resume: {resume_path} was a {state['epochs']}-epoch run; pass --epochs {state['epochs']}")
+            raise IntsimError(f"--resume: {resume_path} was a {state['epochs']}-epoch run; pass --epochs {state['epochs']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -84,12 +84,10 @@ def main():
         loss, speed = train_one_epoch(model, train_batches, optimizer, device, epoch, scheduler, max_batches)
         acc = evaluate(model, test_batches, device)
         print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s", flush=True)
-        os.makedirs(args.resume_dir, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "data_order": train_batches.generator.get_state(),
-                    "epoch": epoch, "epochs": epochs, "minutes": earlier_minutes + (time.time() - start) / 60},
-                   resume_path + ".tmp")
-        os.replace(resume_path + ".tmp", resume_path)         # never a half-written resume file
+        torch_save(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "data_order": train_batches.generator.get_state(),
+                                 "epoch": epoch, "epochs": epochs,
+                                 "minutes": earlier_minutes + (time.time() - start) / 60})
     minutes = earlier_minutes + (time.time() - start) / 60
     if acc is None:
         acc = evaluate(model, test_batches, device)
@@ -100,7 +98,8 @@ def main():
     print(f"saved {path} (test accuracy {acc:.2f}%, {minutes:.1f} min)")
     cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
-                     "ckpt": path, "seed": args.seed}, args.result_json)
+                     "ckpt": path, "seed": args.seed,
+                     "weights_sha": fingerprint(torch.cat([v.flatten().float() for v in model.state_dict().values()]))}, args.result_json)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,53 @@
-"""AdaRound (AdaRound.py): soft rounding starts at the float weights, the regulariser drives h(V)
-to 0 or 1, the beta schedule, and the learned rounding never reconstructs worse than nearest."""
+"""AdaRound: soft rounding starts at the float weights, the regulariser drives h(V) to 0 or 1,
+the beta schedule, and the learned rounding never reconstructs worse than nearest. The layer
+reconstructed is the converted model's own (an AdaRoundQuantizer swapped in)."""
 import pytest
 import torch
 from torch import nn
 
-from AdaRound import (GAMMA, ZETA, AdaRoundWeights, beta_at, full_loss, optimise, rectified_sigmoid)
+from AdaRound import REG_WEIGHT, beta_at
+from config import QConfig
 from function import FLOAT_BITS, round_half_away
-from module import QConfig, QLayer
-from test_module import random_bn
-from test_scripts import result_of, run
+from model import convert, qlayers, set_phase
+from quantizer import GAMMA, ZETA, AdaRoundQuantizer, rectified_sigmoid
+from reconstruct import full_loss, optimise, unit
 
 
-def tiny_layer(bits, conv=False, seed=0, per_channel=False):
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    qconfig = QConfig(w_bits=bits, a_bits=FLOAT_BITS, per_channel=per_channel)
-    if conv:
-        layer = QLayer(nn.Conv2d(3, 6, 3, padding=1), qconfig, bn=random_bn(6, g), relu=True)
-        x = torch.randn(256, 3, 6, 6, generator=g)
-    else:
-        layer = QLayer(nn.Linear(24, 8), qconfig, relu=True)
-        x = torch.randn(512, 24, generator=g)
-    layer.eval()
-    with torch.no_grad():
-        target = layer(x)                     # float mode: the float layer's output after ReLU
-    return layer, x, target
+@pytest.fixture
+def tiny_unit(random_bn):
+    """tiny_unit(bits, conv, seed, per_channel) -> (ada, unit, x, target): one layer (+BN) + ReLU,
+    converted, its weight quantizer replaced by an AdaRoundQuantizer."""
+    def make(bits, conv=False, seed=0, per_channel=False):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        if conv:
+            model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), random_bn(6, g), nn.ReLU())
+            x = torch.randn(256, 3, 6, 6, generator=g)
+        else:
+            model = nn.Sequential(nn.Linear(24, 8), nn.ReLU())
+            x = torch.randn(512, 24, generator=g)
+        qmodel = convert(model.eval(), QConfig(w_bits=bits, a_bits=FLOAT_BITS, per_channel=per_channel))
+        name, layer = qlayers(qmodel)[0]
+        module, _ = unit(qmodel, name)
+        with torch.no_grad():
+            target = module(x)               # float phase: the float layer's output after ReLU
+        set_phase(qmodel, "fakequant")
+        ada = AdaRoundQuantizer(layer.w_quantizer, layer.weight_bias()[0].detach())
+        layer.w_quantizer = ada
+        return ada, module, layer, x, target
+    return make
+
+
+def loss_with(ada, module, x, target, mode):
+    ada.mode = mode
+    return full_loss(module, x, target)
+
+
+def run_adaround(ada, module, x, target, iters, lr, seed):
+    reg = lambda t: None if beta_at(t, iters) is None else REG_WEIGHT * ada.regulariser(beta_at(t, iters))
+    ada.mode = "soft"
+    with torch.enable_grad():
+        optimise(module, [ada.v], x, target, iters, 32, lr, torch.Generator().manual_seed(seed), reg)
 
 
 def test_rectified_sigmoid_and_its_inverse():
@@ -36,13 +59,11 @@ def test_rectified_sigmoid_and_its_inverse():
 
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_soft_rounding_at_initialisation_reproduces_the_float_weights(conv, per_channel):
-    layer, x, target = tiny_layer(4, conv=conv, per_channel=per_channel)
-    ada = AdaRoundWeights(layer)
-    w_soft = ada.scale * (ada.integers(hard=False) - ada.zero_point)
+def test_soft_rounding_at_initialisation_reproduces_the_float_weights(conv, per_channel, tiny_unit):
+    ada, module, layer, x, target = tiny_unit(4, conv=conv, per_channel=per_channel)
     w, _ = layer.folded_weight_bias()
-    assert torch.allclose(w_soft, w, atol=1e-6 * float(ada.scale.max()))      # min/max range: nothing clipped
-    assert float(full_loss(ada, x, target, ada.integers(hard=False))) < 1e-9
+    assert torch.allclose(ada(w), w, atol=1e-6 * float(ada.scale.max()))      # min/max range: nothing clipped
+    assert float(loss_with(ada, module, x, target, "soft")) < 1e-9
     # the nearest integers it starts from are TFLite's
     assert torch.equal(ada.nearest, torch.clamp(round_half_away(w / ada.scale), -7, 7))
 
@@ -58,44 +79,34 @@ def test_beta_schedule_warm_start_then_linear_from_20_to_2():
 
 
 @pytest.mark.parametrize("bits,conv,seed", [(4, False, 0), (3, False, 1), (4, True, 3), (3, True, 4)])
-def test_adaround_drives_h_to_0_or_1_and_beats_nearest(bits, conv, seed):
-    layer, x, target = tiny_layer(bits, conv=conv, seed=seed)
-    ada = AdaRoundWeights(layer)
-    nearest = full_loss(ada, x, target, ada.nearest)
-    with torch.enable_grad():
-        optimise(ada, x, target, iters=3000, batch_size=32, lr=1e-2, reg_weight=0.01,
-                 generator=torch.Generator().manual_seed(seed))
+def test_adaround_drives_h_to_0_or_1_and_beats_nearest(bits, conv, seed, tiny_unit):
+    ada, module, _, x, target = tiny_unit(bits, conv=conv, seed=seed)
+    nearest = loss_with(ada, module, x, target, "nearest")
+    run_adaround(ada, module, x, target, 3000, 1e-2, seed)
     h = ada.h().detach()
     assert torch.all(torch.minimum(h, 1 - h) <= 0.01)               # every h within 0.01 of 0 or 1
-    soft = full_loss(ada, x, target, ada.integers(hard=False))
-    hard = full_loss(ada, x, target, ada.integers(hard=True))
+    soft = loss_with(ada, module, x, target, "soft")
+    hard = loss_with(ada, module, x, target, "hard")
     assert abs(hard - soft) <= 0.02 * soft + 1e-6                    # rounding hard changes little
     assert hard <= nearest                                           # never worse than nearest
-    assert not torch.equal(ada.integers(hard=True), ada.nearest)     # and it did change something
+    assert not torch.equal(ada.integers(), ada.nearest)              # and it did change something
 
 
-def test_adaround_end_to_end_on_real_fashion_mnist(data_dir, tmp_path):
-    save, png = tmp_path / "ada.pt", tmp_path / "h.png"
-    r = result_of(run("AdaRound.py", "--model", "cnn_bn", "--w-bits", 4, "--a-bits", 8, "--per-channel",
-                      "--dry-run", "--save", save, "--plot", png, "--data-dir", data_dir))
-    assert r["rounding"] == "adaround" and r["iters"] == 20 and r["num_calib"] == 64
-    assert [s["layer"] for s in r["layers"]] == ["features.0", "features.4", "classifier"]
-    assert all(s["loss_adaround"] <= s["loss_nearest"] * 1.05 for s in r["layers"])
-    assert r["int_acc"] > 80 and r["int_fq_same_class"] > 97 and save.exists() and png.stat().st_size > 5000
-    # the saved model reloads into the same integers and is scored again by QAT.py --eval's loader
-    from model import load_quantized
-    qmodel, qconfig, ckpt = load_quantized(str(save), "fashion-mnist", "cnn_bn")
-    assert ckpt["rounding"] == "adaround" and qconfig.w_bits == 4
-
-
-def test_adaround_at_2_bits_still_beats_nearest():
+def test_adaround_at_2_bits_still_beats_nearest(tiny_unit):
     # At 2 bits a tiny layer's reconstruction error outweighs the regulariser (lambda 0.01) for
     # some weights, so h need not reach 0/1 in a few thousand steps; the hard rounding must
     # still reconstruct better than nearest.
-    layer, x, target = tiny_layer(2, seed=2)
-    ada = AdaRoundWeights(layer)
-    nearest = full_loss(ada, x, target, ada.nearest)
-    with torch.enable_grad():
-        optimise(ada, x, target, iters=2000, batch_size=32, lr=3e-2, reg_weight=0.01,
-                 generator=torch.Generator().manual_seed(2))
-    assert full_loss(ada, x, target, ada.integers(hard=True)) < nearest
+    ada, module, _, x, target = tiny_unit(2, seed=2)
+    nearest = loss_with(ada, module, x, target, "nearest")
+    run_adaround(ada, module, x, target, 2000, 3e-2, 2)
+    assert loss_with(ada, module, x, target, "hard") < nearest
+
+
+def test_frozen_model_takes_the_learned_integers(tiny_unit):
+    """The quantizer swapped in is what freeze reads: its hard integers become the IntConv's."""
+    from model import freeze
+    ada, module, layer, x, target = tiny_unit(3, seed=5)
+    run_adaround(ada, module, x, target, 300, 1e-2, 5)
+    ada.mode = "hard"
+    op, = layer.freeze(None, None, (0.0, float("inf")))
+    assert torch.equal(op.w_q.float(), ada.integers())

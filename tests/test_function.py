@@ -7,57 +7,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from function import (INT32_MAX, INT32_MIN, IntsimError, check_bits, dequantize, fake_quantize,
+from errors import IntsimError
+from function import (INT32_MAX, INT32_MIN, Grid, activation_grid, check_bits, dequantize, fake_quantize,
                       multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_single_rounding,
-                      multiplier_to_float, qrange, quantize,
-                      quantize_multiplier, requantize, round_half_away, rounding_divide_by_pot,
-                      saturating_rounding_doubling_high_mul, scale_zero_point)
-
-
-# ---- plain-Python transcription of TFLite / gemmlowp (C semantics written out by hand)
-
-def c_div(a, b):
-    """C's integer division: truncates toward zero."""
-    q = abs(a) // abs(b)
-    return q if (a >= 0) == (b > 0) else -q
-
-
-def ref_srdhm(a, b):
-    if a == INT32_MIN and b == INT32_MIN:
-        return INT32_MAX
-    ab = a * b
-    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
-    return c_div(ab + nudge, 1 << 31)
-
-
-def ref_rdbpot(x, exponent):
-    mask = (1 << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (1 if x < 0 else 0)
-    return (x >> exponent) + (1 if remainder > threshold else 0)
-
-
-def ref_mbqm(x, m0, shift):
-    left, right = max(shift, 0), max(-shift, 0)
-    return ref_rdbpot(ref_srdhm(x * (1 << left), m0), right)
-
-
-def ref_mbqm_single_rounding(x, m0, shift):
-    total_shift = 31 - shift
-    return (x * m0 + (1 << (total_shift - 1))) >> total_shift
-
-
-def ref_quantize_multiplier(m):
-    if m == 0:
-        return 0, 0
-    q, shift = math.frexp(m)
-    q_fixed = int(math.floor(q * (1 << 31) + 0.5))       # std::round of a positive number
-    if q_fixed == 1 << 31:
-        q_fixed //= 2
-        shift += 1
-    if shift < -31:
-        shift, q_fixed = 0, 0
-    return q_fixed, shift
+                      multiplier_to_float, quantize, quantize_multiplier, requantize, round_half_away,
+                      rounding_divide_by_pot, saturating_rounding_doubling_high_mul, scale_zero_point, weight_grid)
+from reference import (np_lsq_scale_gradient, ref_mbqm, ref_mbqm_single_rounding, ref_quantize_multiplier,
+                       ref_rdbpot, ref_srdhm)
 
 
 def t(values):
@@ -173,21 +129,30 @@ def test_bad_bits_rejected(bits):
         check_bits(bits)
 
 
-def test_qrange():
-    assert qrange(8, symmetric=True) == (-127, 127)
-    assert qrange(8, symmetric=False) == (0, 255)
-    assert qrange(2, symmetric=True) == (-1, 1)
-    assert qrange(4, symmetric=False) == (0, 15)
+def test_grids_keep_signed_narrow_and_symmetric_apart():
+    assert (weight_grid(8).qmin, weight_grid(8).qmax) == (-127, 127)             # TFLite's int8 weights
+    assert (Grid(8).qmin, Grid(8).qmax) == (0, 255)                              # uint8
+    assert (Grid(8, signed=True).qmin, Grid(8, signed=True).qmax) == (-128, 127)  # TFLite's int8 activations
+    assert (Grid(2, signed=True, narrow_range=True).qmin, Grid(4).qmax) == (-1, 15)
+    assert (Grid(8, narrow_range=True).qmin, Grid(8, narrow_range=True).qmax) == (1, 255)
+    with pytest.raises(IntsimError, match="symmetric grid"):
+        Grid(8, symmetric=True)
+    # int8 activations keep a zero point: the range [-1, 3] maps -1 -> -128 and 3 -> 127
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([3.0]), activation_grid(8, signed=True))
+    assert torch.isclose(s, torch.tensor([4 / 255])).all() and z.tolist() == [-128 + 64]
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_zero_is_exact_and_range_is_covered(bits, symmetric):
-    g = torch.Generator().manual_seed(bits)
+GRIDS = [weight_grid(b) for b in range(2, 9)] + [Grid(b) for b in range(2, 9)] + [Grid(8, signed=True),
+                                                                                    Grid(5, signed=True)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_zero_is_exact_and_range_is_covered(grid):
+    g = torch.Generator().manual_seed(grid.bits)
     lo = -torch.rand(200, generator=g) * 5 + 1      # some ranges lie entirely above 0 ...
     hi = lo + torch.rand(200, generator=g) * 5      # ... and the range must be extended to hold 0
-    s, z = scale_zero_point(lo, hi, bits, symmetric)
-    qmin, qmax = qrange(bits, symmetric)
+    s, z = scale_zero_point(lo, hi, grid)
+    qmin, qmax = grid.qmin, grid.qmax
     assert (s > 0).all() and ((z >= qmin) & (z <= qmax)).all()
     assert (quantize(torch.zeros(200), s, z, qmin, qmax) == z).all()          # 0.0 -> Z ...
     assert (dequantize(z, s, z) == 0).all()                                  # ... and back exactly
@@ -199,18 +164,18 @@ def test_zero_is_exact_and_range_is_covered(bits, symmetric):
 
 
 def test_scale_zero_point_reference_values():
-    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([3.0]), 8, symmetric=False)
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([3.0]), Grid(8))
     assert torch.isclose(s, torch.tensor([4 / 255])).all() and z.tolist() == [64]   # 255/4 = 63.75 -> 64
-    s, z = scale_zero_point(torch.tensor([-2.0]), torch.tensor([1.0]), 8, symmetric=True)
+    s, z = scale_zero_point(torch.tensor([-2.0]), torch.tensor([1.0]), weight_grid(8))
     assert torch.isclose(s, torch.tensor([2 / 127])).all() and z.tolist() == [0]
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_zero_and_constant_ranges_give_valid_scales(symmetric):
-    s, z = scale_zero_point(torch.tensor([0.0, 2.0, -3.0]), torch.tensor([0.0, 2.0, -3.0]), 8, symmetric)
+@pytest.mark.parametrize("grid", [weight_grid(8), Grid(8)], ids=str)
+def test_zero_and_constant_ranges_give_valid_scales(grid):
+    s, z = scale_zero_point(torch.tensor([0.0, 2.0, -3.0]), torch.tensor([0.0, 2.0, -3.0]), grid)
     assert torch.isfinite(s).all() and (s > 0).all()
     assert s[0] == 1.0                                   # an all-zero range: any scale works; 1 is used
-    qmin, qmax = qrange(8, symmetric)
+    qmin, qmax = grid.qmin, grid.qmax
     x = torch.tensor([0.0, 2.0, -3.0])
     back = dequantize(quantize(x, s, z, qmin, qmax), s, z)
     assert torch.allclose(back, x, atol=1e-6)            # a constant is represented (range [0, c])
@@ -218,19 +183,19 @@ def test_zero_and_constant_ranges_give_valid_scales(symmetric):
 
 def test_nan_range_rejected():
     with pytest.raises(IntsimError, match="not finite"):
-        scale_zero_point(torch.tensor([float("nan")]), torch.tensor([1.0]), 8, False)
+        scale_zero_point(torch.tensor([float("nan")]), torch.tensor([1.0]), Grid(8))
 
 
 # ---- fake quantization
 
 def test_fake_quant_forward_equals_quantize_dequantize():
     x = torch.linspace(-3, 3, 1001)
-    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), 4, False)
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), Grid(4))
     assert torch.equal(fake_quantize(x, s, z, 0, 15), dequantize(quantize(x, s, z, 0, 15), s, z))
 
 
 def test_fake_quant_gradient_is_identity_inside_zero_outside():
-    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), 4, False)
+    s, z = scale_zero_point(torch.tensor([-1.0]), torch.tensor([2.0]), Grid(4))
     lo, hi = float(s * (0 - z)), float(s * (15 - z))      # the representable range
     x = torch.tensor([-3.0, -1.5, lo - 0.2, lo + 0.01, -0.3, 0.0, 0.77, 1.9, hi - 0.01, hi + 0.2, 5.0],
                      requires_grad=True)
@@ -239,3 +204,22 @@ def test_fake_quant_gradient_is_identity_inside_zero_outside():
     assert torch.equal(x.grad, torch.where(inside, torch.arange(1.0, 12.0), torch.zeros(11)))
     assert inside.sum() == 6 and (~inside).sum() == 5
     assert x.grad[8] == 9  # 1.99 rounds onto QMAX and is still inside the range
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_learned_scale_gets_lsq_gradient(per_channel):
+    """With S a parameter, fake_quantize gives S LSQ's gradient (round's derivative taken as 1,
+    clipped values contribute QMIN/QMAX - Z); checked element by element in NumPy."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 50, generator=g, dtype=torch.float64) * 2
+    grad = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    s0 = torch.tensor([0.11, 0.07, 0.2], dtype=torch.float64)[:, None] if per_channel else \
+        torch.tensor([0.1], dtype=torch.float64)
+    z = torch.tensor([3, 0, -2])[:, None] if per_channel else torch.tensor([1])
+    s = s0.clone().requires_grad_(True)
+    fake_quantize(x, s, z, -8, 7).backward(grad)
+    rows = range(3) if per_channel else [slice(None)]
+    want = [np_lsq_scale_gradient(x[r].numpy(), float(s0.flatten()[i]), int(z.flatten()[i]), -8, 7, grad[r].numpy())
+            for i, r in enumerate(rows)]
+    assert torch.allclose(s.grad.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    assert (s.grad.abs() > 0).all()

@@ -7,46 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from function import FLOAT_BITS, IntsimError, quantize, round_with
-from model import calibrate, convert, freeze, qlayers, runs_in_integers, set_mode
-from module import QConfig
+from config import QConfig
+from errors import IntsimError
+from frozen import runs_in_integers, set_mode
+from function import FLOAT_BITS, Grid, quantize, round_with, weight_grid
+from model import calibrate, convert, freeze, qlayers, set_phase
 from observer import (SEARCH_FACTORS, SQNR_GAMMA, SQNR_GRID, SearchObserver, make_observer,
                       search_range, weight_range)
-from rounding import LayerLoss
-from test_module import random_bn, trained_like
+from reference import np_lp, np_sqnr
+from taylor import LayerLoss
 
 
-# ----------------------------------------------------------------------------- NumPy references
-
-def np_round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
-def np_quantize_range(x, lo, hi, bits, symmetric):
-    """x quantized with the range [lo, hi] (0 included), written out in NumPy: (x_q, clipped)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if symmetric:
-        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-        s, z = max(-lo, hi) / qmax, 0
-    else:
-        qmin, qmax = 0, 2 ** bits - 1
-        s = (hi - lo) / (qmax - qmin)
-        z = int(np.clip(np_round_half_away(qmin - lo / s), qmin, qmax))
-    s = np.float64(np.float32(s))                 # intsim keeps S in float32
-    q = np.clip(np_round_half_away(x / s) + z, qmin, qmax)
-    return (q - z) * s, (x < (qmin - z) * s) | (x > (qmax - z) * s)
-
-
-def np_lp(x, lo, hi, bits, symmetric, p):
-    xq, _ = np_quantize_range(x, lo, hi, bits, symmetric)
-    return np.mean(np.abs(x - xq) ** p)
-
-
-def np_sqnr(x, lo, hi, bits, symmetric):
-    """Signal power over noise power, clipped values' noise weighted by AIMET's gamma."""
-    xq, clipped = np_quantize_range(x, lo, hi, bits, symmetric)
-    noise = np.mean((x - xq) ** 2 * np.where(clipped, SQNR_GAMMA, 1.0))
-    return np.mean(x ** 2) / noise
+def grid(bits, symmetric):
+    return weight_grid(bits) if symmetric else Grid(bits)
 
 
 def heavy_tailed(n, seed, positive=False):
@@ -62,7 +35,7 @@ def heavy_tailed(n, seed, positive=False):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_lp_search_finds_what_a_dense_grid_search_finds(p, bits, symmetric):
     x = heavy_tailed(4000, seed=bits)
-    lo, hi = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "lp", p)
+    lo, hi = search_range(torch.tensor(x).reshape(1, -1), grid(bits, symmetric), "lp", p)
     ours = np_lp(x, float(lo), float(hi), bits, symmetric, p)
     # 1) at least as good as the best of its coarse candidates, recomputed here
     coarse = min(np_lp(x, f * x.min(), f * x.max(), bits, symmetric, p) for f in SEARCH_FACTORS)
@@ -80,26 +53,26 @@ def test_lp_search_finds_what_a_dense_grid_search_finds(p, bits, symmetric):
 def test_sqnr_pick_is_the_best_candidate(symmetric, positive):
     x = heavy_tailed(3000, seed=7, positive=positive)
     bits = 4
-    lo, hi = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "sqnr")
+    lo, hi = search_range(torch.tensor(x).reshape(1, -1), grid(bits, symmetric), "sqnr")
     two_sided = not symmetric and not positive
     pairs = ([(a, b) for a in SQNR_GRID for b in SQNR_GRID] if two_sided
              else [(f, f) for f in np.linspace(0.005, 1.0, 3981)])          # a dense grid
-    best = max(np_sqnr(x, a * x.min(), b * x.max(), bits, symmetric) for a, b in pairs)
-    ours = np_sqnr(x, float(lo), float(hi), bits, symmetric)
+    best = max(np_sqnr(x, a * x.min(), b * x.max(), bits, symmetric, SQNR_GAMMA) for a, b in pairs)
+    ours = np_sqnr(x, float(lo), float(hi), bits, symmetric, SQNR_GAMMA)
     if two_sided:
         assert ours == pytest.approx(best, rel=1e-6)       # the grid's best, exactly
     else:
         assert ours >= best / 1.001
     # the clipping weight matters: the plain-MSE (lp, p=2) range clips at least as much
-    lo2, hi2 = search_range(torch.tensor(x).reshape(1, -1), bits, symmetric, "lp", 2.0)
+    lo2, hi2 = search_range(torch.tensor(x).reshape(1, -1), grid(bits, symmetric), "lp", 2.0)
     assert float(hi2) <= float(hi) + 1e-6 or not symmetric
 
 
 def test_per_channel_search_treats_rows_independently():
     rows = [heavy_tailed(500, seed=s) * (s + 1) for s in range(4)]
-    lo, hi = search_range(torch.tensor(np.stack(rows)), 3, True, "lp", 2.4)
+    lo, hi = search_range(torch.tensor(np.stack(rows)), weight_grid(3), "lp", 2.4)
     for i, r in enumerate(rows):
-        lo1, hi1 = search_range(torch.tensor(r).reshape(1, -1), 3, True, "lp", 2.4)
+        lo1, hi1 = search_range(torch.tensor(r).reshape(1, -1), weight_grid(3), "lp", 2.4)
         assert float(lo[i]) == float(lo1) and float(hi[i]) == float(hi1)
 
 
@@ -109,7 +82,7 @@ def test_weight_range_minmax_per_tensor_and_per_channel():
     assert torch.equal(lo, w.reshape(6, -1).min(1).values) and torch.equal(hi, w.reshape(6, -1).max(1).values)
     lo, hi = weight_range(w, per_channel=False)
     assert lo.shape == (6,) and torch.all(lo == w.min()) and torch.all(hi == w.max())
-    lo, hi = weight_range(w, per_channel=False, method="lp", bits=4)
+    lo, hi = weight_range(w, per_channel=False, method="lp", grid=weight_grid(4))
     assert lo.shape == (6,) and float(hi[0]) < float(w.abs().max())
 
 
@@ -119,7 +92,7 @@ def test_activation_search_observer_is_seeded_and_clips_an_outlier():
     batches[1][0, 0, 0, 0] = 50.0                                     # one outlier
     ranges = []
     for _ in range(2):
-        obs = make_observer("lp", 4, p=2.0)
+        obs = make_observer("lp", Grid(4), p=2.0)
         for b in batches:
             obs(b)
         assert obs.max_val.item() == 50.0                            # min/max kept until finish()
@@ -127,12 +100,12 @@ def test_activation_search_observer_is_seeded_and_clips_an_outlier():
         ranges.append((obs.min_val.item(), obs.max_val.item()))
     assert ranges[0] == ranges[1]                                    # reproducible
     assert 0.5 < ranges[0][1] < 5.0                                   # the outlier is clipped
-    mm = make_observer("minmax", 4)
+    mm = make_observer("minmax", Grid(4))
     for b in batches:
         mm(b)
     mm.finish()
     assert mm.max_val.item() == 50.0
-    assert isinstance(make_observer("sqnr", 8), SearchObserver)
+    assert isinstance(make_observer("sqnr", Grid(8)), SearchObserver)
 
 
 def test_bad_observer_options_stop_with_clear_errors():
@@ -144,9 +117,11 @@ def test_bad_observer_options_stop_with_clear_errors():
         with pytest.raises(IntsimError, match="p > 0"):
             QConfig(w_observer="lp", lp_p=p)
     with pytest.raises(IntsimError, match="unknown rounding"):
-        QConfig(rounding="up")
+        QConfig(w_rounding="up")
     with pytest.raises(IntsimError, match="float activations"):
         QConfig(fold_bn=False, a_bits=8)
+    with pytest.raises(IntsimError, match="needs float activations"):
+        QConfig(quantize_layers="first", a_bits=8)
     with pytest.raises(IntsimError, match="activation bits"):
         QConfig(a_bits=24)
 
@@ -183,69 +158,70 @@ def test_quantize_with_floor_and_ceil_clamps_to_the_grid():
 
 # ----------------------------------------------------------------------------- weights-only models
 
-def test_float_activations_quantize_weights_only_and_have_no_integer_path():
+def test_float_activations_quantize_weights_only_and_have_no_integer_path(trained_like):
     model = trained_like("cnn_bn")
     x = torch.randn(8, 1, 28, 28)
-    qmodel = freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS)))    # nothing to calibrate
-    assert not runs_in_integers(qmodel)
-    set_mode(qmodel, "fakequant")
-    y = qmodel(x)
+    frozen = freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS)))    # nothing to calibrate
+    assert not runs_in_integers(frozen)
+    y = set_mode(frozen, "reals")(x)
     assert torch.allclose(y, model(x), atol=0.05) and not torch.equal(y, model(x))
     with pytest.raises(IntsimError, match="integer activations"):
-        set_mode(qmodel, "int")
+        set_mode(frozen, "int")
     # the fake-quant output is the frozen integer weights as reals, in a plain float model
     ref = trained_like("cnn_bn")
     with torch.no_grad():
-        for (name, layer), conv in zip(qlayers(qmodel), [ref.features[0], ref.features[4], ref.classifier]):
-            w, b = layer.frozen_weight_bias(torch.float32)
-            conv.weight.copy_(w)
+        for name, conv in zip(["features.0", "features.4", "classifier"], [ref.features[0], ref.features[4],
+                                                                           ref.classifier]):
+            op = frozen.get_submodule(name)
+            conv.weight.copy_(op.real_weight(torch.float32))
             if conv.bias is None:
-                conv.bias = torch.nn.Parameter(b.clone())
+                conv.bias = torch.nn.Parameter(op.bias.clone())
             else:
-                conv.bias.copy_(b)
+                conv.bias.copy_(op.bias)
         ref.features[1], ref.features[5] = torch.nn.Identity(), torch.nn.Identity()   # folded into w, b
     assert torch.allclose(y, ref(x), atol=1e-5)
 
 
-def test_first_layer_only_leaves_the_rest_float_and_unfolded_bn_keeps_bn():
+def test_first_layer_only_leaves_the_rest_float_and_unfolded_bn_keeps_bn(trained_like):
+    from frozen import FloatLayer
     model = trained_like("cnn_bn")
     x = torch.randn(8, 1, 28, 28)
-    qmodel = freeze(convert(model, QConfig(w_bits=2, a_bits=FLOAT_BITS, layers="first")))
-    names = [n for n, l in qlayers(qmodel) if l.enabled]
-    assert names == ["features.0"] and not runs_in_integers(qmodel)
-    set_mode(qmodel, "fakequant")
-    first = qlayers(qmodel)[0][1]
-    w, _ = first.folded_weight_bias()
-    assert len(torch.unique(first.w_q)) <= 3 and not torch.allclose(qmodel(x), model(x), atol=1e-3)
-    with pytest.raises(IntsimError, match="every layer quantized"):
-        qlayers(qmodel)[1][1].set_mode("int")
+    qmodel = convert(model, QConfig(w_bits=2, a_bits=FLOAT_BITS, quantize_layers="first"))
+    assert [n for n, l in qlayers(qmodel) if l.w_quantizer is not None] == ["features.0"]
+    frozen = set_mode(freeze(qmodel), "reals")
+    assert isinstance(frozen.classifier, FloatLayer) and not runs_in_integers(frozen)
+    assert len(torch.unique(frozen.get_submodule("features.0").w_q)) <= 3
+    assert not torch.allclose(frozen(x), model(x), atol=1e-3)
+    with pytest.raises(IntsimError, match="integer activations"):
+        set_mode(frozen, "int")
     # unfolded BN at 8 bits: the conv's own weights on the grid, BN after it in float
-    unfolded = freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS, fold_bn=False)))
-    set_mode(unfolded, "fakequant")
-    layer = qlayers(unfolded)[0][1]
-    s = layer.w_scale.reshape(-1, 1, 1, 1)
-    assert torch.allclose(layer.w_q * s, layer.layer.weight, atol=float(s.max()) / 2 + 1e-7)
+    unfolded = set_mode(freeze(convert(model, QConfig(w_bits=8, a_bits=FLOAT_BITS, fold_bn=False))), "reals")
+    op = unfolded.get_submodule("features.0")
+    s = op.w_scale.reshape(-1, 1, 1, 1)
+    assert torch.allclose(op.w_q * s, model.features[0].weight, atol=float(s.max()) / 2 + 1e-7)
+    assert isinstance(unfolded.get_submodule("features.0_bn"), torch.nn.BatchNorm2d)
     assert torch.allclose(unfolded(x), model(x), atol=0.05)
 
 
-def test_integer_model_with_lp_activation_ranges_and_8_bit_bias():
+def test_integer_model_with_lp_activation_ranges_and_8_bit_bias(trained_like, quantize):
     model = trained_like("cnn_bn")
     x = torch.randn(16, 1, 28, 28)
-    qmodel = convert(model, QConfig(w_bits=4, a_bits=4, a_observer="lp", w_observer="sqnr", bias_bits=8))
-    calibrate(qmodel, [(x, None)], "cpu", 1)
-    freeze(qmodel)
-    layer = qlayers(qmodel)[0][1]
-    b = layer.bias                                        # the real bias after its own 8-bit grid
+    qmodel, frozen = quantize(model, QConfig(w_bits=4, a_bits=4, a_observer="lp", w_observer="sqnr", bias_bits=8), x)
+    from module import round_bias
+    op = frozen.get_submodule("features.0")
+    b = qlayers(qmodel)[0][1].folded_weight_bias()[1].detach()
+    b8 = round_bias(b, 8)                                 # the bias on its own 8-bit grid ...
     step = b.abs().max() / 127
-    assert torch.allclose(b / step, torch.round(b / step), atol=1e-3)
-    assert layer.act.max_val.item() < qmodel.quant_in.act.max_val.item() * 100
-    set_mode(qmodel, "int")
-    assert torch.isfinite(qmodel(x)).all()
+    assert torch.allclose(b8 / step, torch.round(b8 / step), atol=1e-3) and not torch.equal(b8, b)
+    bias_scale = op.in_scale.double() * op.w_scale.double()  # ... then int32 at S_in S_w, as TFLite's
+    assert torch.equal(op.b_q, torch.round(b8.double() / bias_scale).long())
+    assert qmodel.get_submodule("features.0.out").observer.max_val.item() < qmodel.quant_in.observer.max_val.item() * 100
+    assert torch.isfinite(set_mode(frozen, "int")(x)).all()
 
 
 # ----------------------------------------------------------------------------- Hessian
 
-def test_hessian_vector_product_matches_finite_differences():
+def test_hessian_vector_product_matches_finite_differences(random_bn):
     # A smooth network (no ReLU or max-pool kinks for the finite differences to straddle):
     # conv -> BN -> linear -> softmax cross-entropy, which is not quadratic in the conv weights.
     torch.manual_seed(0)
@@ -253,7 +229,7 @@ def test_hessian_vector_product_matches_finite_differences():
                                 torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4)).double().eval()
     x = torch.randn(12, 2, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 4, (12,))
-    qmodel = convert(model, QConfig(w_bits=4, a_bits=FLOAT_BITS, layers="first")).double()
+    qmodel = convert(model, QConfig(w_bits=4, a_bits=FLOAT_BITS, quantize_layers="first")).double()
     loss = LayerLoss(qmodel, "0", [(x[:6], y[:6]), (x[6:], y[6:])], "cpu")
     v = torch.randn_like(loss.w0)
 

@@ -1,6 +1,5 @@
-"""End-to-end runs of the real scripts with --dry-run-sized settings: on the real
-Fashion-MNIST, on a tiny CIFAR-10 written here in torchvision's format, and bad input."""
-import json
+"""End-to-end runs of the real scripts (the `slow` tests): the checkpoints they write and read,
+a tiny CIFAR-10 written here in torchvision's format, the tables, and bad input."""
 import os
 import pickle
 import subprocess
@@ -9,32 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import FMNIST_CNN_BN, ROOT
 
-FMNIST_CNN_BN = os.path.join(ROOT, "ckpt", "fashion-mnist_cnn_bn.pt")
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+pytestmark = pytest.mark.slow
 
 
-def result_of(proc):
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert len(lines) == 1 and proc.stdout.rstrip().splitlines()[-1] == lines[0]
-    return json.loads(lines[0][len("RESULT "):])
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
-    for w in words:
-        assert w in err, err
-
-
-def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path):
+def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path, run, result_of):
     r = result_of(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--ckpt-dir", tmp_path,
                       "--resume-dir", tmp_path))
     ckpt = tmp_path / "fashion-mnist_cnn_bn.pt"
@@ -43,61 +22,74 @@ def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path):
     assert r["test_images"] == 1000 and r["int_fq_same_class"] > 95
 
 
-def test_ptq_end_to_end_on_real_fashion_mnist(data_dir, tmp_path):
-    out = tmp_path / "r.json"
-    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 8, "--a-bits", 8, "--per-channel",
-                      "--calib-batches", 2, "--test-limit", 2000, "--per-layer", 500, "--data-dir", data_dir,
-                      "--result-json", out))
-    assert {"script", "dataset", "model", "w_bits", "a_bits", "fp32_acc", "fakequant_acc", "int_acc"} <= set(r)
-    assert json.loads(out.read_text()) == r
-    assert r["fp32_acc"] > 90 and abs(r["int_acc"] - r["fp32_acc"]) < 1.0
-    assert r["int_fq_same_class"] >= 99.5 and r["int_fq_max_diff"] <= 2
-    assert r["command"].startswith("python PTQ.py --model cnn_bn")
-    layers = dict(r["layer_diff_share"])
-    assert [name for name, _ in r["layer_diff_share"]] == ["quant_in", "features.0", "features.4", "classifier"]
-    assert layers["quant_in"] == 0 and all(0 <= v < 20 for v in layers.values())
+def test_saved_frozen_model_runs_in_a_fresh_process_without_the_float_network(data_dir, tmp_path, run, result_of):
+    """PTQ.py --save, then a new Python process loads the file with the float network's
+    builders disabled and runs its integer path: the same output integers as PTQ.py's."""
+    r = result_of(run("PTQ.py", "--model", "resnet18", "--per-channel", "--dry-run", "--test-limit", 50,
+                      "--save", tmp_path / "q.pt", "--data-dir", data_dir))
+    code = f"""
+import model, module
+def refuse(*a, **k): raise SystemExit("the float network was built")
+model.build_model = model.convert = model.resnet18 = refuse
+module.QLayer.__init__ = refuse
+from checkpoint import load_frozen
+from data import load_test
+from engine import fingerprint
+from frozen import output_integers, set_mode
+frozen, ckpt = load_frozen({str(tmp_path / "q.pt")!r})
+x, _ = load_test("fashion-mnist", {data_dir!r}, limit=50)
+set_mode(frozen, "int")
+print(fingerprint(output_integers(frozen, frozen(x))), ckpt["int_acc"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [r["int_outputs_sha"], str(r["int_acc"])]
 
 
-def test_bench_and_tables(data_dir, tmp_path):
+def test_bench_and_tables(data_dir, tmp_path, run, result_of):
     r = result_of(run("bench.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir,
                       "--result-json", tmp_path / "results" / "bench.json"))
     assert r["float32_s"] > 0 and r["int_ratio"] > 0
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "R.md"
     readme.write_text("x\n<!-- table:bench -->\nold\n<!-- /table:bench -->\n")
     tables = [sys.executable, os.path.join(ROOT, "make_tables.py"), "--results", tmp_path / "results",
-              "--readme", readme]
-    assert subprocess.run(tables + ["--check"]).returncode == 1
-    assert subprocess.run(tables).returncode == 0
+              "--files", readme]
+    assert subprocess.run(tables + ["--check"], cwd=ROOT).returncode == 1
+    assert subprocess.run(tables, cwd=ROOT).returncode == 0
     text = readme.read_text()
     assert "| cnn_bn | W8A8 | 2000 |" in text and f"{r['int_ratio']:.2f}x" in text
-    assert subprocess.run(tables + ["--check"]).returncode == 0
+    assert subprocess.run(tables + ["--check"], cwd=ROOT).returncode == 0
+    # a misspelt results folder is an error, and leaves the tables as they are
+    proc = subprocess.run(tables[:2] + ["--results", tmp_path / "nope", "--files", readme], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no results" in proc.stderr and readme.read_text() == text
 
 
 @pytest.mark.parametrize("flag,value,words", [("--w-bits", 17, ["weight bits", "2 to 16"]),
                                               ("--a-bits", 1, ["activation bits", "2 to 16"])])
-def test_bits_out_of_range(data_dir, flag, value, words):
-    assert_one_line_error(run("PTQ.py", flag, value, "--data-dir", data_dir), *words)
+def test_bits_out_of_range(data_dir, flag, value, words, run, one_line_error):
+    one_line_error(run("PTQ.py", flag, value, "--data-dir", data_dir), *words)
 
 
-def test_missing_checkpoint(data_dir, tmp_path):
-    assert_one_line_error(run("PTQ.py", "--ckpt", tmp_path / "nope.pt", "--data-dir", data_dir),
+def test_missing_checkpoint(data_dir, tmp_path, run, one_line_error):
+    one_line_error(run("PTQ.py", "--ckpt", tmp_path / "nope.pt", "--data-dir", data_dir),
                           "not found", "train.py")
 
 
-def test_checkpoint_of_another_model(data_dir):
-    assert_one_line_error(run("PTQ.py", "--model", "cnn", "--ckpt", FMNIST_CNN_BN, "--data-dir", data_dir),
+def test_checkpoint_of_another_model(data_dir, run, one_line_error):
+    one_line_error(run("PTQ.py", "--model", "cnn", "--ckpt", FMNIST_CNN_BN, "--data-dir", data_dir),
                           "cnn_bn", "--model")
 
 
-def test_file_that_is_not_a_checkpoint(data_dir, tmp_path):
+def test_file_that_is_not_a_checkpoint(data_dir, tmp_path, run, one_line_error):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert_one_line_error(run("PTQ.py", "--ckpt", bad, "--data-dir", data_dir), "not a readable checkpoint")
+    one_line_error(run("PTQ.py", "--ckpt", bad, "--data-dir", data_dir), "not a readable checkpoint")
 
 
-def test_missing_dataset(tmp_path):
-    assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", "--data-dir", tmp_path), "Fashion-MNIST not found")
-    assert_one_line_error(run("train.py", "--dataset", "cifar10", "--data-dir", tmp_path), "CIFAR-10 not found")
+def test_missing_dataset(tmp_path, run, one_line_error):
+    one_line_error(run("PTQ.py", "--model", "cnn_bn", "--data-dir", tmp_path), "Fashion-MNIST not found")
+    one_line_error(run("train.py", "--dataset", "cifar10", "--data-dir", tmp_path), "CIFAR-10 not found")
 
 
 def write_tiny_cifar10(root, per_batch=24, seed=0):
@@ -114,7 +106,7 @@ def write_tiny_cifar10(root, per_batch=24, seed=0):
         pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
 
 
-def test_cifar10_path_end_to_end(tmp_path):
+def test_cifar10_path_end_to_end(tmp_path, run, result_of):
     write_tiny_cifar10(tmp_path)
     r = result_of(run("train.py", "--dataset", "cifar10", "--model", "cnn_bn", "--dry-run", "--batch-size", 16,
                       "--data-dir", tmp_path, "--ckpt-dir", tmp_path, "--resume-dir", tmp_path))
@@ -125,77 +117,57 @@ def test_cifar10_path_end_to_end(tmp_path):
 
 
 def test_targets_table_marks_met_and_missed():
-    import make_tables
-    common = {"dataset": "fashion-mnist", "model": "cnn", "per_channel": False, "command": "python x.py"}
+    from dataclasses import asdict
+    import targets
+    from config import QConfig
+    from make_tables import render
+    w8, w6 = asdict(QConfig()), asdict(QConfig(w_bits=6, a_bits=6))
+    common = {"dataset": "fashion-mnist", "model": "cnn", "command": "python x.py"}
     results = [
         {**common, "script": "train", "fp32_acc": 90.5, "epochs": 1, "minutes": 1.0},
-        {**common, "script": "PTQ", "w_bits": 8, "a_bits": 8, "fp32_acc": 92.0, "fakequant_acc": 91.9,
+        {**common, **w8, "script": "PTQ", "fp32_acc": 92.0, "fakequant_acc": 91.9,
          "int_acc": 91.8, "int_fq_same_class": 99.95, "int_fq_max_diff": 1},
-        {**common, "script": "PTQ", "w_bits": 6, "a_bits": 6, "fp32_acc": 92.0, "fakequant_acc": 90.0,
+        {**common, **w6, "script": "PTQ", "fp32_acc": 92.0, "fakequant_acc": 90.0,
          "int_acc": 90.9, "int_fq_same_class": 99.0, "int_fq_max_diff": 2},
-        {**common, "script": "bench", "w_bits": 8, "a_bits": 8, "int_ratio": 3.2, "qat_train_ratio": 2.0},
-        {**common, "model": "resnet18", "script": "PTQ", "w_bits": 8, "a_bits": 8, "fp32_acc": 93.0,
+        {**common, **w8, "script": "bench", "int_ratio": 3.2, "qat_train_ratio": 2.0},
+        {**common, **w8, "model": "resnet18", "script": "PTQ", "fp32_acc": 93.0,
          "fakequant_acc": 93.0, "int_acc": 93.1, "int_fq_same_class": 99.5, "int_fq_max_diff": 2},
-        {**common, "model": "resnet18", "dataset": "imagenet", "script": "PTQ", "w_bits": 8, "a_bits": 8,
-         "per_channel": True, "fp32_acc": 0.0, "fakequant_acc": 0.0, "int_acc": 0.0, "int_fq_same_class": 98.0,
-         "int_fq_max_diff": 2, "test_images": 10, "calib_images": 10},
+        {**common, **w8, "model": "resnet18", "dataset": "imagenet", "script": "PTQ", "per_channel": True,
+         "fp32_acc": 0.0, "fakequant_acc": 0.0, "int_acc": 0.0, "int_fq_same_class": 98.0,
+         "int_fq_max_diff": 2, "test_images": 10, "calib_images": 10, "weights": "random"},
     ]
-    rows = {(t, m): ok for t, _, m, ok in make_tables.check_targets(results)}
+    rows = {(t, m): ok for t, _, m, ok in targets.check_targets(results)}
     assert rows[("float32 >= 91.0%", "90.50")] is False
     assert rows[("PTQ W8A8 integer within 0.3 of float32", "-0.20")] is True
     assert rows[("PTQ W6A6 integer within 1.0 of float32", "-1.10")] is False
     assert rows[("integer vs fake-quant: same class >= 99.9%, max output diff <= 1", "99.95%, 1")] is True
     # ResNet18 is held to issue 6's 99% bar, not the small CNNs' 99.9%; ImageNet runs are pooled apart
     assert rows[("integer vs fake-quant: same class >= 99% (issue 6's ImageNet bar)", "99.50%, max diff 2")] is True
-    assert [m for t, run, m, _ in make_tables.check_targets(results) if "99.9%" in t] == ["99.95%, 1"]
+    assert [m for t, run, m, _ in targets.check_targets(results) if "99.9%" in t] == ["99.95%, 1"]
     assert rows[("ImageNet ResNet18: integer and fake-quant predict the same class for >= 99% of the images",
                  "98.00%")] is False
-    assert "resnet18" not in make_tables.render("bias", results) + make_tables.render("ptq", [results[-1]])
+    assert "resnet18" not in render("bias", results) + render("ptq", [results[-1]])
     assert rows[("integer inference <= 3x float32", "3.20x")] is False
     assert rows[("QAT training step <= 2.5x float32 step", "2.00x")] is True
-    assert "**no**" in make_tables.render_targets(results)
-
-
-def test_table1_dry_run_on_real_fashion_mnist(data_dir, tmp_path):
-    png = tmp_path / "t1.png"
-    r = result_of(run("rounding.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--plot", png))
-    assert r["script"] == "Table1" and r["draws"] == 3 and png.stat().st_size > 10000
-    for part in ("first_layer", "all_layers"):
-        row = r[part]
-        assert {"nearest", "ceil", "floor"} <= set(row) and 0 <= row["stochastic"]["mean"] <= 100
-        # floor and ceil move every weight the same way: far below rounding to nearest
-        assert row["ceil"] < row["nearest"] - 10 and row["floor"] < row["nearest"] - 10
-    # a ReLU network is piecewise linear in these weights, so H = J^T H_CE J is positive semi-definite
-    assert len(r["draw_second"]) == 3 and all(v > 0 for v in r["draw_second"])
-    assert -1 <= r["correlations"]["pearson_second_vs_acc"] <= 1
-
-
-def test_ptq_weights_only_with_lp_observer_and_stochastic_rounding(data_dir):
-    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 4, "--a-bits", 32, "--w-observer", "lp",
-                      "--lp-p", 2.0, "--rounding", "stochastic", "--per-channel", "--unfold-bn",
-                      "--test-limit", 1000, "--data-dir", data_dir))
-    assert r["a_bits"] == 32 and "int_acc" not in r and r["fakequant_acc"] > 80
-    assert (r["w_observer"], r["lp_p"], r["rounding"], r["fold_bn"]) == ("lp", 2.0, "stochastic", False)
-    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--w-bits", 8, "--a-bits", 4, "--a-observer", "sqnr",
-                      "--bias-bits", 4, "--dry-run", "--data-dir", data_dir))
-    assert r["a_observer"] == "sqnr" and r["bias_bits"] == 4 and r["int_acc"] > 50
+    assert "**no**" in targets.render_targets(results)
 
 
 @pytest.mark.parametrize("args,words", [
     (["--w-observer", "ema"], ["unknown weight observer 'ema'", "minmax, lp, sqnr"]),
     (["--a-observer", "mse"], ["unknown activation observer 'mse'"]),
     (["--w-observer", "lp", "--lp-p", 0], ["p > 0"]),
-    (["--rounding", "up"], ["unknown rounding 'up'", "stochastic"]),
+    (["--w-rounding", "up"], ["unknown rounding 'up'", "stochastic"]),
+    (["--quantize-layers", "first"], ["needs float activations"]),
     (["--quantize-layers", "last"], ["unknown layer choice 'last'"]),
     (["--unfold-bn"], ["--a-bits 32"]),
     (["--bias-bits", 24], ["bias bits"]),
     (["--a-bits", 24], ["activation bits", "32"]),
 ])
-def test_bad_range_and_rounding_options(data_dir, args, words):
-    assert_one_line_error(run("PTQ.py", "--model", "cnn_bn", *args, "--data-dir", data_dir), *words)
+def test_bad_range_and_rounding_options(data_dir, args, words, run, one_line_error):
+    one_line_error(run("PTQ.py", "--model", "cnn_bn", *args, "--data-dir", data_dir), *words)
 
 
-def test_train_resume_continues_from_the_saved_epoch(data_dir, tmp_path):
+def test_train_resume_continues_from_the_saved_epoch(data_dir, tmp_path, run, result_of, one_line_error):
     first, second = tmp_path / "a", tmp_path / "b"
     common = ["--model", "cnn", "--dry-run", "--data-dir", data_dir, "--resume-dir", tmp_path / "resume"]
     result_of(run("train.py", *common, "--ckpt-dir", first))
@@ -207,13 +179,14 @@ def test_train_resume_continues_from_the_saved_epoch(data_dir, tmp_path):
     a = torch.load(first / "fashion-mnist_cnn.pt", weights_only=True)["state_dict"]
     b = torch.load(second / "fashion-mnist_cnn.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert_one_line_error(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir,
+    one_line_error(run("train.py", "--model", "cnn_bn", "--dry-run", "--data-dir", data_dir,
                               "--resume-dir", tmp_path / "none", "--resume"), "not found")
 
 
 def test_resnet18_checkpoint_is_stored_in_half_precision(tmp_path):
     import torch
-    from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint
+    from model import ModelConfig, build_model
     cfg = ModelConfig(arch="resnet18")
     model = build_model(cfg)
     save_checkpoint(tmp_path / "r.pt", model, cfg, "fashion-mnist", half=True)

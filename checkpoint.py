@@ -1,0 +1,237 @@
+"""Files the scripts write and read: JSON results, float checkpoints and frozen models.
+
+Every write goes to a temporary file in the same folder and is then renamed over the target
+(os.replace is atomic), so an interrupted write never leaves a half-written file in place of
+the last good one.
+"""
+import json
+import operator
+import os
+import tempfile
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from errors import IntsimError
+
+
+def _atomic_write(path, write):
+    """Call write(file object) on a temporary file beside `path`, then rename it to `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, sort_keys=True) + "\n").encode()))
+
+
+def torch_save(path, obj):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ----------------------------------------------------------------------------- float checkpoints
+
+def save_checkpoint(path, model, cfg, dataset, half=False, **info):
+    """`half`: store floating-point tensors as float16 (loaded back as float32, which is then the
+    float reference every script uses)."""
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch_save(path, {"intsim": 1, "model_config": asdict(cfg), "dataset": dataset, "half": half,
+                      "state_dict": state, **info})
+
+
+def _read(path, what, hint):
+    if not os.path.isfile(path):
+        raise IntsimError(f"{what} {path} not found: {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # a truncated or foreign file: say which, not where torch failed
+        raise IntsimError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def load_checkpoint(path, dataset, arch):
+    """Load a float checkpoint written by train.py and check that it is the one asked for."""
+    from model import ModelConfig, build_model
+    ckpt = _read(path, "checkpoint", f"train it with `python train.py --dataset {dataset} --model {arch}` "
+                                     f"or pass --ckpt")
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise IntsimError(f"{path} is not an intsim checkpoint (no model_config); use one saved by train.py")
+    if ckpt.get("frozen"):
+        raise IntsimError(f"{path} is a frozen quantized model, not a float checkpoint: quantize the float "
+                          f"one (ckpt/{dataset}_{arch}.pt), or score this one with QAT.py --eval")
+    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
+    if got != (arch, dataset):
+        raise IntsimError(f"{path} holds model {got[0]!r} trained on {got[1]!r}, not {arch!r} on "
+                          f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+    except RuntimeError as e:
+        raise IntsimError(f"{path} does not match the {arch} network ({str(e).splitlines()[0][:100]})") from None
+    return model, cfg, ckpt
+
+
+def load_imagenet_weights(model, weights):
+    """torchvision ResNet18 ImageNet weights into `model`: 'IMAGENET1K_V1' (downloaded) or a state_dict file."""
+    if weights == "IMAGENET1K_V1":
+        try:
+            from torchvision.models import ResNet18_Weights
+            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as e:
+            raise IntsimError(f"could not download torchvision's ResNet18 weights ({type(e).__name__}): "
+                              f"pass --weights PATH to a local copy") from None
+    else:
+        state = _read(weights, "weights file", "pass a torchvision ResNet18 state_dict, IMAGENET1K_V1 or random")
+        if isinstance(state, dict) and "model_config" in state:
+            raise IntsimError(f"{weights} is an intsim checkpoint of {state['model_config']['arch']} on "
+                              f"{state.get('dataset')!r}, not ImageNet ResNet18 weights")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise IntsimError(f"{weights} does not hold torchvision ResNet18 ImageNet weights "
+                          f"({str(e).splitlines()[0][:120]})") from None
+    return model
+
+
+# ----------------------------------------------------------------------------- frozen models
+
+FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for fn in (
+    torch.flatten, torch.reshape, torch.relu, torch.relu_, torch.add, F.relu, F.relu6, F.hardtanh,
+    F.max_pool2d)}
+FUNCTIONS.update({"operator.getitem": operator.getitem, "operator.add": operator.add,
+                  "operator.iadd": operator.iadd, "builtins.getattr": getattr})
+# torch modules a frozen graph may hold where it stays float (weights-only runs), with the
+# constructor arguments that rebuild them
+TORCH_MODULES = {"ReLU": (nn.ReLU, ()), "ReLU6": (nn.ReLU6, ()), "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
+                 "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+                 "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+                 "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
+                 "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine"))}
+
+
+def _function_name(fn):
+    name = f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}"
+    name = {"_operator.getitem": "operator.getitem", "_operator.add": "operator.add",
+            "_operator.iadd": "operator.iadd"}.get(name, name)
+    if name not in FUNCTIONS and f"torch.{fn.__name__}" in FUNCTIONS:
+        name = f"torch.{fn.__name__}"
+    if name not in FUNCTIONS:
+        raise IntsimError(f"cannot save a frozen model that calls {name}")
+    return name
+
+
+def _encode(v):
+    if isinstance(v, fx.Node):
+        return {"node": v.name}
+    if isinstance(v, (tuple, list)):
+        return {"tuple": [_encode(a) for a in v]}
+    if isinstance(v, dict):
+        return {"dict": {k: _encode(a) for k, a in v.items()}}
+    return v
+
+
+def _decode(v, nodes):
+    if isinstance(v, dict) and "node" in v:
+        return nodes[v["node"]]
+    if isinstance(v, dict) and "tuple" in v:
+        return tuple(_decode(a, nodes) for a in v["tuple"])
+    if isinstance(v, dict) and "dict" in v:
+        return {k: _decode(a, nodes) for k, a in v["dict"].items()}
+    return v
+
+
+def _module_spec(m):
+    from frozen import FrozenOp
+    buffers = {k: (list(b.shape), str(b.dtype).replace("torch.", "")) for k, b in m.named_buffers(recurse=False)}
+    if isinstance(m, FrozenOp):
+        return {"class": type(m).__name__, "config": m.config(), "buffers": buffers}
+    name = type(m).__name__
+    if name not in TORCH_MODULES:
+        raise IntsimError(f"cannot save a frozen model holding a {name}")
+    return {"class": name, "config": {k: getattr(m, k) for k in TORCH_MODULES[name][1]}, "buffers": buffers}
+
+
+def _module_from_spec(spec):
+    from frozen import FROZEN_OPS
+    if spec["class"] in FROZEN_OPS:
+        return FROZEN_OPS[spec["class"]].empty(spec["config"], spec["buffers"])
+    cls, _ = TORCH_MODULES[spec["class"]]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+
+
+def graph_spec(frozen):
+    """The frozen graph as plain data (nodes, ops, their settings): what `load_frozen` rebuilds."""
+    spec = []
+    for n in frozen.graph.nodes:
+        entry = {"name": n.name, "op": n.op, "args": _encode(n.args), "kwargs": _encode(n.kwargs)}
+        if n.op == "call_module":
+            entry.update(target=n.target, module=_module_spec(frozen.get_submodule(n.target)))
+        elif n.op == "call_function":
+            entry["target"] = _function_name(n.target)
+        elif n.op == "call_method":
+            entry["target"] = n.target
+        spec.append(entry)
+    return spec
+
+
+def build_frozen(spec, state_dict):
+    """A frozen model from its graph spec and state: no float network is built."""
+    graph, nodes, modules = fx.Graph(), {}, {}
+    for e in spec:
+        args, kwargs = _decode(e["args"], nodes), _decode(e["kwargs"], nodes)
+        if e["op"] == "placeholder":
+            nodes[e["name"]] = graph.placeholder(e["name"])
+        elif e["op"] == "output":
+            graph.output(args[0])
+        elif e["op"] == "call_module":
+            modules[e["target"]] = _module_from_spec(e["module"])
+            nodes[e["name"]] = graph.call_module(e["target"], args, kwargs)
+        elif e["op"] == "call_function":
+            nodes[e["name"]] = graph.call_function(FUNCTIONS[e["target"]], args, kwargs)
+        else:
+            nodes[e["name"]] = graph.call_method(e["target"], args, kwargs)
+    frozen = fx.GraphModule(modules, graph, class_name="FrozenModel")
+    frozen.load_state_dict(state_dict)
+    return frozen
+
+
+def save_frozen(path, frozen, qconfig, cfg, dataset, **info):
+    """A frozen quantized model: its graph of integer ops and their integers, plus what it was
+    made from (QConfig, ModelConfig, data set) and anything in `info` (accuracies)."""
+    torch_save(path, {"intsim": 2, "frozen": True, "graph": graph_spec(frozen), "state_dict": frozen.state_dict(),
+                      "qconfig": asdict(qconfig), "model_config": asdict(cfg), "dataset": dataset, **info})
+
+
+def load_frozen(path, dataset=None, arch=None, single_rounding=None):
+    """A model saved by save_frozen, rebuilt from its graph spec (the float network is never
+    built). `single_rounding` may override the rescale kernel: M0 and shift are the same for both."""
+    ckpt = _read(path, "frozen model", "save one with PTQ.py --save, QAT.py or AdaRound.py")
+    if not isinstance(ckpt, dict) or not ckpt.get("frozen"):
+        old = isinstance(ckpt, dict) and ckpt.get("quantized")
+        raise IntsimError(f"{path} is not a frozen quantized model" + (
+            " (it was saved by an older intsim: run QAT.py, AdaRound.py or PTQ.py --save again)" if old else
+            ": it was not written by PTQ.py --save, QAT.py or AdaRound.py"))
+    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
+    if arch is not None and got != (arch, dataset):
+        raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
+    frozen = build_frozen(ckpt["graph"], ckpt["state_dict"])
+    if single_rounding is not None:
+        for m in frozen.modules():
+            if hasattr(m, "single_rounding"):
+                m.single_rounding = single_rounding
+    return frozen, ckpt
+
+
+def write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))

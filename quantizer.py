@@ -1,0 +1,166 @@
+"""Quantizers: one small module per quantized tensor (a layer's weights, each activation),
+owning its grid, its S and Z, and the observer that sets them.
+
+    q = Quantizer(grid, observer)        S, Z: buffers (parameters once learned)
+    q.observe = "always" | "training"    the observer records (calibration; QAT's moving ranges)
+    q.enabled = True                     forward fake-quantizes: S (clamp(round(x/S) + Z) - Z)
+    q.finish()                           calibration is over: S, Z from the observed range
+
+The phases of a converted model (model.PHASES) only switch these two flags. AdaRound's
+learned rounding is a quantizer too (AdaRoundQuantizer): swapped in for a layer's weight
+quantizer, so the layer's own forward is the one that gets reconstructed.
+"""
+import torch
+from torch import nn
+
+from errors import IntsimError
+from function import fake_quantize, quantize, round_half_away, scale_zero_point, to_grid
+
+OBSERVE = ("never", "always", "training")
+ZETA, GAMMA = 1.1, -0.1       # AdaRound's stretch of the rectified sigmoid (paper sec. 3.2, after eq. 22)
+
+
+class Quantizer(nn.Module):
+    """S and Z of one tensor on `grid`. `channels` > 1 (weights: C_out entries, the per-tensor
+    value repeated when per-tensor) broadcast along the tensor's first dimension."""
+
+    def __init__(self, grid, observer, channels=1, name="tensor"):
+        super().__init__()
+        self.grid, self.observer, self.name = grid, observer, name
+        self.per_channel_dim = channels > 1
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int64))
+        self.register_buffer("has_qparams", torch.tensor(False))
+        self.enabled = False          # fake-quantize in forward
+        self.observe = "never"        # when the observer records: one of OBSERVE
+        self.rounding = "nearest"     # how `integers` rounds (weights at freeze; function.ROUNDINGS)
+
+    def extra_repr(self):
+        g = self.grid
+        kind = "signed" if g.signed else "unsigned"
+        return (f"{g.bits}-bit {kind} [{g.qmin}, {g.qmax}]{', symmetric' if g.symmetric else ''}, "
+                f"enabled={self.enabled}, observe={self.observe}")
+
+    def _shaped(self, t, x):
+        """(C,) -> broadcastable over x (C along x's first dimension), or (1,) as it is."""
+        return t.reshape((-1,) + (1,) * (x.dim() - 1)) if self.per_channel_dim else t
+
+    @property
+    def learned(self):
+        return isinstance(self.scale, nn.Parameter)
+
+    def forward(self, x):
+        if not self.learned and (self.observe == "always" or (self.observe == "training" and self.training)):
+            self.observer(x)
+            if self.enabled:
+                self.update()         # while fake-quantizing, the range follows the tensor (QAT, weights)
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self._shaped(self.scale, x), self._shaped(self.zero_point, x),
+                             self.grid.qmin, self.grid.qmax)
+
+    @torch.no_grad()
+    def update(self):
+        """S, Z from the observer's range."""
+        if not self.observer.has_data():
+            raise IntsimError(f"{self.name} has no observed range: calibrate the model before quantizing it")
+        s, z = scale_zero_point(*self.observer.range(), self.grid)
+        self.scale.copy_(s)
+        self.zero_point.copy_(z)
+        self.has_qparams.fill_(True)
+
+    def finish(self):
+        """Calibration is over: the searching observers search, then S and Z are set."""
+        self.observer.finish()
+        if self.observer.has_data():
+            self.update()
+
+    @torch.no_grad()
+    def fit(self, x):
+        """S, Z from the range of x itself (weights at freeze: from their final values). A
+        learned scale stays as learned."""
+        if not self.learned:
+            self.observer(x)
+            self.update()
+
+    def qparams(self):
+        """(S, Z), shape (C,) or (1,)."""
+        if not bool(self.has_qparams):
+            raise IntsimError(f"{self.name} has no observed range: calibrate the model before freezing it")
+        return self.scale.detach(), self.zero_point
+
+    def integers(self, x, generator=None):
+        """x on the grid, rounded by self.rounding (stochastic: drawn from `generator`), int32."""
+        s, z = self.qparams()
+        return quantize(x, self._shaped(s, x), self._shaped(z, x), self.grid.qmin, self.grid.qmax,
+                        self.rounding, generator)
+
+    def learn_scale(self):
+        """From now on S is a parameter, trained by gradient descent (LSQ's gradient, see
+        function.fake_quantize); the observer no longer moves it."""
+        s = self.scale.detach().clone()
+        del self._buffers["scale"]
+        self.scale = nn.Parameter(s)
+        self.observe = "never"
+
+
+def rectified_sigmoid(v):
+    """h(V) = clamp(sigmoid(V) (ZETA - GAMMA) + GAMMA, 0, 1) (AdaRound, eq. 23)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def inverse_rectified_sigmoid(h):
+    """V with h(V) = h for h in [0, 1) (the inverse of the sigmoid part: a logit)."""
+    p = (h - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p / (1 - p))
+
+
+class AdaRoundQuantizer(nn.Module):
+    """Learned up-or-down rounding of one weight tensor w (Nagel et al. 2020, arXiv 2004.10568)
+    on the grid and the S, Z of the weight quantizer it replaces:
+
+        W~ = S (clamp(floor(W / S) + h(V) + Z, QMIN, QMAX) - Z),   V learned,
+
+    V initialised so that h(V) = W/S - floor(W/S), i.e. W~ = W at the start. `mode`:
+    "soft" (h(V), while learning), "hard" (up where h(V) >= 0.5: what gets frozen) or
+    "nearest" (rounding to nearest, the baseline)."""
+
+    def __init__(self, base, w):
+        super().__init__()
+        self.grid, self.name = base.grid, base.name
+        base.fit(w)
+        s, z = base.qparams()
+        self.register_buffer("scale", base._shaped(s, w).to(w))
+        self.register_buffer("zero_point", base._shaped(z, w).to(w))   # float: it is added to floats
+        x = w.detach() / self.scale
+        self.register_buffer("w_floor", torch.floor(x))
+        self.register_buffer("nearest", to_grid(round_half_away(x), self.zero_point, self.grid.qmin, self.grid.qmax))
+        self.v = nn.Parameter(inverse_rectified_sigmoid(x - self.w_floor))
+        self.mode = "soft"
+        self.enabled = True
+
+    def h(self):
+        return rectified_sigmoid(self.v)
+
+    def integers(self, w=None, generator=None):
+        """The integers of the current mode (floats; as int32 by `frozen_integers`)."""
+        if self.mode == "nearest":
+            return self.nearest
+        up = (self.h() >= 0.5).to(self.w_floor) if self.mode == "hard" else self.h()
+        return to_grid(self.w_floor + up, self.zero_point, self.grid.qmin, self.grid.qmax)
+
+    def forward(self, w):
+        if not self.enabled:          # the float phase: the float weights
+            return w
+        # w is the tensor this quantizer was built for; its rounding is what V learns
+        return self.scale * (self.integers() - self.zero_point)
+
+    def regulariser(self, beta):
+        """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1 (eq. 24)."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def fit(self, w):
+        """S and Z are the replaced quantizer's: nothing to fit."""
+
+    def qparams(self):
+        return self.scale.flatten(), self.zero_point.flatten().long()

@@ -1,0 +1,96 @@
+"""Re-run the commands behind saved results and compare what they measure with what is stored.
+
+    python rerun.py results/ptq_cnn_*.json              # re-run, compare, report
+    python rerun.py results/adaround_cnn_W4A8_pt.json --update    # and replace the stored file
+
+Each results/*.json holds the command that produced it. This runs that command again (with
+its own --result-json into a temporary folder, and --plot there too unless --update, so no
+committed figure is replaced by a check), then compares every measured value with the stored
+one, except run times and paths. Rows that differ are listed key by key; `--update` writes the
+new result over the stored file (atomically). QAT `--eval` rows run after the training rows
+whose saved model they read. Ends with `RESULT {json}`: the rows compared and those that differ.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+import cli
+from errors import IntsimError
+from checkpoint import write_json
+
+# not measurements: run times, paths, the command line, the machine
+VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch"}
+SCRIPTS_WITH_PLOT = ("AdaRound.py", "table1.py")
+
+
+def measured(value, key=""):
+    """The value with run times, paths and other non-measurements left out (recursively)."""
+    if key in VOLATILE or key.endswith("_s"):
+        return None
+    if isinstance(value, dict):
+        return {k: measured(v, k) for k, v in value.items() if measured(v, k) is not None}
+    if isinstance(value, list):
+        return [measured(v) for v in value]
+    return value
+
+
+def differences(old, new, prefix=""):
+    """[(key, stored, now)] where the measured values differ (a key the stored file lacks is
+    something the script has learnt to report since, not a difference)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(old):
+            out += differences(old[k], new.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def rerun(path, tmp, update):
+    """Run the stored command of `path` again; returns (stored, new) results."""
+    with open(path) as f:
+        stored = json.load(f)
+    argv = shlex.split(stored["command"])
+    if argv[0] != "python" or not os.path.isfile(argv[1]):
+        raise IntsimError(f"{path}: cannot re-run {stored['command']!r} (not a script of this project)")
+    out = os.path.join(tmp, os.path.basename(path))
+    extra = ["--result-json", out]
+    if argv[1] in SCRIPTS_WITH_PLOT and "--plot" not in argv:
+        extra += ["--plot", stored["plot"] if update else os.path.join(tmp, os.path.basename(path) + ".png")]
+    proc = subprocess.run([sys.executable, *argv[1:], *extra], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise IntsimError(f"{path}: the command failed: {proc.stderr.strip().splitlines()[-1]}")
+    with open(out) as f:
+        return stored, json.load(f)
+
+
+def main():
+    p = cli.parser(__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", help="results/*.json files to re-run")
+    p.add_argument("--update", action="store_true", help="replace each stored file by the new result")
+    p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
+    args = p.parse_args()
+    paths = sorted(args.results, key=lambda q: "--eval" in json.load(open(q)).get("command", ""))
+    report = {"compared": [], "differ": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in paths:
+            stored, new = rerun(path, tmp, args.update)
+            diff = differences(measured(stored), measured(new))
+            report["compared"].append(path)
+            print(f"{path}: {'same' if not diff else f'{len(diff)} values differ'}", flush=True)
+            for key, a, b in diff:
+                print(f"    {key}: stored {a!r}, now {b!r}")
+            if diff:
+                report["differ"][path] = [[k, a, b] for k, a, b in diff]
+            if args.update:
+                write_json(path, new)
+    print(f"{len(report['compared'])} rows re-run, {len(report['differ'])} differ")
+    cli.emit_result({"script": "rerun", **report}, args.result_json)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,152 @@
+"""Independent references the tests compare intsim with: a plain-Python transcription of
+TFLite's and gemmlowp's reference functions (Python ints, C semantics written out by hand, no
+torch), NumPy int64 versions of the integer conv, add and mean, and NumPy range searches.
+Nothing here imports the project's code."""
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+# ----------------------------------------------------------------------------- TFLite / gemmlowp, one integer at a time
+
+def c_div(a, b):
+    """C's integer division: truncates toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def ref_srdhm(a, b):
+    """SaturatingRoundingDoublingHighMul."""
+    if a == INT32_MIN and b == INT32_MIN:
+        return INT32_MAX
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    return c_div(ab + nudge, 1 << 31)
+
+
+def ref_rdbpot(x, exponent):
+    """RoundingDivideByPOT."""
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def ref_mbqm(x, m0, shift):
+    """MultiplyByQuantizedMultiplier (TFLite's default, double rounding)."""
+    left, right = max(shift, 0), max(-shift, 0)
+    return ref_rdbpot(ref_srdhm(x * (1 << left), m0), right)
+
+
+def ref_mbqm_single_rounding(x, m0, shift):
+    """MultiplyByQuantizedMultiplier built with TFLITE_SINGLE_ROUNDING."""
+    total_shift = 31 - shift
+    return (x * m0 + (1 << (total_shift - 1))) >> total_shift
+
+
+def ref_quantize_multiplier(m):
+    """QuantizeMultiplier: real M -> (M0, shift)."""
+    if m == 0:
+        return 0, 0
+    q, shift = math.frexp(m)
+    q_fixed = int(math.floor(q * (1 << 31) + 0.5))       # std::round of a positive number
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:
+        shift, q_fixed = 0, 0
+    return q_fixed, shift
+
+
+def ref_tflite_add(q1, z1, s1, q2, z2, s2, z_out, s_out, qmin, qmax, relu):
+    """reference_ops::Add for uint8 as TFLite prepares it (QuantizeMultiplierSmallerThanOneExp
+    for every multiplier, left_shift 20), one element at a time."""
+    left_shift = 20
+    twice_max = 2 * max(s1, s2)
+    m1, sh1 = ref_quantize_multiplier(s1 / twice_max)
+    m2, sh2 = ref_quantize_multiplier(s2 / twice_max)
+    mo, sho = ref_quantize_multiplier(twice_max / ((1 << left_shift) * s_out))
+    a1 = ref_mbqm((q1 - z1) * (1 << left_shift), m1, sh1)
+    a2 = ref_mbqm((q2 - z2) * (1 << left_shift), m2, sh2)
+    out = ref_mbqm(a1 + a2, mo, sho) + z_out
+    lo = z_out if relu else qmin
+    return min(max(out, lo), qmax)
+
+
+def ref_mean(q, z_in, s_in, s_out, z_out, qmin, qmax):
+    """Global average pooling of a list of integers: int32 sum, then the fixed-point rescale."""
+    m0, shift = ref_quantize_multiplier(s_in / (len(q) * s_out))
+    return min(max(ref_mbqm(sum(v - z_in for v in q), m0, shift) + z_out, qmin), qmax)
+
+
+# ----------------------------------------------------------------------------- NumPy int64 layers
+
+def ref_int_conv(q_in, z_in, w_q, z_w, b_q, m0, shift, z_out, lo, hi, pad, stride, single_rounding=False):
+    """The paper's integer conv in NumPy int64 and Python ints: (B, C, H, W) integers in ->
+    integers out. pad = (left, right, top, bottom), padded with Z_in (real 0); per-channel
+    z_w, b_q, m0, shift; output clamped to [lo, hi]."""
+    x = np.asarray(q_in, dtype=np.int64) - z_in
+    left, right, top, bottom = pad
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    w = np.asarray(w_q, dtype=np.int64) - np.asarray(z_w, dtype=np.int64)[:, None, None, None]
+    windows = sliding_window_view(x, w.shape[2:], axis=(2, 3))[:, :, ::stride, ::stride]  # (B,C,Ho,Wo,kh,kw)
+    acc = np.einsum("bchwij,ocij->bohw", windows, w) + np.asarray(b_q, dtype=np.int64)[None, :, None, None]
+    rescale = ref_mbqm_single_rounding if single_rounding else ref_mbqm
+    out = np.empty_like(acc)
+    for idx in np.ndindex(*acc.shape):
+        c = idx[1]
+        out[idx] = min(max(rescale(int(acc[idx]), int(m0[c]), int(shift[c])) + z_out, lo), hi)
+    return out
+
+
+def ref_max_pool2(x):
+    """2x2 max-pool, stride 2, of (B, C, H, W) integers."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+# ----------------------------------------------------------------------------- NumPy quantization and range search
+
+def np_round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def np_quantize_range(x, lo, hi, bits, symmetric):
+    """x quantized with the range [lo, hi] (0 included), written out in NumPy: (x_q, clipped)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        s, z = max(-lo, hi) / qmax, 0
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+        s = (hi - lo) / (qmax - qmin)
+        z = int(np.clip(np_round_half_away(qmin - lo / s), qmin, qmax))
+    s = np.float64(np.float32(s))                 # intsim keeps S in float32
+    q = np.clip(np_round_half_away(x / s) + z, qmin, qmax)
+    return (q - z) * s, (x < (qmin - z) * s) | (x > (qmax - z) * s)
+
+
+def np_lp(x, lo, hi, bits, symmetric, p):
+    xq, _ = np_quantize_range(x, lo, hi, bits, symmetric)
+    return np.mean(np.abs(x - xq) ** p)
+
+
+def np_sqnr(x, lo, hi, bits, symmetric, gamma):
+    """Signal power over noise power, clipped values' noise weighted by AIMET's gamma."""
+    xq, clipped = np_quantize_range(x, lo, hi, bits, symmetric)
+    noise = np.mean((x - xq) ** 2 * np.where(clipped, gamma, 1.0))
+    return np.mean(x ** 2) / noise
+
+
+def np_lsq_scale_gradient(x, s, z, qmin, qmax, grad):
+    """d/dS of sum(grad * S (clamp(round(x/S) + Z, QMIN, QMAX) - Z)) with round's derivative
+    taken as 1 (LSQ, Esser et al. 2019, eq. 3), written per element."""
+    total = 0.0
+    for v, g in zip(np.ravel(x), np.ravel(grad)):
+        q = min(max(np_round_half_away(v / s) + z, qmin), qmax)
+        inside = s * (qmin - z) <= v <= s * (qmax - z)
+        total += g * ((q - z) - v / s if inside else (q - z))
+    return total

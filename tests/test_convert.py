@@ -1,0 +1,273 @@
+"""The one conversion and the phases: a converted model computes the float function, its
+frozen integer path agrees with its frozen fake-quant, and what it cannot convert it refuses
+in one line; tried on networks this project did not write."""
+import torch
+import torch.nn.functional as F
+import torchvision
+import pytest
+from torch import nn
+
+from config import QConfig
+from errors import IntsimError
+from frozen import output_integers, set_mode
+from model import activation_quantizers, calibrate, convert, freeze, qlayers, set_phase
+
+
+def integers(frozen, x, mode):
+    """Output integers of the frozen model: integer path, or the fake-quant in float64."""
+    set_mode(frozen, mode)
+    if mode == "int":
+        return output_integers(frozen, frozen(x))
+    q = output_integers(frozen, frozen.double()(x.double()))
+    frozen.float()
+    return q
+
+
+def test_converted_model_in_float_phase_equals_float_model(trained_like):
+    model = trained_like("cnn_bn")
+    qmodel = convert(model, QConfig())
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.allclose(qmodel(x), model(x), atol=1e-5)
+    assert [type(m).__name__ for m in qmodel.modules() if isinstance(m, nn.BatchNorm2d)] == ["BatchNorm2d"] * 2
+    assert [n for n, _ in qlayers(qmodel)] == ["features.0", "features.4", "classifier"]
+    # one quantizer per activation tensor, behind each ReLU and max-pool: input, 2 convs, logits
+    assert [q.name for q in activation_quantizers(qmodel)] == ["quant_in", "features.0.out", "features.4.out",
+                                                               "classifier.out"]
+
+
+@pytest.mark.parametrize("w_bits", range(2, 9))
+@pytest.mark.parametrize("a_bits", [2, 4, 8])
+def test_every_bit_width_runs(w_bits, a_bits, trained_like, quantize):
+    x = torch.randn(16, 1, 28, 28)
+    _, frozen = quantize(trained_like("cnn_bn"), QConfig(w_bits=w_bits, a_bits=a_bits, per_channel=w_bits % 2 == 0), x)
+    q = integers(frozen, x, "int")
+    assert q.min() >= 0 and q.max() <= 2 ** a_bits - 1
+    for name in ("features.0", "features.4", "classifier"):
+        w_q = frozen.get_submodule(name).w_q
+        assert w_q.min() >= -(2 ** (w_bits - 1) - 1) and w_q.max() <= 2 ** (w_bits - 1) - 1
+
+
+@pytest.mark.parametrize("arch,per_channel,a_signed", [("cnn", False, False), ("cnn_bn", True, False),
+                                                       ("cnn_bn", True, True)])
+def test_single_rounding_integer_path_equals_float64_fake_quant_exactly(arch, per_channel, a_signed, trained_like,
+                                                                        quantize):
+    """With one rounding the integer path computes round(acc * M) exactly as the float64
+    simulation does (up to M0's 2^-31 relative error): every output integer is equal. Also with
+    TFLite's int8 activations ([-128, 127] with a zero point)."""
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    qconfig = QConfig(per_channel=per_channel, single_rounding=True, a_signed=a_signed)
+    _, frozen = quantize(trained_like(arch), qconfig, x)
+    q = integers(frozen, x, "int")
+    assert torch.equal(q, integers(frozen, x, "reals"))
+    assert (q.min() < 0) == a_signed
+
+
+def test_double_rounding_differs_from_fake_quant_by_at_most_one_and_rarely(trained_like, quantize):
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    _, frozen = quantize(trained_like("cnn_bn"), QConfig(), x)
+    diff = (integers(frozen, x, "int") - integers(frozen, x, "reals")).abs()
+    assert diff.max() == 1 and 0 < (diff > 0).float().mean() < 0.25   # it does differ, by 1 at most
+
+
+def test_freeze_needs_calibration_and_int_mode_needs_integer_activations(trained_like):
+    qmodel = convert(trained_like("cnn"), QConfig())
+    with pytest.raises(IntsimError, match="calibrate"):
+        freeze(qmodel)
+    with pytest.raises(IntsimError, match="unknown phase 'int'"):
+        set_phase(qmodel, "int")
+    weights_only = freeze(convert(trained_like("cnn"), QConfig(a_bits=32)))
+    with pytest.raises(IntsimError, match="integer activations"):
+        set_mode(weights_only, "int")
+    with pytest.raises(IntsimError, match="up to 8 bits"):
+        x = torch.randn(4, 1, 28, 28)
+        q16 = convert(trained_like("cnn"), QConfig(w_bits=16, a_bits=16))
+        calibrate(q16, [(x, None)], "cpu", 1)
+        set_mode(freeze(q16), "int")
+
+
+def test_dead_layer_with_zero_range_quantizes_without_nan(trained_like, quantize):
+    model = trained_like("cnn")
+    model.features[0].bias.data.fill_(-100.0)          # ReLU output is 0 everywhere: a zero range
+    x = torch.randn(8, 1, 28, 28)
+    qmodel, frozen = quantize(model, QConfig(), x)
+    out = set_mode(frozen, "int")(x)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, set_phase(qmodel, "float")(x), atol=0.1)    # the output is just the (quantized) bias
+
+
+def test_output_bits_apply_to_the_logits_only(trained_like, quantize):
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    _, frozen = quantize(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True, out_bits=8,
+                                                         single_rounding=True), x)
+    set_mode(frozen, "int")
+    hidden = frozen.get_submodule("features.0")(frozen.quant_in(x))
+    q = integers(frozen, x, "int")
+    assert hidden.max() <= 15 and q.max() <= 255 and len(torch.unique(q)) > 16
+    assert torch.equal(q, integers(frozen, x, "reals"))          # still exact
+    with pytest.raises(IntsimError, match="output bits"):
+        QConfig(out_bits=17)
+
+
+class ConvFlatten(nn.Module):
+    """Logits out of a flatten after a conv (no linear layer)."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 28)
+
+    def forward(self, x):
+        return torch.flatten(self.conv(x), 1)
+
+
+class PoolLogits(nn.Module):
+    """Logits out of the global average pool."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(F.relu(self.conv(x))).flatten(1)
+
+
+@pytest.mark.parametrize("net", [ConvFlatten, PoolLogits])
+def test_output_bits_reach_logits_behind_flatten_and_pooling(net, quantize):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28)
+    _, frozen = quantize(net().eval(), QConfig(a_bits=4, out_bits=8, single_rounding=True), x)
+    q = integers(frozen, x, "int")
+    assert q.max() > 15 and len(torch.unique(q)) > 16             # 8-bit logits, not 4
+    assert torch.equal(q, integers(frozen, x, "reals"))
+
+
+class Twice(nn.Module):
+    """One conv called twice: `c(relu(c(x)))`."""
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.c(x))).mean((2, 3))
+
+
+def test_a_module_called_twice_gets_its_own_quantizers_at_each_call(quantize):
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(32, 3, 8, 8)
+    qmodel, frozen = quantize(model, QConfig(per_channel=True, single_rounding=True), x)
+    assert [n for n, _ in qlayers(qmodel)] == ["c", "c_call2"]
+    assert qlayers(qmodel)[0][1].layer is qlayers(qmodel)[1][1].layer          # the float weights are shared
+    assert torch.allclose(set_phase(qmodel, "float")(x), model(x), atol=1e-5)
+    # each call site has its own input scale: the integers agree with the fake-quant everywhere
+    assert float(frozen.c.in_scale) != float(frozen.c_call2.in_scale)
+    assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))
+
+
+class Spellings(nn.Module):
+    """The same ops spelt the other ways: x.add(y), torch.relu_, Dropout2d, x.view(x.shape[0], -1),
+    a ReLU after a max-pool, a pre-ReLU value used twice, ReLU6, Linear -> BatchNorm1d."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.drop, self.pool = nn.Dropout2d(0.3), nn.MaxPool2d(2)
+        self.fc, self.bn = nn.Linear(64, 8), nn.BatchNorm1d(8)
+        self.act6 = nn.ReLU6()
+
+    def forward(self, x):
+        y = self.a(x)
+        z = torch.relu_(self.pool(self.b(F.relu(y))))      # conv -> max-pool -> ReLU
+        y = self.pool(y).add(z)                              # y used before its ReLU and here
+        y = self.drop(self.act6(y))
+        return F.relu(self.bn(self.fc(y.view(y.shape[0], -1))))
+
+
+def test_spellings_of_supported_ops_convert_and_stay_exact(quantize, random_bn):
+    torch.manual_seed(0)
+    model = Spellings()
+    model.bn = random_bn(8, torch.Generator().manual_seed(1), dims=1)
+    model.eval()
+    x = torch.randn(32, 2, 8, 8)
+    qmodel, frozen = quantize(model, QConfig(single_rounding=True), x)
+    assert torch.allclose(set_phase(qmodel, "float")(x), model(x), atol=1e-5)
+    assert qlayers(qmodel)[-1][1].bn is not None                         # BatchNorm1d folded into fc
+    assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))
+
+
+class WithParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.p = nn.Conv2d(1, 2, 3), nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.c(x) + self.p
+
+
+class Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return self.c(x), x
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return self.c(x) if x.sum() > 0 else x
+
+
+class DropoutAlways(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return F.dropout(self.c(x), 0.5)
+
+
+def conv_then(*layers):
+    return nn.Sequential(nn.Conv2d(1, 2, 3), *layers)
+
+
+@pytest.mark.parametrize("model,words", [
+    (conv_then(nn.Sigmoid()), ["Sigmoid", "supported are"]),
+    (WithParameter(), ["parameter or buffer used as a tensor"]),
+    (Tuple(), ["several values"]),
+    (conv_then(nn.BatchNorm2d(2, track_running_stats=False)), ["track_running_stats=False"]),
+    (DropoutAlways(), ["training=True", "nn.Dropout"]),
+    (Branchy(), ["cannot trace", "control flow"]),
+    (conv_then(nn.AdaptiveAvgPool2d(2)), ["only global average pooling"]),
+    (conv_then(nn.ReLU(), nn.BatchNorm2d(2)), ["BatchNorm is folded into the conv/linear directly before it"]),
+])
+def test_what_cannot_be_converted_is_refused_in_one_line_at_convert(model, words):
+    with pytest.raises(IntsimError) as e:
+        convert(model.eval(), QConfig())
+    assert len(str(e.value).splitlines()) == 1
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("name,size", [("mobilenet_v2", 32), ("resnet34", 32), ("vgg11_bn", 32)])
+def test_torchvision_networks_convert_and_run_exactly_in_integers(name, size, quantize):
+    """Networks nobody here wrote: ReLU6 and depthwise convs (MobileNetV2), residual adds
+    without a ReLU after them, dropout and flatten before the classifier, VGG's ReLU ->
+    max-pool chains. VGG's 7x7 adaptive pool is refused; the rest converts and, with one
+    rounding, the integer path equals the float64 fake-quant."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    if name == "vgg11_bn":
+        with pytest.raises(IntsimError, match="only global average pooling"):
+            convert(model, QConfig())
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier[0] = nn.Linear(512, 4096)
+    for m in model.modules():                                 # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, size, size)
+    qmodel, frozen = quantize(model, QConfig(per_channel=True, single_rounding=True), x)
+    assert torch.allclose(set_phase(qmodel, "float")(x), model(x), rtol=1e-3, atol=1e-4)
+    assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))

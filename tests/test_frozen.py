@@ -1,0 +1,240 @@
+"""The frozen integer ops against independent references: the integer conv against NumPy int64
+with the Python transcription of TFLite's rescale, ADD and MEAN against TFLite's reference
+kernels written out in Python, the exact-accumulation choices against each other, and the
+frozen model saved and loaded without the float network."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from config import QConfig
+from errors import IntsimError
+from frozen import IntAdd, IntClamp, IntConv, IntMean, QParams, output_integers, set_mode
+from function import Grid, activation_grid, weight_grid
+from module import QLayer
+from observer import WeightObserver
+from quantizer import Quantizer
+from reference import ref_int_conv, ref_max_pool2, ref_mean, ref_mbqm, ref_tflite_add
+
+
+def qp(scale, zero_point, grid):
+    return QParams(torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point]), grid)
+
+
+def frozen_conv(bits=8, per_channel=False, w_symmetric=True, bn=None, relu=True, stride=1, padding=1, seed=0,
+                in_channels=3, single_rounding=False, a_signed=False):
+    """A QLayer on a 3->4 channel 3x3 conv, frozen with chosen input and output (S, Z)."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(in_channels, 4, 3, stride=stride, padding=padding, bias=bn is None)
+    conv.weight.data.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+    if bn is None:
+        conv.bias.data.copy_(torch.randn(4, generator=g) * 0.2)
+    grid = weight_grid(bits, w_symmetric)
+    wq = Quantizer(grid, WeightObserver(grid, per_channel), channels=4)
+    layer = QLayer(conv, wq, bn=bn, single_rounding=single_rounding)
+    a = activation_grid(bits, a_signed)
+    inp = qp(0.05, (a.qmin + a.qmax) // 3, a)
+    out = qp(5.0 / (a.qmax - a.qmin), a.qmin + (a.qmax - a.qmin) * 2 // 5, a)
+    op, = layer.freeze(inp, out, (0.0, math.inf) if relu else (-math.inf, math.inf))
+    q_in = torch.randint(a.qmin, a.qmax + 1, (2, in_channels, 8, 8), generator=g, dtype=torch.int32)
+    return op, q_in
+
+
+def reference(op, q_in):
+    return ref_int_conv(q_in.numpy(), int(op.in_zero_point), op.w_q.numpy(), op.w_zero_point.numpy(),
+                        op.b_q.numpy(), op.m0.numpy(), op.shift.numpy(), int(op.out_zero_point), op.act_min,
+                        op.act_max, op.pad, op.stride[0], op.single_rounding)
+
+
+@pytest.mark.parametrize("bits", [8, 5, 2])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("w_symmetric", [True, False])
+@pytest.mark.parametrize("bn,relu,stride", [(False, True, 1), (True, True, 1), (False, False, 2), (True, False, 1)])
+def test_integer_conv_equals_bruteforce_reference(bits, per_channel, w_symmetric, bn, relu, stride, random_bn):
+    op, q_in = frozen_conv(bits, per_channel, w_symmetric, random_bn(4, torch.Generator().manual_seed(1)) if bn
+                           else None, relu, stride)
+    got = op(q_in)
+    assert got.dtype == torch.int32
+    assert np.array_equal(got.numpy(), reference(op, q_in))
+    assert relu == (op.act_min == int(op.out_zero_point))              # a fused ReLU is a clamp at Z_out
+
+
+@pytest.mark.parametrize("single_rounding", [False, True])
+def test_int8_signed_activations_and_single_rounding_equal_the_reference(single_rounding):
+    op, q_in = frozen_conv(8, per_channel=True, single_rounding=single_rounding, a_signed=True)
+    assert q_in.min() < 0 and op.act_max == 127
+    assert np.array_equal(op(q_in).numpy(), reference(op, q_in))
+
+
+def test_asymmetric_same_padding_is_padded_with_real_zero():
+    """TFLite's SAME padding with an even kernel or stride 2 puts the extra pixel on one side:
+    explicit per-side padding, padded with Z_in."""
+    op, q_in = frozen_conv(8, per_channel=True, padding=0)
+    op.pad = (0, 1, 1, 0)                                          # left, right, top, bottom
+    got = op(q_in)
+    assert got.shape[-2:] == (7, 7)
+    assert np.array_equal(got.numpy(), reference(op, q_in))
+
+
+def test_max_pool_after_the_rescale_equals_the_pooled_reference(random_bn):
+    from frozen import IntMaxPool
+    op, q_in = frozen_conv(8, per_channel=True, bn=random_bn(4, torch.Generator().manual_seed(2)))
+    pool = IntMaxPool(nn.MaxPool2d(2))
+    assert np.array_equal(pool(op(q_in)).numpy(), ref_max_pool2(reference(op, q_in)))
+
+
+@pytest.mark.parametrize("zero_point", [0, 100])
+def test_float32_split_and_float64_accumulation_agree_bit_for_bit(zero_point):
+    op, q_in = frozen_conv(8, per_channel=True)
+    op.in_zero_point.fill_(zero_point)                 # negative and positive q_in - Z_in
+    cpu = torch.device("cpu")
+    assert op.accumulation(cpu) == "float32"
+    exact32 = op(q_in)
+    assert np.array_equal(exact32.numpy(), reference(op, q_in))
+    op.acc_bound.fill_(2.0 ** 25)                      # pretend the bound is larger: digit split
+    assert op.accumulation(cpu) == "split"
+    assert torch.equal(op(q_in), exact32)
+    op.acc_bound.fill_(2.0 ** 30)                      # larger still: float64
+    assert op.accumulation(cpu) == "float64"
+    assert torch.equal(op(q_in), exact32)
+
+
+def test_split_accumulation_is_exact_where_float32_is_not():
+    """Weights and inputs near the extremes, 256 input channels: sums far above 2^24, where a
+    float32 conv rounds; the split into 16 hi + lo must still give the int64 sum."""
+    g = torch.Generator().manual_seed(0)
+    w_q = torch.randint(100, 128, (2, 256, 3, 3), generator=g, dtype=torch.int32)
+    w_q[1].neg_()
+    a = activation_grid(8)
+    op = IntConv(w_q, torch.ones(2), torch.zeros(2, dtype=torch.long), torch.zeros(2), weight_grid(8),
+                 padding=1, inp=qp(1.0, 3, a), out=qp(1.0, 0, a))
+    assert op.accumulation(torch.device("cpu")) == "split"
+    q_in = torch.randint(0, 256, (2, 256, 5, 5), generator=g, dtype=torch.int32)
+    q_in[0] = torch.randint(240, 256, (256, 5, 5), generator=g, dtype=torch.int32)
+    acc = op.accumulate(q_in)
+    want = ref_int_conv(q_in.numpy(), 3, w_q.numpy(), np.zeros(2), np.zeros(2), [1 << 30] * 2, [1] * 2, 0,
+                        -2 ** 40, 2 ** 40, (1, 1, 1, 1), 1)                  # M = 1: the accumulator itself
+    assert np.abs(want).max() > 2 ** 24                               # float32 alone could not hold it
+    assert np.array_equal(acc.numpy().astype(np.int64), want)
+
+
+def test_integer_linear_equals_reference():
+    g = torch.Generator().manual_seed(5)
+    fc = nn.Linear(20, 6)
+    fc.weight.data.copy_(torch.randn(6, 20, generator=g))
+    grid = weight_grid(6)
+    layer = QLayer(fc, Quantizer(grid, WeightObserver(grid, True), channels=6))
+    a = activation_grid(7)
+    op, = layer.freeze(qp(0.1, 11, a), qp(9 / 127, 56, a), (0.0, math.inf))
+    q_in = torch.randint(0, 128, (5, 20), generator=g, dtype=torch.int32)
+    acc = (q_in.long() - 11) @ (op.w_q.long() - op.w_zero_point[:, None]).T + op.b_q
+    want = [[min(max(ref_mbqm(int(v), int(op.m0[c]), int(op.shift[c])) + 56, 56), 127)
+             for c, v in enumerate(row)] for row in acc.tolist()]
+    assert op(q_in).tolist() == want
+
+
+def test_reals_mode_follows_the_integer_path_within_one(random_bn):
+    op, q_in = frozen_conv(8, per_channel=True, bn=random_bn(4, torch.Generator().manual_seed(3)))
+    q_int = op(q_in)
+    op.mode = "reals"
+    x = (q_in.double() - op.in_zero_point) * op.in_scale.double()     # the same input, as reals
+    q_fq = torch.round(op.double()(x) / op.out_scale).long() + op.out_zero_point
+    diff = (q_fq - q_int.long()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+
+
+def test_int32_overflow_is_detected():
+    k = 70_000                                          # 70000 * 255 * 127 > 2^31
+    a = activation_grid(8)
+    op = IntConv(torch.full((1, k), 127, dtype=torch.int32), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                 torch.zeros(1), weight_grid(8), is_conv=False, inp=qp(1.0, 0, a), out=qp(1e9, 0, a))
+    assert float(op.acc_bound) > 2 ** 31                # possible: every forward checks ...
+    op(torch.ones(1, k, dtype=torch.int32))             # ... small inputs pass ...
+    with pytest.raises(IntsimError, match="overflow"):
+        op(torch.full((1, k), 255, dtype=torch.int32))  # ... a real overflow stops
+
+
+def frozen_add(s1, z1, s2, z2, s_out, z_out, relu, bits=8):
+    a = activation_grid(bits)
+    return IntAdd(qp(s1, z1, a), qp(s2, z2, a), qp(s_out, z_out, a), (0.0, math.inf) if relu else (-math.inf, math.inf))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_add_equals_tflite_reference_bit_for_bit(relu, bits):
+    rnd = random.Random(bits + relu)
+    qmin, qmax = 0, 2 ** bits - 1
+    for trial in range(20):
+        s1, s2 = rnd.uniform(0.001, 0.1), rnd.uniform(0.001, 0.1)
+        z1, z2, z_out = rnd.randint(qmin, qmax), rnd.randint(qmin, qmax), rnd.randint(qmin, qmax)
+        # trial 0..4: a narrow output range, so that many sums saturate at QMIN/QMAX
+        s_out = rnd.uniform(0.001, 0.01) if trial < 5 else rnd.uniform(0.01, 0.2)
+        add = frozen_add(s1, z1, s2, z2, s_out, z_out, relu, bits)
+        f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))     # the scales as stored
+        q1 = torch.randint(qmin, qmax + 1, (400,), dtype=torch.int32)
+        q2 = torch.randint(qmin, qmax + 1, (400,), dtype=torch.int32)
+        got = add(q1, q2).tolist()
+        want = [ref_tflite_add(a, z1, f32(s1), b, z2, f32(s2), z_out, f32(s_out), qmin, qmax, relu)
+                for a, b in zip(q1.tolist(), q2.tolist())]
+        assert got == want
+        if trial < 5:
+            assert qmin in got or qmax in got or (relu and z_out in got)   # saturation exercised
+
+
+def test_integer_add_follows_the_real_sum():
+    add = frozen_add(0.05, 3, 0.02, 200, 0.06, 100, relu=False)
+    q1, q2 = torch.arange(256, dtype=torch.int32), torch.arange(255, -1, -1, dtype=torch.int32)
+    got = add(q1, q2).double()
+    real = 0.05 * (q1.double() - 3) + float(add.in_scale2) * (q2.double() - 200)
+    exact = torch.clamp(torch.round(real / float(add.out_scale)) + 100, 0, 255)
+    assert (got - exact).abs().max() <= 1
+
+
+def test_integer_mean_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    a = activation_grid(8)
+    s_in, s_out, z_out = 3 / 255, 2.5 / 255, 7
+    mean = IntMean(49, qp(s_in, 5, a), qp(s_out, z_out, a))
+    q = torch.randint(0, 256, (4, 6, 7, 7), generator=g, dtype=torch.int32)
+    got = mean(q)
+    assert got.shape == (4, 6, 1, 1)
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))
+    want = [ref_mean(q[b, c].flatten().tolist(), 5, f32(s_in), f32(s_out), z_out, 0, 255)
+            for b in range(4) for c in range(6)]
+    assert got.flatten().tolist() == want
+    with pytest.raises(IntsimError, match="frozen for 49 positions"):
+        mean(q[:, :, :5, :5])
+
+
+def test_relu6_and_standalone_relu_clamp_where_tflite_does():
+    a = activation_grid(8)
+    out = qp(0.05, 20, a)                                 # 6 / 0.05 = 120 steps above Z
+    relu6 = IntClamp(out, (0.0, 6.0))
+    assert (relu6.act_min, relu6.act_max) == (20, 140)
+    q = torch.arange(256, dtype=torch.int32)
+    assert torch.equal(relu6(q), q.clamp(20, 140))
+    relu6.mode = "reals"
+    x = (q.double() - 20) * 0.05
+    assert torch.allclose(relu6(x), x.clamp(0.0, 6.0), atol=1e-12)   # the grid holds 0 and 6 exactly here
+
+
+def test_frozen_model_saves_and_loads_without_the_float_network(tmp_path, trained_like, quantize):
+    from checkpoint import load_frozen, save_frozen
+    from model import ModelConfig
+    x = torch.randn(32, 1, 28, 28)
+    qconfig = QConfig(w_bits=4, a_bits=8, per_channel=True)
+    _, frozen = quantize(trained_like("cnn_bn"), qconfig, x)
+    before = set_mode(frozen, "int")(x)
+    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="cnn_bn", width=8), "fashion-mnist")
+    again, ckpt = load_frozen(tmp_path / "q.pt", "fashion-mnist", "cnn_bn")
+    assert ckpt["qconfig"]["w_bits"] == 4
+    assert torch.equal(set_mode(again, "int")(x), before)
+    assert torch.equal(output_integers(again, again(x)), output_integers(frozen, before))
+    assert {"features.0.m0", "features.0.shift", "features.0.w_q", "features.0.b_q", "quant_in.out_scale",
+            "dequant_out.in_scale"} <= set(again.state_dict())
+    with pytest.raises(IntsimError, match="not a frozen quantized model"):
+        torch.save({"quantized": True}, tmp_path / "old.pt")
+        load_frozen(tmp_path / "old.pt")
