@@ -453,6 +453,77 @@ def _clamp_range(ops):
     return lo, hi
 
 
+class _Freezer:
+    """Builds the frozen graph node by node. `env` maps each node of the converted graph to its
+    frozen counterpart, `grid` to the QParams of the integers its value carries (None: float)."""
+
+    def __init__(self, qmodel, generator):
+        self.qmodel, self.generator = qmodel, generator
+        self.graph, self.env, self.grid, self.modules, self.absorbed = fx.Graph(), {}, {}, {}, set()
+
+    def emit(self, name, module, args):
+        self.modules[name] = module
+        return self.graph.call_module(name, args)
+
+    def copy(self, node):
+        """The node as it is (flatten, shapes, and float ops where activations are float)."""
+        if node.op == "call_module":
+            self.modules[node.target] = self.qmodel.get_submodule(node.target)
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def out_grid(self, node):
+        """(S, Z, grid) of the quantizer behind `node`'s chain, and the chain's clamps (absorbed)."""
+        gm, links = self.qmodel, chain(self.qmodel, node)
+        after = _sole_user(links[-1] if links else node)
+        if after is None or op_of(gm, after).role != QUANT:
+            return None, []
+        clamps = [n for n in links if op_of(gm, n).role == CLAMP]
+        self.absorbed.update(clamps)
+        return _qparams(gm.get_submodule(after.target)), [op_of(gm, n) for n in clamps]
+
+    def producer(self, node, op):
+        out, clamps = self.out_grid(node)
+        ins = [self.grid[a] for a in node.args if isinstance(a, fx.Node)]
+        if all(i is None for i in ins) and op.freeze is not _freeze_layer:
+            return self.copy(node), out                       # float activations: the float op
+        made = op.freeze(self.qmodel, node, ins, out, _clamp_range(clamps), self.generator)
+        name = node.target if node.op == "call_module" else node.name
+        value = self.emit(name, made[0], tuple(self.env[a] for a in node.args if isinstance(a, fx.Node)))
+        for m in made[1:]:                                     # a BN left unfolded follows in float
+            value = self.emit(f"{name}_bn", m, (value,))
+        return value, out
+
+    def node(self, node):
+        """The frozen value of `node`, and its grid."""
+        op = op_of(self.qmodel, node)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.op == "placeholder":
+            return self.graph.placeholder(node.name), None
+        if op.role == PRODUCER:
+            return self.producer(node, op)
+        if op.role == QUANT and self.grid[src] is None:     # the input: float -> integers
+            q = _qparams(self.qmodel.get_submodule(node.target))
+            return self.emit(node.target, Quantize(q), (self.env[src],)), q
+        if op.role == QUANT or node in self.absorbed:         # the producer requantized to it already
+            return self.env[src], self.grid[src]
+        if op.role in (CLAMP, POOL) and self.grid[src] is not None:
+            module = IntClamp(self.grid[src], op.clamp) if op.role == CLAMP else \
+                IntMaxPool(_pool_settings(self.qmodel, node))
+            return self.emit(node.target if node.op == "call_module" else node.name, module,
+                             (self.env[src],)), self.grid[src]
+        if node.op == "output":
+            value = self.env[src]
+            if self.grid[src] is not None:
+                value = self.emit("dequant_out", Dequantize(self.grid[src]), (value,))
+            return self.graph.output(value), None
+        return self.copy(node), (self.grid.get(src) if op.role != SHAPE else None)
+
+    def run(self):
+        for node in self.qmodel.graph.nodes:
+            self.env[node], self.grid[node] = self.node(node)
+        return fx.GraphModule(self.modules, self.graph, class_name="FrozenModel")
+
+
 @torch.no_grad()
 def freeze(qmodel, rounding=None, generator=None):
     """The frozen integer model (a new fx.GraphModule of frozen.py's ops; `qmodel` is left as
@@ -464,62 +535,7 @@ def freeze(qmodel, rounding=None, generator=None):
         for _, layer in qlayers(qmodel):
             if isinstance(layer.w_quantizer, Quantizer):
                 layer.w_quantizer.rounding = rounding
-    graph, env, grid, modules, absorbed = fx.Graph(), {}, {}, {}, set()
-
-    def emit(name, module, args):
-        modules[name] = module
-        return graph.call_module(name, args)
-
-    for node in qmodel.graph.nodes:
-        op = op_of(qmodel, node)
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if node.op == "placeholder":
-            env[node], grid[node] = graph.placeholder(node.name), None
-        elif op.role == QUANT:
-            q = _qparams(qmodel.get_submodule(node.target))
-            if grid[src] is None:                                  # the input: float -> integers
-                env[node], grid[node] = emit(node.target, Quantize(q), (env[src],)), q
-            else:                                                  # its producer requantized to q already
-                env[node], grid[node] = env[src], grid[src]
-        elif op.role == PRODUCER:
-            links = chain(qmodel, node)
-            after = _sole_user(links[-1] if links else node)
-            out = _qparams(qmodel.get_submodule(after.target)) if after is not None and \
-                op_of(qmodel, after).role == QUANT else None
-            clamps = [op_of(qmodel, n) for n in links if op_of(qmodel, n).role == CLAMP] if out else []
-            absorbed.update(n for n in links if out and op_of(qmodel, n).role == CLAMP)
-            ins = [grid[a] for a in node.args if isinstance(a, fx.Node)]
-            if ins and all(i is None for i in ins) and op.freeze is not _freeze_layer:
-                env[node] = graph.node_copy(node, lambda n: env[n])  # float activations: a float op
-                if node.op == "call_module":
-                    modules[node.target] = qmodel.get_submodule(node.target)
-            else:
-                made = op.freeze(qmodel, node, ins, out, _clamp_range(clamps), generator)
-                value = env[node.args[0]] if node.op == "call_module" else None
-                for k, m in enumerate(made):
-                    args = (value,) if k or node.op == "call_module" else tuple(env[a] for a in node.args)
-                    value = emit(node.target if node.op == "call_module" and k == 0 else
-                                 f"{node.target}_bn" if k else node.name, m, args)
-                env[node] = value
-            grid[node] = out
-        elif op.role == CLAMP and node in absorbed:
-            env[node], grid[node] = env[src], grid[src]
-        elif op.role in (CLAMP, POOL) and grid[src] is not None:
-            module = IntClamp(grid[src], op.clamp) if op.role == CLAMP else IntMaxPool(_pool_settings(qmodel, node))
-            env[node], grid[node] = emit(node.target if node.op == "call_module" else node.name, module,
-                                         (env[src],)), grid[src]
-        elif node.op == "output":
-            value = env[src]
-            if grid[src] is not None:
-                value = emit("dequant_out", Dequantize(grid[src]), (value,))
-            graph.output(value)
-        else:                                                     # SAME, SHAPE, and float CLAMP/POOL
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            if node.op == "call_module":
-                modules[node.target] = qmodel.get_submodule(node.target)
-            grid[node] = grid.get(src) if op.role != SHAPE else None
-    frozen = fx.GraphModule(modules, graph, class_name="FrozenModel")
-    return frozen
+    return _Freezer(qmodel, generator).run()
 
 
 class _PoolSettings:

@@ -276,7 +276,8 @@ def _headline_cell(rows):
 def render_headline(results):
     """One line per network: float32, PTQ W8A8 / W4A8, AdaRound W4A8, QAT W4A4 (8-bit logits);
     integer accuracy, per-channel weights, TFLite's default rescale, Fashion-MNIST."""
-    fm = [r for r in results if r["dataset"] == "fashion-mnist" and r["per_channel"] and not r["single_rounding"]]
+    fm = [r for r in results if r["dataset"] == "fashion-mnist" and r["script"] != "train" and r["per_channel"]
+          and not r["single_rounding"]]
     lines = ["| model | float32 | PTQ W8A8 | PTQ W4A8 | AdaRound W4A8 | QAT W4A4, 8-bit logits |",
              "|---|---|---|---|---|---|"]
     for model in ("cnn", "cnn_bn", "resnet18"):

@@ -149,8 +149,9 @@ def test_reals_mode_follows_the_integer_path_within_one(random_bn):
 def test_int32_overflow_is_detected():
     k = 70_000                                          # 70000 * 255 * 127 > 2^31
     a = activation_grid(8)
-    op = IntConv(torch.full((1, k), 127, dtype=torch.int32), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                 torch.zeros(1), weight_grid(8), is_conv=False, inp=qp(1.0, 0, a), out=qp(1e9, 0, a))
+    with pytest.warns(UserWarning, match="exceeds int32"):
+        op = IntConv(torch.full((1, k), 127, dtype=torch.int32), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                     torch.zeros(1), weight_grid(8), is_conv=False, inp=qp(1.0, 0, a), out=qp(1e9, 0, a))
     assert float(op.acc_bound) > 2 ** 31                # possible: every forward checks ...
     op(torch.ones(1, k, dtype=torch.int32))             # ... small inputs pass ...
     with pytest.raises(IntsimError, match="overflow"):
