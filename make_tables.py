@@ -16,7 +16,7 @@ import sys
 
 from checkpoint import write_text
 from config import QCONFIG_FIELDS
-from tables import CUSTOM, TABLES
+from tables import CUSTOM, TABLES, render_reruns
 from targets import render_targets
 
 FILES = ("README.md", "RESULTS.md")
@@ -51,18 +51,29 @@ def render_spec(keep, key, columns, results):
     return "\n".join(lines)
 
 
-def render(name, results):
+def load_reruns(folder):
+    """The reports of rerun.py kept in <results>/reruns/ (each with a label and the code it ran)."""
+    reports = []
+    for path in sorted(glob.glob(os.path.join(folder, "reruns", "*.json"))):
+        with open(path) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def render(name, results, reruns=()):
     if name == "targets":
         return render_targets(results)
+    if name == "reruns":
+        return render_reruns(reruns)
     if name in CUSTOM:
         return CUSTOM[name](results)
     return render_spec(*TABLES[name], results)
 
 
-def update(text, results):
-    """`text` with every table marker it holds filled from `results`."""
+def update(text, results, reruns=()):
+    """`text` with every table marker it holds filled from `results` (and the rerun reports)."""
     def fill(m):
-        return m.group(1) + render(m.group(2), results) + "\n" + m.group(3)
+        return m.group(1) + render(m.group(2), results, reruns) + "\n" + m.group(3)
     return re.sub(r"(<!-- table:(\w+) -->\n).*?(<!-- /table:\2 -->)", fill, text, flags=re.S)
 
 
@@ -73,15 +84,15 @@ def main():
     p.add_argument("--files", nargs="+", default=list(FILES), help="markdown files whose tables are rewritten")
     p.add_argument("--check", action="store_true", help="only check that the tables are up to date")
     args = p.parse_args()
-    results = load_results(args.results)
+    results, reruns = load_results(args.results), load_reruns(args.results)
     stale = []
     for path in args.files:
         if not os.path.isfile(path):
             sys.exit(f"error: {path} not found: pass --files")
         with open(path) as f:
             text = f.read()
-        new = update(text, results)
-        unknown = set(re.findall(r"<!-- table:(\w+) -->", text)) - set(TABLES) - set(CUSTOM) - {"targets"}
+        new = update(text, results, reruns)
+        unknown = set(re.findall(r"<!-- table:(\w+) -->", text)) - set(TABLES) - set(CUSTOM) - {"targets", "reruns"}
         if unknown:
             sys.exit(f"error: {path} has tables make_tables does not know: {', '.join(sorted(unknown))}")
         if new != text:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from errors import IntsimError
-from frozen import Dequantize, IntAdd, IntClamp, IntMaxPool, IntMean, QParams, Quantize
+from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, QParams, Quantize
 from module import QLayer, QMean
 from observer import WeightObserver, make_observer
 from quantizer import Quantizer
@@ -462,6 +462,11 @@ class _Freezer:
         self.graph, self.env, self.grid, self.modules, self.absorbed = fx.Graph(), {}, {}, {}, set()
 
     def emit(self, name, module, args):
+        """A call of `module` under `name` (a module called at several sites gets one op per site)."""
+        base, k = name, 1
+        while name in self.modules:
+            k += 1
+            name = f"{base}_call{k}"
         self.modules[name] = module
         return self.graph.call_module(name, args)
 
@@ -493,6 +498,15 @@ class _Freezer:
             value = self.emit(f"{name}_bn", m, (value,))
         return value, out
 
+    def pool_in_producer(self, pool_node):
+        """A max-pool right after an IntConv (nothing else reads the conv's output): the conv runs
+        it on its accumulator (see frozen.IntMaxPool)."""
+        conv_node = pool_node.args[0]
+        if conv_node.op == "call_module" and isinstance(self.modules[conv_node.target], IntConv) and \
+                len(conv_node.users) == 1:
+            pool = self.modules[pool_node.target]
+            self.modules[conv_node.target].pool_first, pool.run_by_producer = pool.settings(), True
+
     def node(self, node):
         """The frozen value of `node`, and its grid."""
         op = op_of(self.qmodel, node)
@@ -509,8 +523,10 @@ class _Freezer:
         if op.role in (CLAMP, POOL) and self.grid[src] is not None:
             module = IntClamp(self.grid[src], op.clamp) if op.role == CLAMP else \
                 IntMaxPool(_pool_settings(self.qmodel, node))
-            return self.emit(node.target if node.op == "call_module" else node.name, module,
-                             (self.env[src],)), self.grid[src]
+            value = self.emit(node.target if node.op == "call_module" else node.name, module, (self.env[src],))
+            if op.role == POOL:
+                self.pool_in_producer(value)
+            return value, self.grid[src]
         if node.op == "output":
             value = self.env[src]
             if self.grid[src] is not None:

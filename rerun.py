@@ -50,6 +50,14 @@ def differences(old, new, prefix=""):
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+def code_version():
+    """The commit the code was checked out at (+ "modified" when the working tree differs)."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    return head + (" + modified" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+
+
 def rerun(path, tmp, update):
     """Run the stored command of `path` again; returns (stored, new) results."""
     with open(path) as f:
@@ -72,10 +80,11 @@ def main():
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="results/*.json files to re-run")
     p.add_argument("--update", action="store_true", help="replace each stored file by the new result")
+    p.add_argument("--label", default=None, help="what these rows are, for the report (results/reruns/*.json)")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     args = p.parse_args()
     paths = sorted(args.results, key=lambda q: "--eval" in json.load(open(q)).get("command", ""))
-    report = {"compared": [], "differ": {}}
+    report = {"label": args.label or " ".join(args.results), "code": code_version(), "compared": [], "differ": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             stored, new = rerun(path, tmp, args.update)

@@ -294,3 +294,32 @@ def render_headline(results):
 
 
 CUSTOM["headline"] = render_headline
+
+
+def _changes(differ):
+    """{key: (rows, largest |now - stored|)} over a rerun report's differences (per-layer keys
+    are named by their last part: layers.2.loss_adaround -> loss_adaround)."""
+    out = {}
+    for diffs in differ.values():
+        for key, old, new in diffs:
+            name = key.split(".")[-1] if not key.split(".")[-1].isdigit() else key.split(".")[0]
+            rows, big = out.get(name, (set(), 0.0))
+            size = abs(new - old) if isinstance(old, (int, float)) and isinstance(new, (int, float)) else 0.0
+            out[name] = (rows, max(big, size))
+            rows.add(id(diffs))
+    return {k: (len(rows), big) for k, (rows, big) in out.items()}
+
+
+def render_reruns(reports):
+    """Rows re-run from their stored commands (rerun.py): how many reproduced exactly, and what
+    moved in the others."""
+    if not reports:
+        return "_(no re-runs yet)_"
+    lines = ["| rows | code | re-run | identical | differ | what differed (rows, largest change) |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(reports, key=lambda r: r["label"]):
+        changes = _changes(r["differ"])
+        what = ", ".join(f"{k} ({n}, {big:.4g})" for k, (n, big) in sorted(changes.items())) or "-"
+        lines.append(f"| {r['label']} | {r['code']} | {len(r['compared'])} | {len(r['compared']) - len(r['differ'])} | "
+                     f"{len(r['differ'])} | {what} |")
+    return "\n".join(lines)

@@ -271,3 +271,18 @@ def test_torchvision_networks_convert_and_run_exactly_in_integers(name, size, qu
     qmodel, frozen = quantize(model, QConfig(per_channel=True, single_rounding=True), x)
     assert torch.allclose(set_phase(qmodel, "float")(x), model(x), rtol=1e-3, atol=1e-4)
     assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))
+
+
+def test_max_pool_run_on_the_accumulator_gives_the_same_integers(trained_like, quantize):
+    """A max-pool right after a conv runs on its accumulator, before the rescale (4x fewer values
+    rescaled); the graph keeps both ops, and switching the shortcut off changes no integer."""
+    from frozen import IntConv, IntMaxPool
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    _, frozen = quantize(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True), x)
+    pools = [m for m in frozen.modules() if isinstance(m, IntMaxPool)]
+    convs = [m for m in frozen.modules() if isinstance(m, IntConv) and m.pool_first]
+    assert len(pools) == len(convs) == 2 and all(p.run_by_producer for p in pools)
+    fast = {mode: integers(frozen, x, mode) for mode in ("int", "reals")}
+    for p, c in zip(pools, convs):
+        p.run_by_producer, c.pool_first = False, None
+    assert all(torch.equal(fast[mode], integers(frozen, x, mode)) for mode in ("int", "reals"))
