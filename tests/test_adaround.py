@@ -104,7 +104,6 @@ def test_adaround_at_2_bits_still_beats_nearest(tiny_unit):
 
 def test_frozen_model_takes_the_learned_integers(tiny_unit):
     """The quantizer swapped in is what freeze reads: its hard integers become the IntConv's."""
-    from model import freeze
     ada, module, layer, x, target = tiny_unit(3, seed=5)
     run_adaround(ada, module, x, target, 300, 1e-2, 5)
     ada.mode = "hard"

@@ -13,7 +13,7 @@ from torch import nn
 from config import QConfig
 from errors import IntsimError
 from frozen import IntAdd, IntClamp, IntConv, IntMean, QParams, output_integers, set_mode
-from function import Grid, activation_grid, weight_grid
+from function import activation_grid, weight_grid
 from module import QLayer
 from observer import WeightObserver
 from quantizer import Quantizer

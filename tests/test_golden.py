@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-from conftest import ROOT
 from golden_runs import REGENERATE, RUNS, golden_path, group, machine, measured, run, write_golden
 
 ACCURACY_TOLERANCE = 1.0     # points, where floats may round differently (another CPU or torch build)
