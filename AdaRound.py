@@ -23,6 +23,7 @@ import torch
 import torch._dynamo  # noqa: F401  (Adam's first step imports it, ~3 s; here, so it/s measure the optimisation)
 
 import cli
+from config import QCONFIG_FIELDS
 from checkpoint import save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, predict, print_frozen_report
@@ -112,7 +113,7 @@ def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
     cli.add_checkpoint(p)
-    cli.add_qconfig(p, a_bits=32, w_bits=4)
+    cli.add_qconfig(p, only=[f for f in QCONFIG_FIELDS if f != "w_rounding"], a_bits=32, w_bits=4)  # it learns the rounding
     p.set_defaults(batch_size=BATCH_SIZE)
     p.add_argument("--num-calib", type=int, default=NUM_CALIB, help="unlabelled training images to reconstruct on")
     p.add_argument("--iters", type=int, default=ITERS, help="Adam iterations per layer")
