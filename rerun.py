@@ -67,7 +67,10 @@ def rerun(path, tmp, update):
         raise IntsimError(f"{path}: cannot re-run {stored['command']!r} (not a script of this project)")
     out = os.path.join(tmp, os.path.basename(path))
     extra = ["--result-json", out]
-    if argv[1] in SCRIPTS_WITH_PLOT and "--plot" not in argv:
+    if argv[1] in SCRIPTS_WITH_PLOT:
+        if "--plot" in argv:                     # the stored command names the committed figure
+            i = argv.index("--plot")
+            del argv[i:i + 2]
         extra += ["--plot", stored["plot"] if update else os.path.join(tmp, os.path.basename(path) + ".png")]
     proc = subprocess.run([sys.executable, *argv[1:], *extra], capture_output=True, text=True)
     if proc.returncode != 0:
