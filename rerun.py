@@ -51,11 +51,12 @@ def differences(old, new, prefix=""):
 
 
 def code_version():
-    """The commit the code was checked out at (+ "modified" when the working tree differs)."""
+    """The commit the code was checked out at (+ "modified" when a .py file differs from it;
+    results/ and the tables are what a re-run rewrites, not code)."""
     def git(*a):
         return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-    return head + (" + modified" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    return head + (" + modified" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip() else "")
 
 
 def rerun(path, tmp, update):
