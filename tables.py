@@ -317,7 +317,8 @@ def render_reruns(reports):
         return "_(no re-runs yet)_"
     lines = ["| rows | code | re-run | identical | differ | what differed (rows, largest change) |",
              "|---|---|---|---|---|---|"]
-    for r in sorted(reports, key=lambda r: r["label"]):
+    # the same rows re-run by the old code, then by today's: old first
+    for r in sorted(reports, key=lambda r: (r["label"], "before the refactor" not in r["code"])):
         changes = _changes(r["differ"])
         what = ", ".join(f"{k} ({n}, {big:.4g})" for k, (n, big) in sorted(changes.items())) or "-"
         lines.append(f"| {r['label']} | {r['code']} | {len(r['compared'])} | {len(r['compared']) - len(r['differ'])} | "
