@@ -26,12 +26,15 @@ VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from
 SCRIPTS_WITH_PLOT = ("AdaRound.py", "table1.py")
 
 
-def measured(value, key=""):
-    """The value with run times, paths and other non-measurements left out (recursively)."""
-    if key in VOLATILE or key.endswith("_s"):
-        return None
+def volatile(key):
+    return key in VOLATILE or key.endswith("_s")
+
+
+def measured(value):
+    """The value with run times, paths and other non-measurements left out (recursively; a
+    None stays: "no output bits" is a value too)."""
     if isinstance(value, dict):
-        return {k: measured(v, k) for k, v in value.items() if measured(v, k) is not None}
+        return {k: measured(v) for k, v in value.items() if not volatile(k)}
     if isinstance(value, list):
         return [measured(v) for v in value]
     return value
