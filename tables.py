@@ -315,12 +315,16 @@ def render_reruns(reports):
     moved in the others."""
     if not reports:
         return "_(no re-runs yet)_"
-    lines = ["| rows | code | re-run | identical | differ | what differed (rows, largest change) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| rows | code | compared with | re-run | identical | differ | what differed (rows, largest change) |",
+             "|---|---|---|---|---|---|---|"]
+    old_code = lambda r: "before the refactor" in r["code"]
+    rerun_by_old = {path for r in reports if old_code(r) for path in r["compared"]}
     # the same rows re-run by the old code, then by today's: old first
-    for r in sorted(reports, key=lambda r: (r["label"], "before the refactor" not in r["code"])):
+    for r in sorted(reports, key=lambda r: (r["label"], not old_code(r))):
         changes = _changes(r["differ"])
         what = ", ".join(f"{k} ({n}, {big:.4g})" for k, (n, big) in sorted(changes.items())) or "-"
-        lines.append(f"| {r['label']} | {r['code']} | {len(r['compared'])} | {len(r['compared']) - len(r['differ'])} | "
-                     f"{len(r['differ'])} | {what} |")
+        by_old = all(p in rerun_by_old or "/reruns/rows/" in p for p in r["compared"]) and not old_code(r)
+        against = "the pre-refactor re-run" if by_old else "the rows as stored (earlier sessions)"
+        lines.append(f"| {r['label']} | {r['code']} | {against} | {len(r['compared'])} | "
+                     f"{len(r['compared']) - len(r['differ'])} | {len(r['differ'])} | {what} |")
     return "\n".join(lines)
