@@ -114,6 +114,7 @@ def main():
     cli.add_common(p)
     cli.add_checkpoint(p)
     cli.add_qconfig(p, only=[f for f in QCONFIG_FIELDS if f != "w_rounding"], a_bits=32, w_bits=4)  # it learns the rounding
+    cli.add_export(p)
     p.set_defaults(batch_size=BATCH_SIZE)
     p.add_argument("--num-calib", type=int, default=NUM_CALIB, help="unlabelled training images to reconstruct on")
     p.add_argument("--iters", type=int, default=ITERS, help="Adam iterations per layer")
@@ -168,6 +169,7 @@ def main():
     save = args.save or os.path.join("runs", "adaround", f"{run_name(args, qconfig)}.pt")
     save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding="adaround", fp32_acc=round(fp32_acc, 2), **report)
     print(f"saved the AdaRounded model to {save}")
+    report.update(cli.export_if_asked(args, frozen, x_test, device))
     plot = args.plot or os.path.join("results", "figures", f"adaround_h_{run_name(args, qconfig)}.png")
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")

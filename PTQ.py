@@ -36,6 +36,7 @@ def main():
     cli.add_common(p)
     cli.add_checkpoint(p)
     cli.add_qconfig(p)
+    cli.add_export(p)
     p.add_argument("--calib-batches", type=int, default=NUM_CALIB_BATCHES,
                    help="training batches used to calibrate activation ranges")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
@@ -75,6 +76,7 @@ def main():
     if args.save:
         save_frozen(args.save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), **report)
         print(f"saved the frozen model to {args.save}")
+    report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model, "calib_images": n,
                      **({"weights": args.weights} if args.dataset == "imagenet" else {}),
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2), "seed": args.seed, **report},

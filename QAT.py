@@ -50,6 +50,7 @@ def evaluate_saved(args, device):
     report = evaluate_frozen(frozen.to(device), test, device)
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT model from {args.eval}, {len(y_test)} test images")
     print_frozen_report(ckpt["fp32_acc"], report)
+    report.update(cli.export_if_asked(args, frozen, x_test, device))
     keep = ("epochs", "lr", "optimizer", "fp32_acc", "qat_fakequant_acc")
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
                      **{k: ckpt[k] for k in keep}, "evaluated_from": args.eval, **report}, args.result_json, qconfig)
@@ -60,6 +61,7 @@ def main():
     cli.add_common(p)
     cli.add_checkpoint(p)
     cli.add_qconfig(p, a_observer="ema")
+    cli.add_export(p)
     p.set_defaults(batch_size=BATCH_SIZE)
     p.add_argument("--epochs", type=int, default=EPOCHS, help="QAT epochs")
     p.add_argument("--optimizer", default="sgd", choices=sorted(LR), help="optimizer")
@@ -123,6 +125,7 @@ def main():
     save_frozen(save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), epochs=epochs, lr=lr,
                 optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2))
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
+    report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
                      "epochs": epochs, "lr": lr, "optimizer": args.optimizer, "fp32_acc": round(fp32_acc, 2),
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,

@@ -235,3 +235,7 @@ def load_frozen(path, dataset=None, arch=None, single_rounding=None):
 
 def write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_bytes(path, data):
+    _atomic_write(path, lambda f: f.write(data))

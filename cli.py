@@ -80,6 +80,37 @@ def add_imagenet(p):
                    help="ImageNet: folder of <wnid>/*.JPEG calibration images, separate from --data-dir")
 
 
+EXPORT_CHECK_IMAGES = 1000   # test images an exported .tflite file is run on, in LiteRT and in intsim
+
+
+def add_export(p):
+    p.add_argument("--export", default=None, metavar="PATH.tflite",
+                   help="also write the frozen model as a .tflite file, and compare LiteRT's output integers "
+                        "with intsim's (needs pip install -r requirements-tflite.txt)")
+    p.add_argument("--tflite-scheme", default="int8", choices=("int8", "uint8"),
+                   help="int8: TFLite's current scheme (int8 activations, symmetric int8 weights, per-channel "
+                        "allowed); uint8: the 2018 paper's (uint8 activations and per-tensor uint8 weights)")
+    p.add_argument("--export-check", type=int, default=EXPORT_CHECK_IMAGES, metavar="N",
+                   help="test images run through LiteRT's reference kernels for the comparison")
+
+
+def export_if_asked(args, frozen, x_test, device):
+    """--export: write the .tflite file and compare it with intsim on the first --export-check
+    test images; the comparison goes into the RESULT ({} without --export)."""
+    if not getattr(args, "export", None):
+        return {}
+    from tflite_io import export_and_check
+    from frozen import runs_in_integers
+    if not runs_in_integers(frozen):
+        raise IntsimError("--export needs an integer model: 8-bit (or fewer) integer activations, every layer quantized")
+    r = export_and_check(frozen, args.export, args.tflite_scheme, x_test[:args.export_check], device)
+    for name, key in (("intsim's integer path", "tflite_vs_intsim"), ("that file read back into intsim", "tflite_vs_reimported")):
+        a = r[key]
+        print(f"{args.export} in LiteRT (reference kernels) vs {name}: {a['images_identical']} of "
+              f"{r['tflite_images']} images identical (largest difference {a['max_diff']})")
+    return r
+
+
 def require_integer_activations(qconfig, script):
     if qconfig.float_activations:
         raise IntsimError(f"{script} builds integer models: --a-bits 32 (float activations) "
@@ -89,6 +120,9 @@ def require_integer_activations(qconfig, script):
 def start(p):
     """The start of every script's main(): parse the flags, seed everything, pick the device."""
     args = p.parse_args()
+    if getattr(args, "export", None):
+        from tflite_io import litert
+        litert()                     # ai-edge-litert missing: say so now, not after the run
     seed_everything(args.seed)
     return args, device_from(args.device)
 

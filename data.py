@@ -32,6 +32,7 @@ DATASETS = {
 IMAGENET_WNIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")   # image files in ImageNet class folders
 IMAGENET_RESIZE = 256               # torchvision's evaluation transform: Resize(256), CenterCrop(224)
+TFLITE_CROP_FRACTION = 0.875        # TFLite's ImageNet evaluation: central 87.5% crop, then resize
 CIFAR_DIR = "cifar-10-batches-py"   # torchvision's layout: pickled batches
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
@@ -132,6 +133,25 @@ def load_imagenet_folder(folder, limit=None):
     files = files[:limit]
     x = torch.stack([tf(Image.open(path).convert("RGB")) for path, _ in files])
     return x, torch.tensor([label for _, label in files])
+
+
+def load_imagenet_bytes(folder, size, crop_fraction=TFLITE_CROP_FRACTION, limit=None):
+    """Images of an ImageNet-style folder as TFLite's ImageNet evaluation feeds a uint8 model:
+    the central `crop_fraction` of each side (tf.image.central_crop), resized bilinearly to
+    size x size (half-pixel centres, no antialiasing), rounded to RGB bytes. Returns (uint8
+    (N, 3, size, size), labels 0..999 from the wnid list)."""
+    from PIL import Image
+    index = imagenet_class_index()
+    files = [(os.path.join(folder, wnid, f), index[wnid]) for wnid, f in imagenet_files(folder)][:limit]
+    out = []
+    for path, _ in files:
+        img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+        h, w = img.shape[1:]
+        top, left = int((h - h * crop_fraction) / 2), int((w - w * crop_fraction) / 2)
+        img = img[:, top:h - top, left:w - left]
+        img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)
+        out.append(img[0].round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(out), torch.tensor([label for _, label in files])
 
 
 def load_split(name, data_dir, train, download=False):

@@ -24,12 +24,14 @@ from torch import nn
 
 from errors import IntsimError
 from function import (INT32_MAX, INT_MAX_BITS, Grid, dequantize, fake_quantize, int32_check, quantize,
-                      integers_of, quantize_multiplier, requantize, rescale, round_half_away, to_grid)
+                      integers_of, quantize_multiplier, requantize, requantize_in_double, rescale, round_half_away,
+                      to_grid)
 
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
 SPLIT_BASE = 16           # digit base of the split accumulation (IntConv.accumulation)
 ADD_LEFT_SHIFT = 20       # TFLite's ADD: inputs (q - Z) are scaled by 2^20 before the rescale (8-bit kernels)
 NO_ACTIVATION = (-math.inf, math.inf)
+SCALE_PRODUCTS = ("double", "float32")
 
 
 class QParams(NamedTuple):
@@ -68,6 +70,7 @@ class FrozenOp(nn.Module):
     """Base of the frozen ops. CONFIG names the plain settings (ints, floats, strings, tuples)
     that, with the buffers, describe the op completely: what is saved and loaded."""
     CONFIG = ()
+    out_signed = False        # the output grid's signedness (a model saved before it was kept: unsigned)
 
     def __init__(self):
         super().__init__()
@@ -94,7 +97,7 @@ class FrozenOp(nn.Module):
     def _set_out(self, out, act_range=NO_ACTIVATION):
         self.register_buffer("out_scale", out.scale.detach().clone().float())
         self.register_buffer("out_zero_point", out.zero_point.detach().clone().long())
-        self.out_bits = out.grid.bits
+        self.out_bits, self.out_signed = out.grid.bits, out.grid.signed
         self.act_min, self.act_max = activation_bounds(out, act_range)
 
     def _set_in(self, inp, suffix=""):
@@ -103,6 +106,9 @@ class FrozenOp(nn.Module):
 
     def out_qparams(self):
         return self.out_scale, self.out_zero_point
+
+    def out_grid(self):
+        return Grid(self.out_bits, signed=self.out_signed)
 
     def _real_out(self, y):
         return real_epilogue(y, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
@@ -114,7 +120,7 @@ class FrozenOp(nn.Module):
 
 class Quantize(FrozenOp):
     """The model's input (TFLite's QUANTIZE): q = clamp(round(x / S) + Z, QMIN, QMAX)."""
-    CONFIG = ("act_min", "act_max", "out_bits")
+    CONFIG = ("act_min", "act_max", "out_bits", "out_signed")
     integer = True
 
     def __init__(self, out):
@@ -152,15 +158,26 @@ class IntConv(FrozenOp):
         q_out   = clamp(rescale(acc, M0[c], shift[c]) + Z_out, act_min, act_max)
     with M[c] = S_in S_w[c] / S_out = M0[c] 2^(shift[c] - 31) (TFLite's QuantizeMultiplier).
     `pad` is explicit per side, (left, right, top, bottom), padded with real 0 (q = Z_in).
+    `scale_product` is how M is computed (TFLite's kernel_util.cc): "double", S_in S_w[c] / S_out
+    in double (its per-channel rule); "float32", the product S_in S_w rounded to float32 first,
+    then divided in double (its per-tensor rule, GetQuantizedConvolutionMultipler: uint8 models).
+    `rescale_in_double` replaces the fixed-point rescale by one rounding of acc * M in double,
+    as LiteRT's reference FULLY_CONNECTED does (function.requantize_in_double).
     Without `inp`/`out` (float activations) only the weights are integers, the bias is real,
     and there is no integer mode."""
     CONFIG = ("is_conv", "stride", "pad", "dilation", "groups", "w_bits", "in_qmin", "in_qmax", "in_bits",
-              "out_bits", "act_min", "act_max", "single_rounding", "has_int_io", "pool_first")
+              "out_bits", "out_signed", "act_min", "act_max", "single_rounding", "has_int_io", "pool_first",
+              "scale_product", "rescale_in_double")
+    scale_product, rescale_in_double = "double", False     # the values of a model saved before the choices
 
     def __init__(self, w_q, w_scale, w_zero_point, bias, grid, is_conv=True, stride=1, padding=0, dilation=1,
-                 groups=1, inp=None, out=None, act_range=NO_ACTIVATION, single_rounding=False):
+                 groups=1, inp=None, out=None, act_range=NO_ACTIVATION, single_rounding=False,
+                 scale_product="double", rescale_in_double=False):
         super().__init__()
+        if scale_product not in SCALE_PRODUCTS:
+            raise IntsimError(f"unknown scale product {scale_product!r}; use one of {SCALE_PRODUCTS}")
         self.is_conv, self.groups, self.single_rounding = is_conv, groups, single_rounding
+        self.scale_product, self.rescale_in_double = scale_product, rescale_in_double
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         self.pad = _explicit_padding(padding, w_q.shape[2:], self.dilation) if is_conv else (0, 0, 0, 0)
         self.w_bits, self.has_int_io = grid.bits, inp is not None
@@ -178,9 +195,12 @@ class IntConv(FrozenOp):
         self.in_qmin, self.in_qmax, self.in_bits = inp.grid.qmin, inp.grid.qmax, inp.grid.bits
         # Prepare: M[c] = S_in S_w[c] / S_out, and the worst case |acc| over the input range:
         # sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b| (it decides the exact accumulation).
-        m0, shift = quantize_multiplier(inp.scale.double() * self.w_scale.double() / out.scale.double())
+        product = inp.scale.float() * self.w_scale.float() if scale_product == "float32" else inp.scale.double() * self.w_scale.double()
+        m0, shift = quantize_multiplier(product.double() / out.scale.double())
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
+        if rescale_in_double:
+            self.register_buffer("m_real", inp.scale.double() * self.w_scale.double() / out.scale.double())
         w_l1 = (self.w_q.long() - per_channel(self.w_zero_point, self.w_q)).abs().reshape(len(self.w_q), -1).sum(1)
         self.register_buffer("acc_bound", (w_l1 * self._in_abs_max() + self.b_q.abs()).max().double())
         if float(self.acc_bound) > INT32_MAX and self.integer:
@@ -267,6 +287,9 @@ class IntConv(FrozenOp):
         acc = acc.to(torch.int64)
         if float(self.acc_bound) > INT32_MAX:
             int32_check(acc, "a conv/linear layer")
+        if self.rescale_in_double:
+            return requantize_in_double(acc, self.m_real.reshape(channels), self.out_zero_point.to(acc.device),
+                                        self.act_min, self.act_max).to(torch.int32)
         return self._int_out(acc, self.m0.reshape(channels), self.shift.reshape(channels))
 
 
@@ -275,7 +298,10 @@ def _pair(v):
 
 
 def _explicit_padding(padding, kernel, dilation):
-    """nn.Conv2d's padding (ints, or "valid" / "same") as (left, right, top, bottom)."""
+    """nn.Conv2d's padding (ints, or "valid" / "same") as (left, right, top, bottom); a 4-tuple
+    is that already."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        return tuple(padding)
     if padding == "valid":
         return (0, 0, 0, 0)
     if padding == "same":                  # PyTorch puts the odd pixel on the right and bottom
@@ -313,7 +339,7 @@ class IntAdd(FrozenOp):
         q_out     = clamp(rescale(a_1 + a_2, twice_max / (2^20 S_out)) + Z_out, act_min, act_max)
     The 2^20 keeps 20 fractional bits through the input rescale, so the two inputs meet on a
     common fine grid."""
-    CONFIG = ("act_min", "act_max", "out_bits", "single_rounding")
+    CONFIG = ("act_min", "act_max", "out_bits", "out_signed", "single_rounding")
     integer = True
 
     def __init__(self, in1, in2, out, act_range=NO_ACTIVATION, single_rounding=False):
@@ -343,18 +369,29 @@ class IntMean(FrozenOp):
     """Global average pooling over (H, W), TFLite's quantized MEAN with the output on its own scale:
         acc   = sum_{h,w} (q_in - Z_in)                                                int32
         q_out = clamp(rescale(acc, S_in / (H W S_out)) + Z_out, QMIN, QMAX)
-    for the window H W it was frozen with (another size is refused)."""
-    CONFIG = ("count", "keepdim", "act_min", "act_max", "out_bits", "single_rounding")
-    integer = True
+    for the window H W it was frozen with (another size is refused).
 
-    def __init__(self, count, inp, out, keepdim=True, single_rounding=False):
+    `tflite_fold` computes the multiplier as LiteRT's reference MEAN does (QuantizedMeanOrSum):
+    M0, shift of S_in / S_out, then 1/N folded in as M0' = (M0 << k) / N (C's integer division),
+    shift' = shift - k, k = min(floor(log2 N), 32, 31 + shift). Equal to the above when N is a
+    power of two; for 7x7 a few outputs in 10^3 differ by one."""
+    CONFIG = ("count", "keepdim", "act_min", "act_max", "out_bits", "out_signed", "single_rounding", "tflite_fold")
+    integer = True
+    tflite_fold = False      # a model saved before the choice
+
+    def __init__(self, count, inp, out, keepdim=True, single_rounding=False, tflite_fold=False):
         super().__init__()
         if count == 0:
             raise IntsimError("average pooling saw no input: calibrate the model before freezing it")
-        self.count, self.keepdim, self.single_rounding = count, keepdim, single_rounding
+        self.count, self.keepdim, self.single_rounding, self.tflite_fold = count, keepdim, single_rounding, tflite_fold
         self._set_in(inp)
         self._set_out(out)
-        m0, shift = quantize_multiplier(self.in_scale.double() / (count * self.out_scale.double()))
+        if tflite_fold:
+            m0, shift = quantize_multiplier(self.in_scale.double() / self.out_scale.double())
+            k = torch.clamp(torch.clamp(torch.tensor(count.bit_length() - 1), max=32), max=31 + shift)
+            m0, shift = torch.div(m0 << k, count, rounding_mode="trunc"), shift - k
+        else:
+            m0, shift = quantize_multiplier(self.in_scale.double() / (count * self.out_scale.double()))
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
 
@@ -367,6 +404,45 @@ class IntMean(FrozenOp):
                               f"{q.shape[-2]}x{q.shape[-1]}: use the image size it was calibrated on")
         acc = (q.long() - self.in_zero_point).sum((-2, -1), keepdim=self.keepdim)
         return self._int_out(acc, self.m0, self.shift)
+
+
+class IntAvgPool(FrozenOp):
+    """AVERAGE_POOL_2D. The output keeps the input's S and Z (TFLite's kernel has no rescale),
+    so it averages the integers themselves:
+        acc   = sum of q_in over the window's positions inside the input (padding not counted)
+        q_out = clamp(acc / count, act_min, act_max), the division rounding half up,
+                (acc + count / 2) / count, for uint8 and half away from zero for int8
+                (reference_ops::AveragePool and reference_integer_ops::AveragePool; C's
+                truncating division).
+    `pad` is explicit per side, (left, right, top, bottom), as TFLite's SAME padding needs."""
+    CONFIG = ("kernel_size", "stride", "pad", "act_min", "act_max", "out_bits", "out_signed", "signed")
+    integer = True
+
+    def __init__(self, kernel_size, stride, pad, inp, act_range=NO_ACTIVATION):
+        super().__init__()
+        self.kernel_size, self.stride, self.pad = _pair(kernel_size), _pair(stride), tuple(pad)
+        if self.kernel_size[0] * self.kernel_size[1] * 2 ** 8 > FLOAT32_EXACT:    # |q| <= 2^8 per term
+            raise IntsimError(f"average pool window {self.kernel_size} is too large for an exact sum")
+        self.signed = inp.grid.signed
+        self._set_out(inp, act_range)
+
+    def _sums(self, x):
+        """(window sums, in-bounds counts), in x's dtype: exact, the values being small integers."""
+        ones = torch.ones_like(x[:1, :1])
+        pool = lambda t: F.avg_pool2d(F.pad(t, self.pad), self.kernel_size, self.stride, divisor_override=1)
+        return pool(x), pool(ones)
+
+    def real_forward(self, x):
+        total, count = self._sums(x)
+        return self._real_out(total / count)
+
+    def int_forward(self, q):
+        total, count = self._sums(q.to(torch.float32))
+        acc, count = total.to(torch.int64), count.to(torch.int64)
+        half = count // 2
+        acc = torch.where(acc > 0, acc + half, acc - half) if self.signed else acc + half
+        acc = torch.div(acc, count, rounding_mode="trunc")
+        return acc.clamp_(self.act_min, self.act_max).to(torch.int32)
 
 
 class IntMaxPool(FrozenOp):
@@ -395,10 +471,28 @@ class IntMaxPool(FrozenOp):
     int_forward = real_forward          # max-pool runs on integer tensors as they are
 
 
+class IntPad(FrozenOp):
+    """PAD (of a quantized tensor): `pad` = (left, right, top, bottom) positions of real 0, i.e.
+    of the zero point Z; the output keeps the input's S and Z."""
+    CONFIG = ("pad", "act_min", "act_max", "out_bits", "out_signed")
+    integer = True
+
+    def __init__(self, pad, inp):
+        super().__init__()
+        self.pad = tuple(pad)
+        self._set_out(inp)
+
+    def real_forward(self, x):
+        return F.pad(x, self.pad, value=0.0)
+
+    def int_forward(self, q):
+        return F.pad(q, self.pad, value=int(self.out_zero_point))
+
+
 class IntClamp(FrozenOp):
     """A ReLU or ReLU6 on a quantized tensor (one that could not be fused into the op before it):
     TFLite's RELU with the input's S and Z, a clamp to [act_min, act_max]."""
-    CONFIG = ("act_min", "act_max", "out_bits")
+    CONFIG = ("act_min", "act_max", "out_bits", "out_signed")
     integer = True
 
     def __init__(self, inp, act_range):
@@ -413,7 +507,7 @@ class IntClamp(FrozenOp):
 
 
 FROZEN_OPS = {cls.__name__: cls for cls in (Quantize, Dequantize, IntConv, FloatLayer, IntAdd, IntMean,
-                                            IntMaxPool, IntClamp)}
+                                            IntAvgPool, IntMaxPool, IntPad, IntClamp)}
 
 
 def frozen_ops(frozen):

@@ -87,8 +87,10 @@ def to_grid(v, zero_point, qmin, qmax):
 
 def round_half_away(x):
     """Round to nearest, ties away from zero, as C's std::round and TFLite do (torch.round
-    rounds ties to even)."""
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    rounds ties to even), exact at every float: floor(|x| + 0.5) is not, as |x| + 0.5 itself
+    rounds (x = 0.5 - 2^-25 in float32 would give 1), while x - trunc(x) is always exact."""
+    t = torch.trunc(x)
+    return t + torch.sign(x) * (torch.abs(x - t) >= 0.5)
 
 
 ROUNDINGS = ("nearest", "floor", "ceil", "stochastic")
@@ -236,11 +238,15 @@ def rounding_divide_by_pot(x, exponent):
 
     gemmlowp adds 1 when the remainder x & (2^e - 1) exceeds (2^e - 1) >> 1, plus 1 if x < 0;
     that equals floor((x + 2^(e-1) - [x < 0]) / 2^e) for e >= 1 (and x for e = 0), which is
-    one add, one subtract and one arithmetic shift (tests compare the literal formula).
+    adds and arithmetic shifts only: -[x < 0] is x's sign bit, x >> 63 (tests compare the
+    literal formula).
     """
     exponent = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
-    out = x + ((1 << exponent) >> 1)
-    out -= ((x < 0) & (exponent > 0)).to(torch.int64)
+    out = x >> 63                                   # -1 where x < 0, else 0
+    if (exponent == 0).any():
+        out *= exponent > 0                         # no division, no tie to correct
+    out += x
+    out += (1 << exponent) >> 1
     out >>= exponent
     return out
 
@@ -282,6 +288,16 @@ def requantize(acc, m0, shift, zero_point, act_min, act_max, single_rounding=Fal
     """int32 accumulator -> output integer: rescale, + Z_out, clamp to [act_min, act_max] (the
     output grid intersected with the fused activation's range)."""
     y = rescale(acc, m0, shift, single_rounding)
+    y += zero_point
+    return y.clamp_(act_min, act_max)
+
+
+def requantize_in_double(acc, real_multiplier, zero_point, act_min, act_max):
+    """The rescale of LiteRT's reference FULLY_CONNECTED (since 2025; the version pinned here):
+    no fixed-point multiplier, one rounding of a double product,
+        q_out = clamp(round(double(acc) * M) + Z_out, act_min, act_max),
+    M = double(S_in) * double(S_w) / double(S_out), round = std::round (half away from zero)."""
+    y = round_half_away(acc.to(torch.float64) * real_multiplier).to(torch.int64)
     y += zero_point
     return y.clamp_(act_min, act_max)
 

@@ -35,7 +35,7 @@ def load_results(folder):
                 r = json.load(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {path} is not a readable RESULT file ({type(e).__name__}): re-run its command")
-        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images")]
+        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run")]
         if missing:
             sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")
         rows.append(r)

@@ -37,7 +37,8 @@ def ada_acc(r):
 
 
 def is_ptq(r):
-    return r["script"] == "PTQ" and "layer_diff_share" not in r
+    """A PTQ row of the accuracy tables (runs that also export to TFLite have their own table)."""
+    return r["script"] == "PTQ" and "layer_diff_share" not in r and "tflite" not in r
 
 
 def plain(r, *but):
@@ -120,6 +121,16 @@ def render_resnet18(results):
     return "\n".join(lines) if len(lines) > 2 else "_(no results yet)_"
 
 
+# Published ImageNet top-1 of the shared TFLite models (50,000 validation images): the TF-slim
+# MobileNet v1 table (float) and TensorFlow r1.15 contrib/quantize's README (8-bit, fixed point).
+PUBLISHED_TOP1 = {"mobilenet_v1_0.25_128_quant.tflite": ("41.5", "39.9"),
+                  "mobilenet_v1_0.5_160_quant.tflite": ("59.1", "57.7")}
+
+
+def agree(a, n):
+    return f"{a['images_identical']} of {n} (max diff {a['max_diff']})"
+
+
 # name -> (which results, sort key, columns as (header, cell))
 TABLES = {
     "train": (lambda r: r["script"] == "train",
@@ -176,6 +187,31 @@ TABLES = {
                   ("scored", lambda r: "integer" if "int_acc" in r else "fake-quant"),
                   ("iters/layer", lambda r: r["iters"]), ("minutes", lambda r: f"{r['minutes']:.1f}"),
                   ("command", cmd)]),
+    "tflite_import": (lambda r: r["script"] == "tflite_run",
+                      lambda r: r["model"],
+                      [("model", lambda r: r["model"].replace("_quant.tflite", "")), ("images", lambda r: r["images"]),
+                       ("intsim top-1 / top-5", lambda r: f"{pct(r['intsim_top1'])} / {pct(r['intsim_top5'])}"),
+                       ("LiteRT reference top-1 / top-5", lambda r: f"{pct(r['litert_ref_top1'])} / {pct(r['litert_ref_top5'])}"),
+                       ("images with identical output integers", lambda r: agree(r["vs_litert_ref"], r["images"])),
+                       ("LiteRT default (XNNPACK) vs reference", lambda r: agree(r["litert_default_vs_ref"], r["images"])),
+                       ("published top-1, float / 8-bit", lambda r: " / ".join(PUBLISHED_TOP1.get(r["model"], ("-", "-")))),
+                       ("command", cmd)]),
+    "tflite_export": (lambda r: "tflite" in r,
+                      lambda r: (r["model"], r["tflite_scheme"], -r["w_bits"], r["per_channel"]),
+                      [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+                       ("scheme", lambda r: r["tflite_scheme"]), ("weights", granularity),
+                       ("images", lambda r: r["tflite_images"]),
+                       ("LiteRT = intsim's integer path", lambda r: agree(r["tflite_vs_intsim"], r["tflite_images"])),
+                       ("LiteRT = the file read back into intsim", lambda r: agree(r["tflite_vs_reimported"], r["tflite_images"])),
+                       ("command", cmd)]),
+    "tflite_speed": (lambda r: r["script"] == "tflite_run",
+                     lambda r: r["model"],
+                     [("model", lambda r: r["model"].replace("_quant.tflite", "")),
+                      ("intsim integer path, images/s", lambda r: f"{r['images_per_s']['intsim_int']:.1f}"),
+                      ("LiteRT reference kernels", lambda r: f"{r['images_per_s']['litert_ref']:.1f}"),
+                      ("LiteRT default (XNNPACK)", lambda r: f"{r['images_per_s']['litert_default']:.1f}"),
+                      ("intsim / reference", lambda r: f"{r['images_per_s']['intsim_int'] / r['images_per_s']['litert_ref']:.2f}x"),
+                      ("threads", lambda r: r.get("threads", "-"))]),
     "bench": (lambda r: r["script"] == "bench",
               lambda r: (r["dataset"], r["model"], -r["w_bits"]),
               [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),

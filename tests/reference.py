@@ -3,6 +3,7 @@ TFLite's and gemmlowp's reference functions (Python ints, C semantics written ou
 torch), NumPy int64 versions of the integer conv, add and mean, and NumPy range searches.
 Nothing here imports the project's code."""
 import math
+from fractions import Fraction
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -82,6 +83,16 @@ def ref_mean(q, z_in, s_in, s_out, z_out, qmin, qmax):
     return min(max(ref_mbqm(sum(v - z_in for v in q), m0, shift) + z_out, qmin), qmax)
 
 
+def ref_tflite_mean(q, z_in, s_in, s_out, z_out, qmin, qmax):
+    """LiteRT's reference_ops::QuantizedMeanOrSum (mean) of a list of integers: the multiplier of
+    S_in / S_out with 1/N folded in as (M0 << k) / N, k = floor(log2 N) capped at 32 and 31 + shift."""
+    n = len(q)
+    m0, shift = ref_quantize_multiplier(s_in / s_out)
+    k = min(n.bit_length() - 1, 32, 31 + shift)
+    m0, shift = c_div(m0 << k, n), shift - k
+    return min(max(ref_mbqm(sum(q) - z_in * n, m0, shift) + z_out, qmin), qmax)
+
+
 # ----------------------------------------------------------------------------- NumPy int64 layers
 
 def ref_int_conv(q_in, z_in, w_q, z_w, b_q, m0, shift, z_out, lo, hi, pad, stride, single_rounding=False):
@@ -102,6 +113,43 @@ def ref_int_conv(q_in, z_in, w_q, z_w, b_q, m0, shift, z_out, lo, hi, pad, strid
     return out
 
 
+def ref_conv_multiplier_per_tensor(s_in, s_w, s_out):
+    """kernel_util.cc's GetQuantizedConvolutionMultipler for per-tensor (uint8) models: the
+    product of two float32 scales is a float32, only then widened to double and divided."""
+    product = np.float32(s_in) * np.float32(s_w)              # float32 * float32 = float32
+    return ref_quantize_multiplier(float(product) / float(np.float32(s_out)))
+
+
+def ref_same_padding(in_size, filter_size, stride, dilation=1):
+    """TFLite's SAME padding (ComputePaddingWithOffset): (before, after)."""
+    out_size = (in_size + stride - 1) // stride
+    effective = (filter_size - 1) * dilation + 1
+    total = max((out_size - 1) * stride + effective - in_size, 0)
+    return total // 2, total // 2 + total % 2
+
+
+def ref_avg_pool(q, kernel, stride, pad, signed, act_min, act_max):
+    """reference_ops::AveragePool (uint8) / reference_integer_ops::AveragePool (int8), one
+    output at a time, on (B, C, H, W) integers; pad = (left, right, top, bottom)."""
+    b, c, h, w = q.shape
+    (kh, kw), (sh, sw), (left, _, top, _) = kernel, stride, pad
+    out_h, out_w = (h + pad[2] + pad[3] - kh) // sh + 1, (w + pad[0] + pad[1] - kw) // sw + 1
+    out = np.zeros((b, c, out_h, out_w), dtype=np.int64)
+    for idx in np.ndindex(b, c, out_h, out_w):
+        y0, x0 = idx[2] * sh - top, idx[3] * sw - left
+        acc, count = 0, 0
+        for y in range(max(0, y0), min(h, y0 + kh)):
+            for x in range(max(0, x0), min(w, x0 + kw)):
+                acc += int(q[idx[0], idx[1], y, x])
+                count += 1
+        if signed:
+            acc = c_div(acc + count // 2, count) if acc > 0 else c_div(acc - count // 2, count)
+        else:
+            acc = c_div(acc + count // 2, count)
+        out[idx] = min(max(acc, act_min), act_max)
+    return out
+
+
 def ref_max_pool2(x):
     """2x2 max-pool, stride 2, of (B, C, H, W) integers."""
     b, c, h, w = x.shape
@@ -109,6 +157,13 @@ def ref_max_pool2(x):
 
 
 # ----------------------------------------------------------------------------- NumPy quantization and range search
+
+def ref_round_half_away(v):
+    """std::round of a float, on its exact value (a Fraction): no floating-point step at all."""
+    f = Fraction(v)
+    n = math.floor(abs(f) + Fraction(1, 2))
+    return float(n if f >= 0 else -n)
+
 
 def np_round_half_away(x):
     return np.sign(x) * np.floor(np.abs(x) + 0.5)

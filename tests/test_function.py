@@ -13,7 +13,7 @@ from function import (INT32_MAX, INT32_MIN, Grid, activation_grid, check_bits, d
                       multiplier_to_float, quantize, quantize_multiplier, requantize, round_half_away,
                       rounding_divide_by_pot, saturating_rounding_doubling_high_mul, scale_zero_point, weight_grid)
 from reference import (np_lsq_scale_gradient, ref_mbqm, ref_mbqm_single_rounding, ref_quantize_multiplier,
-                       ref_rdbpot, ref_srdhm)
+                       ref_rdbpot, ref_round_half_away, ref_srdhm)
 
 
 def t(values):
@@ -223,3 +223,14 @@ def test_learned_scale_gets_lsq_gradient(per_channel):
             for i, r in enumerate(rows)]
     assert torch.allclose(s.grad.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10)
     assert (s.grad.abs() > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_half_away_is_exact_at_every_float(dtype):
+    # k + 0.5 and its neighbours one and two ulps away, where floor(|x| + 0.5) rounds wrongly
+    halves = torch.tensor([k + 0.5 for k in range(-40, 40)] + [2.0 ** 22 + 0.5, 2.0 ** 23 - 0.5], dtype=dtype)
+    x = torch.cat([halves, torch.nextafter(halves, halves + 1), torch.nextafter(halves, halves - 1),
+                   torch.nextafter(torch.nextafter(halves, halves - 1), halves - 1),
+                   torch.rand(5000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 200 - 100])
+    assert round_half_away(x).tolist() == [ref_round_half_away(v) for v in x.tolist()]
+    assert round_half_away(torch.tensor([0.5 - 2 ** -25], dtype=torch.float32)).item() == 0.0   # the case

@@ -1,0 +1,317 @@
+"""TFLite in intsim: the kernels the importer needs against plain-Python transcriptions of
+TFLite's reference kernels, and real deployed .tflite models (../shared/models) imported and
+run in intsim's integer path against LiteRT's reference kernels, integer for integer."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from errors import IntsimError
+from frozen import IntAvgPool, IntConv, IntMean, QParams, output_integers, set_mode
+from function import Grid
+from reference import ref_avg_pool, ref_conv_multiplier_per_tensor, ref_mean, ref_same_padding, ref_tflite_mean
+import tflite_io
+
+SHARED_MODELS = os.path.join(ROOT, "..", "shared", "models")
+IMAGENET_VAL = os.path.join(ROOT, "..", "shared", "data", "imagenet-val-1300", "val")
+MOBILENETS = ("mobilenet_v1_0.25_128_quant.tflite", "mobilenet_v1_0.5_160_quant.tflite")
+
+
+def qparams(scale, zero_point, signed):
+    return QParams(torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point]), Grid(8, signed=signed))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("kernel,stride,pad", [((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (2, 2), (0, 1, 0, 1)),
+                                               ((3, 2), (1, 2), (1, 1, 1, 1)), ((4, 4), (2, 2), (0, 0, 0, 0))])
+@pytest.mark.parametrize("act", [(-math.inf, math.inf), (0.0, 6.0)])
+def test_avg_pool_is_tflites(signed, kernel, stride, pad, act):
+    g = torch.Generator().manual_seed(sum(kernel) + sum(pad) + signed)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    q = torch.randint(lo, hi + 1, (2, 3, 7, 8), generator=g, dtype=torch.int32)
+    op = IntAvgPool(kernel, stride, pad, qparams(0.05, -3 if signed else 100, signed), act_range=act)
+    want = ref_avg_pool(q.numpy(), kernel, stride, pad, signed, op.act_min, op.act_max)
+    got = op(q)
+    assert got.dtype == torch.int32 and np.array_equal(got.numpy(), want)
+
+
+def test_avg_pool_rounds_half_up_for_uint8_and_away_for_int8():
+    # window sums -6 and 6 over 4 positions: uint8-style half up gives -1 and 2, int8's half away -2 and 2
+    q = torch.tensor([[[[-1, -2], [-1, -2]]], [[[1, 2], [1, 2]]]], dtype=torch.int32)
+    signed = IntAvgPool((2, 2), (2, 2), (0, 0, 0, 0), qparams(1.0, 0, True))
+    assert signed(q).flatten().tolist() == [-2, 2]
+    assert ref_avg_pool(q.numpy(), (2, 2), (2, 2), (0, 0, 0, 0), True, -128, 127).flatten().tolist() == [-2, 2]
+
+
+def test_same_padding_puts_the_odd_pixel_after():
+    for size in range(1, 20):
+        for k in range(1, 6):
+            for s in range(1, 4):
+                for d in (1, 2):
+                    assert tflite_io.same_padding(size, k, s, d) == ref_same_padding(size, k, s, d)
+    assert tflite_io.same_padding(128, 3, 2, 1) == (0, 1)      # PyTorch's padding=1 would pad (1, 1)
+
+
+def test_per_tensor_multiplier_uses_the_float32_product():
+    g = np.random.default_rng(0)
+    differ = 0
+    for _ in range(300):
+        s_in, s_w, s_out = (float(np.float32(v)) for v in g.uniform(1e-3, 1e-1, 3))
+        w = torch.ones(1, 1, 1, 1, dtype=torch.int32)
+        ops = [IntConv(w, torch.tensor([s_w]), torch.tensor([0]), torch.tensor([0]), Grid(8), inp=qparams(s_in, 0, False),
+                       out=qparams(s_out, 0, False), scale_product=kind) for kind in ("float32", "double")]
+        assert (int(ops[0].m0), int(ops[0].shift)) == ref_conv_multiplier_per_tensor(s_in, s_w, s_out)
+        differ += int(ops[0].m0) != int(ops[1].m0)
+    assert differ > 30          # the two rules part in the last bits of M0 for many scale triples
+
+
+@pytest.mark.parametrize("side", [1, 2, 4, 7])
+def test_mean_folds_one_over_n_as_tflite_does(side):
+    g = torch.Generator().manual_seed(side)
+    q = torch.randint(0, 256, (64, 32, side, side), generator=g, dtype=torch.int32)
+    inp, out = qparams(0.0431, 7, False), qparams(0.0172, 3, False)
+    folded = IntMean(side * side, inp, out, tflite_fold=True)(q).flatten().tolist()
+    plain = IntMean(side * side, inp, out)(q).flatten().tolist()
+    cells = q.reshape(-1, side * side).tolist()
+    s_in, s_out = float(inp.scale), float(out.scale)
+    assert folded == [ref_tflite_mean(c, 7, s_in, s_out, 3, 0, 255) for c in cells]
+    assert plain == [ref_mean(c, 7, s_in, s_out, 3, 0, 255) for c in cells]
+    differ = sum(a != b for a, b in zip(folded, plain))
+    assert differ == 0 if side in (1, 2, 4) else differ > 0     # the same when N is a power of two
+
+
+# ----------------------------------------------------------------------------- real .tflite files
+
+def mobilenet(name):
+    path = os.path.join(SHARED_MODELS, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is absent: the real-model tests need ../shared/models (see its README)")
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install ai-edge-litert)")
+    return path
+
+
+def litert_integers(path, images, tensor):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    it = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+                     experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    out = []
+    for x in images.permute(0, 2, 3, 1).numpy():
+        it.set_tensor(it.get_input_details()[0]["index"], x[None])
+        it.invoke()
+        out.append(it.get_tensor(tensor).astype(np.int64).reshape(-1))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name", MOBILENETS)
+def test_imported_mobilenet_matches_litert_reference(name):
+    path = mobilenet(name)
+    frozen, info = tflite_io.import_tflite(path)
+    size = info["input_shape"][1]
+    images = torch.randint(0, 256, (3, 3, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    if os.path.isdir(IMAGENET_VAL):
+        from data import load_imagenet_bytes
+        images = torch.cat([images, load_imagenet_bytes(IMAGENET_VAL, size, limit=3)[0]])
+    set_mode(frozen, "int")
+    x = info["input"].scale.double() * (images.double() - info["input"].zero_point)
+    mine = output_integers(frozen, frozen(x)).numpy()
+    want = litert_integers(path, images, info["compare_tensor"])
+    assert info["stopped_before"] == "SOFTMAX" and mine.shape == want.shape == (len(images), 1001)
+    assert np.array_equal(mine, want)
+    # the per-tensor rule is what makes this exact: almost every layer's M0 differs under the double rule
+    convs = [m for m in frozen.modules() if isinstance(m, IntConv)]
+    assert all(m.scale_product == "float32" for m in convs) and len(convs) == 28
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    path = mobilenet(MOBILENETS[0])
+    with pytest.raises(IntsimError, match="not found"):
+        tflite_io.import_tflite(str(tmp_path / "none.tflite"))
+    other = tmp_path / "other.tflite"
+    other.write_bytes(b"\x00" * 64)
+    with pytest.raises(IntsimError, match="not a TFLite flatbuffer"):
+        tflite_io.import_tflite(str(other))
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(open(path, "rb").read()[:2000])
+    with pytest.raises(IntsimError, match="truncated"):
+        tflite_io.import_tflite(str(truncated))
+
+
+def _rewritten(path, tmp_path, edit):
+    """A copy of the model with `edit(ModelT, schema)` applied, written with the schema's own Pack."""
+    import flatbuffers
+    _, schema = tflite_io.litert()
+    model = tflite_io.read_model(path)
+    edit(model, schema)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=tflite_io.TFLITE_IDENTIFIER)
+    out = tmp_path / "edited.tflite"
+    out.write_bytes(builder.Output())
+    return str(out)
+
+
+def test_float_and_unsupported_models_are_refused_by_name(tmp_path):
+    path = mobilenet(MOBILENETS[0])
+
+    def float_input(model, schema):
+        t = model.subgraphs[0].tensors[model.subgraphs[0].inputs[0]]
+        t.type, t.quantization = schema.TensorType.FLOAT32, None
+    with pytest.raises(IntsimError, match="is a float model"):
+        tflite_io.import_tflite(_rewritten(path, tmp_path, float_input))
+
+    def int16_activations(model, schema):
+        model.subgraphs[0].tensors[model.subgraphs[0].operators[0].outputs[0]].type = schema.TensorType.INT16
+    with pytest.raises(IntsimError, match="is INT16; intsim's integer path imports 8-bit activations"):
+        tflite_io.import_tflite(_rewritten(path, tmp_path, int16_activations))
+
+    def tanh_op(model, schema):
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.TANH
+        model.operatorCodes.append(code)
+        model.subgraphs[0].operators[1].opcodeIndex = len(model.operatorCodes) - 1
+    with pytest.raises(IntsimError, match="op 1 is TANH, which intsim does not import"):
+        tflite_io.import_tflite(_rewritten(path, tmp_path, tanh_op))
+
+
+@pytest.mark.slow
+def test_tflite_run_script(run, result_of):
+    path = mobilenet(MOBILENETS[0])
+    if not os.path.isdir(IMAGENET_VAL):
+        pytest.skip(f"{IMAGENET_VAL} is absent")
+    r = result_of(run("tflite_run.py", path, "--data-dir", IMAGENET_VAL, "--dry-run"))
+    assert r["images"] == 20 and r["vs_litert_ref"] == {"images_identical": 20, "max_diff": 0, "diff_share": 0.0}
+    assert r["intsim_top1"] == r["litert_ref_top1"] and r["intsim_top5"] == r["litert_ref_top5"]
+    proc = run("tflite_run.py", path, "--data-dir", "no/such/folder")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- export
+
+from torch import nn                                     # noqa: E402
+from config import QConfig                               # noqa: E402
+
+
+class OneConv(nn.Module):
+    def __init__(self, stride, act, groups=1, pool=None):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4 if groups > 1 else 6, 3, stride, 1, groups=groups)
+        self.act, self.pool = act, pool
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.act(y) if self.act is not None else y
+        return self.pool(y) if self.pool is not None else y
+
+
+class Head(nn.Module):
+    """conv -> flatten of 3x3 spatial data -> linear: the (C, H, W) vs (H, W, C) column order."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(4, 5, 3, 2, 1), nn.Linear(5 * 3 * 3, 7)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.a(x) + self.b(x)))
+
+
+def litert_vs(frozen, scheme, x, tmp_path):
+    """(LiteRT's integers, intsim's own, intsim's of the exported file read back), on x."""
+    data, tensor, offset = tflite_io.export_tflite(frozen, scheme, x[:1])
+    ref = tflite_io.run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
+    ref = ref.transpose(0, 3, 1, 2) if ref.ndim == 4 else ref      # NHWC -> intsim's NCHW
+    own = output_integers(set_mode(frozen, "int"), frozen(x)).numpy() + offset
+    path = tmp_path / "m.tflite"
+    path.write_bytes(data)
+    back, _ = tflite_io.import_tflite(str(path))
+    again = output_integers(set_mode(back, "int"), back(x)).numpy()
+    return ref.reshape(len(x), -1), own.reshape(len(x), -1), again.reshape(len(x), -1)
+
+
+EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: OneConv(2, nn.ReLU())),
+                ("conv s2 relu6", lambda: OneConv(2, nn.ReLU6())), ("depthwise s2", lambda: OneConv(2, nn.ReLU6(), groups=4)),
+                ("maxpool 2", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(2))),
+                ("maxpool 3/2 pad 1", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1))),
+                ("linear on flatten", Head), ("add + mean", Residual)]
+
+
+@pytest.mark.parametrize("case", [c for c, _ in EXPORT_CASES])
+@pytest.mark.parametrize("scheme,per_channel", [("int8", True), ("int8", False), ("uint8", False)])
+@pytest.mark.parametrize("size", [6, 7])
+def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel, size, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    if case == "linear on flatten" and size == 7:
+        size = 6                                        # its linear layer is built for a 3x3 map
+    torch.manual_seed(size)
+    model = dict(EXPORT_CASES)[case]().eval()
+    x = torch.randn(16, 4, size, size)
+    from model import calibrate, convert, freeze
+    qmodel = convert(model, QConfig(w_bits=8, a_bits=8, per_channel=per_channel, a_signed=scheme == "int8"))
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    ref, own, again = litert_vs(freeze(qmodel), scheme, x, tmp_path)
+    assert np.array_equal(again, ref)          # TFLite's own Prepare rules, read back: every integer
+    # intsim's own layers take M from the double product and rescale a linear layer with the
+    # fixed-point multiplier: off by one, rarely, where TFLite's rules differ
+    assert np.abs(own - ref).max() <= 1
+    if case in ("maxpool 2", "add + mean", "depthwise s2") and per_channel:
+        assert np.array_equal(own, ref)        # int8 per-channel conv, pools, add, mean: the same rules
+
+
+@pytest.mark.parametrize("arch", ["cnn", "cnn_bn", "resnet18"])
+def test_project_networks_round_trip_through_litert(arch, trained_like, small_resnet18, quantize, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    model = small_resnet18() if arch == "resnet18" else trained_like(arch)
+    x = torch.randn(32, 1, 28, 28)
+    _, frozen = quantize(model, QConfig(w_bits=8, a_bits=8, per_channel=True), x)
+    ref, own, again = litert_vs(frozen, "int8", x, tmp_path)
+    assert np.array_equal(again, ref) and np.abs(own - ref).max() <= 1
+
+
+def test_import_then_export_reproduces_the_file(tmp_path):
+    path = mobilenet(MOBILENETS[0])
+    frozen, info = tflite_io.import_tflite(path)
+    size = info["input_shape"][1]
+    images = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    x = (info["input"].scale.double() * (images.double() - info["input"].zero_point)).float()
+    data, tensor, offset = tflite_io.export_tflite(frozen, "uint8", x[:1])
+    again = tflite_io.run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
+    assert offset == 0 and np.array_equal(again.reshape(2, -1), litert_integers(path, images, info["compare_tensor"]))
+
+
+def test_what_cannot_export_is_refused_in_one_line(trained_like, quantize, monkeypatch):
+    x = torch.randn(8, 1, 28, 28)
+    _, four_bit = quantize(trained_like("cnn"), QConfig(w_bits=4, a_bits=4), x)
+    with pytest.raises(IntsimError, match="4-bit activations"):
+        tflite_io.export_tflite(four_bit, "int8", x[:1])
+    _, per_channel = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, per_channel=True), x)
+    with pytest.raises(IntsimError, match="per-channel weights are int8"):
+        tflite_io.export_tflite(per_channel, "uint8", x[:1])
+    _, asymmetric = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, w_symmetric=False), x)
+    with pytest.raises(IntsimError, match="symmetric"):
+        tflite_io.export_tflite(asymmetric, "int8", x[:1])
+    monkeypatch.setitem(__import__("sys").modules, "ai_edge_litert", None)     # as if not installed
+    with pytest.raises(IntsimError, match="pip install ai-edge-litert"):
+        tflite_io.litert()
+
+
+@pytest.mark.slow
+def test_ptq_export_flag(run, result_of, one_line_error, data_dir, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
+    out = tmp_path / "cnn.tflite"
+    r = result_of(run("PTQ.py", "--model", "cnn", "--per-channel", "--dry-run", "--data-dir", data_dir,
+                      "--export", out, "--export-check", 200))
+    assert out.is_file() and r["tflite_images"] == 200 and r["tflite_scheme"] == "int8"
+    assert r["tflite_vs_reimported"]["images_identical"] == 200 and r["tflite_vs_intsim"]["max_diff"] <= 1
+    one_line_error(run("PTQ.py", "--model", "cnn", "--a-bits", "4", "--dry-run", "--data-dir", data_dir,
+                       "--export", tmp_path / "x.tflite"), "8-bit activations")

@@ -1,0 +1,102 @@
+"""Run a real quantized .tflite model in intsim's integer path and in LiteRT, image by image.
+
+    python tflite_run.py data/models/mobilenet_v1_0.25_128_quant.tflite --data-dir ../shared/data/imagenet-val-1300/val
+
+The model is imported into intsim's own frozen integer ops (tflite_io.py) and run on ImageNet
+images prepared as TFLite's evaluation does (central 87.5% crop, bilinear resize, RGB bytes).
+The same bytes go through LiteRT's reference kernels (BUILTIN_REF, the bit-exact claim) and its
+default interpreter (XNNPACK, which rounds differently: its distance is reported, not chased).
+Reports top-1 / top-5 of each (1001 outputs, background at 0), how many images give the same
+output integers in intsim and in LiteRT, and images per second of each, in one run.
+"""
+import time
+
+import numpy as np
+import torch
+
+import cli
+from data import load_imagenet_bytes
+from engine import accuracy
+from frozen import output_integers, set_mode
+from tflite_io import agreement, import_tflite, litert
+
+BACKGROUND_CLASSES = 1          # the TF-slim ImageNet models' output 0 is "background"
+DRY_RUN_IMAGES = 20
+
+
+def topk(logits, labels, k):
+    """Top-k accuracy in %, logits (N, 1001) with the background class first."""
+    best = logits[:, BACKGROUND_CLASSES:].topk(k, dim=1).indices
+    return 100.0 * (best == labels[:, None]).any(1).float().mean().item()
+
+
+def run_litert(path, images, compare_tensor, reference):
+    """The integers of `compare_tensor` for each image (N, C) and the seconds it took."""
+    interpreter, _ = litert()
+    kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
+    it = interpreter.Interpreter(model_path=path, experimental_op_resolver_type=kind,
+                                 experimental_preserve_all_tensors=True)   # else inner tensors are overwritten
+    it.allocate_tensors()
+    index, out, start = it.get_input_details()[0]["index"], [], time.time()
+    for x in images.permute(0, 2, 3, 1).numpy():          # NCHW -> NHWC, one image a call (fixed batch 1)
+        it.set_tensor(index, x[None])
+        it.invoke()
+        out.append(it.get_tensor(compare_tensor).astype(np.int64).reshape(-1))
+    return torch.from_numpy(np.stack(out)), time.time() - start
+
+
+def run_intsim(frozen, info, images, batch_size):
+    """intsim's output integers (N, C) and the seconds the integer path took."""
+    s, z = info["input"].scale.double(), info["input"].zero_point
+    set_mode(frozen, "int")
+    out, start = [], time.time()
+    for i in range(0, len(images), batch_size):
+        x = s * (images[i:i + batch_size].double() - z)      # the bytes as reals: exact in float64
+        out.append(output_integers(frozen, frozen(x)))
+    return torch.cat(out), time.time() - start
+
+
+def main():
+    p = cli.parser(__doc__.split("\n")[0])
+    p.add_argument("model_path", metavar="MODEL.tflite", help="a quantized (uint8 or int8) .tflite model")
+    p.add_argument("--data-dir", required=True, help="ImageNet-style folder of <wnid>/*.JPEG images")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--batch-size", type=int, default=50, help="images per intsim forward")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    p.add_argument("--dry-run", action="store_true", help=f"only the first {DRY_RUN_IMAGES} images")
+    p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
+    args, _ = cli.start(p)
+    frozen, info = import_tflite(args.model_path)
+    _, height, width, _ = info["input_shape"]
+    limit = min(args.limit or DRY_RUN_IMAGES, DRY_RUN_IMAGES) if args.dry_run else args.limit
+    images, labels = load_imagenet_bytes(args.data_dir, height, limit=limit)
+    print(f"{args.model_path}: {len(images)} images {height}x{width}, "
+          f"{'stops before ' + info['stopped_before'] if info['stopped_before'] else 'whole model'}", flush=True)
+
+    ref, ref_s = run_litert(args.model_path, images, info["compare_tensor"], reference=True)
+    default, default_s = run_litert(args.model_path, images, info["compare_tensor"], reference=False)
+    mine, mine_s = run_intsim(frozen, info, images, args.batch_size)
+    r = {"script": "tflite_run", "model": args.model_path.split("/")[-1], "images": len(images),
+         "threads": torch.get_num_threads(),
+         "stopped_before": info["stopped_before"],
+         "intsim_top1": round(topk(mine, labels, 1), 2), "intsim_top5": round(topk(mine, labels, 5), 2),
+         "litert_ref_top1": round(topk(ref, labels, 1), 2), "litert_ref_top5": round(topk(ref, labels, 5), 2),
+         "litert_default_top1": round(topk(default, labels, 1), 2),
+         "litert_default_top5": round(topk(default, labels, 5), 2),
+         "vs_litert_ref": agreement(mine, ref), "litert_default_vs_ref": agreement(default, ref),
+         "images_per_s": {"intsim_int": round(len(images) / mine_s, 1), "litert_ref": round(len(images) / ref_s, 1),
+                          "litert_default": round(len(images) / default_s, 1)}}
+    print(f"top-1 / top-5   intsim {r['intsim_top1']:.2f} / {r['intsim_top5']:.2f}   LiteRT reference "
+          f"{r['litert_ref_top1']:.2f} / {r['litert_ref_top5']:.2f}   LiteRT default "
+          f"{r['litert_default_top1']:.2f} / {r['litert_default_top5']:.2f}")
+    a = r["vs_litert_ref"]
+    print(f"intsim vs LiteRT reference: {a['images_identical']} of {len(images)} images give identical output "
+          f"integers (largest difference {a['max_diff']}); LiteRT default vs reference: largest difference "
+          f"{r['litert_default_vs_ref']['max_diff']}")
+    print("images/s        " + "   ".join(f"{k} {v:.1f}" for k, v in r["images_per_s"].items()))
+    cli.emit_result(r, args.result_json)
+
+
+if __name__ == "__main__":
+    cli.run(main)
