@@ -195,7 +195,10 @@ class IntConv(FrozenOp):
         self.in_qmin, self.in_qmax, self.in_bits = inp.grid.qmin, inp.grid.qmax, inp.grid.bits
         # Prepare: M[c] = S_in S_w[c] / S_out, and the worst case |acc| over the input range:
         # sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b| (it decides the exact accumulation).
-        product = inp.scale.float() * self.w_scale.float() if scale_product == "float32" else inp.scale.double() * self.w_scale.double()
+        if scale_product == "float32":
+            product = inp.scale.float() * self.w_scale.float()
+        else:
+            product = inp.scale.double() * self.w_scale.double()
         m0, shift = quantize_multiplier(product.double() / out.scale.double())
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)

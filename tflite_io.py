@@ -60,11 +60,13 @@ def read_model(path):
     with open(path, "rb") as f:
         buf = f.read()
     if len(buf) < 8 or buf[4:8] != TFLITE_IDENTIFIER:
-        raise IntsimError(f"{path} is not a TFLite flatbuffer (no 'TFL3' identifier): is it truncated, or another format?")
+        raise IntsimError(f"{path} is not a TFLite flatbuffer (no 'TFL3' identifier): is it truncated, "
+                          f"or another format?")
     try:
         model = schema.ModelT.InitFromPackedBuf(buf, 0)
     except Exception as e:      # a corrupt flatbuffer fails anywhere inside the generated reader
-        raise IntsimError(f"{path} could not be read as a TFLite model ({type(e).__name__}): is it truncated?") from None
+        raise IntsimError(f"{path} could not be read as a TFLite model ({type(e).__name__}): "
+                          f"is it truncated?") from None
     if len(model.subgraphs) != 1:
         raise IntsimError(f"{path} has {len(model.subgraphs)} subgraphs; intsim imports single-graph models")
     return model
@@ -210,7 +212,8 @@ def _fully_connected(reader, op, kind, spatial=None):
 def _add(reader, op, kind):
     a, b = op.inputs[0], op.inputs[1]
     if reader.shape(a) != reader.shape(b):
-        raise IntsimError(f"{reader.path}: ADD with broadcasting ({reader.shape(a)} + {reader.shape(b)}) is not imported")
+        raise IntsimError(f"{reader.path}: ADD with broadcasting ({reader.shape(a)} + {reader.shape(b)}) "
+                          f"is not imported")
     return IntAdd(reader.activation(a), reader.activation(b), reader.activation(op.outputs[0]),
                   act_range=_act(reader, op.builtinOptions, kind))
 
@@ -234,7 +237,8 @@ def _pad(reader, op, kind):
     return IntPad((int(left), int(right), int(top), int(bottom)), inp)
 
 
-IMPORTERS = {"CONV_2D": _conv, "PAD": _pad, "DEPTHWISE_CONV_2D": _conv, "AVERAGE_POOL_2D": _avg_pool, "MAX_POOL_2D": _max_pool,
+IMPORTERS = {"CONV_2D": _conv, "DEPTHWISE_CONV_2D": _conv, "PAD": _pad, "AVERAGE_POOL_2D": _avg_pool,
+             "MAX_POOL_2D": _max_pool,
              "ADD": _add, "MEAN": _mean}
 SHAPE_OPS = ("RESHAPE", "SQUEEZE")
 EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")    # float in / float out at the model's edges
@@ -288,7 +292,8 @@ def import_tflite(path):
                 modules[name] = IMPORTERS[kind](reader, op, kind)
             nodes[out] = fx_graph.call_module(name, tuple(nodes[t] for t in inputs))
         else:
-            raise IntsimError(f"{path}: op {i} is {kind}, which intsim does not import (supported: {', '.join(SUPPORTED)})")
+            raise IntsimError(f"{path}: op {i} is {kind}, which intsim does not import "
+                              f"(supported: {', '.join(SUPPORTED)})")
         if spatial and src in spatial:
             raise IntsimError(f"{path}: a flatten of NHWC data feeds {kind}, not a FULLY_CONNECTED: intsim's NCHW "
                               f"layout orders it differently")
@@ -456,7 +461,8 @@ class _Exporter:
             elif node.op == "call_function" and node.target is torch.flatten and node.args[1:] == (1,):
                 self.flatten(node)
             else:
-                raise IntsimError(f"cannot export {node.name} ({node.op} {getattr(node.target, '__name__', node.target)}): "
+                what = getattr(node.target, "__name__", node.target)
+                raise IntsimError(f"cannot export {node.name} ({node.op} {what}): "
                                   f"the exporter writes flatten(x, 1) as RESHAPE, no other function")
         return self.w.pack()
 
@@ -465,8 +471,8 @@ class _Exporter:
         self.w.op("QUANTIZE", [self.x], [self.act_tensor(node, qp, node.name)])
 
     def dequantize(self, node, op):
-        index, _, _, shape = self.src(node)
-        self.compare_tensor = index
+        index, _, offset, shape = self.src(node)
+        self.compare_tensor, self.offset = index, offset
         out = self.w.tensor("output", shape, "FLOAT32")
         self.w.op("DEQUANTIZE", [index], [out])
         self.w.graph.outputs = [out]
@@ -499,8 +505,7 @@ class _Exporter:
             if getattr(self, "flattened_from", None) is not None and node.args[0] is self.flattened_node:
                 c, h, wd = self.flattened_from            # intsim flattened (C, H, W); TFLite flattens (H, W, C)
                 w_np = w_np.reshape(len(w_np), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w_np), -1)
-            w = self.w.tensor(f"{node.name}.weight", w_np.shape, w_type, s_w.numpy(), z_w.numpy(), w_np, dim=0)
-            b = self.w.tensor(f"{node.name}.bias", bias.shape, "INT32", b_scale, np.zeros(len(b_scale), dtype=np.int64), bias, dim=0)
+            w, b = self.weights(node, w_np, w_type, s_w, z_w, 0, bias, b_scale)
             out = self.act_tensor(node, out_qp, node.name)
             o = self.w.s.FullyConnectedOptionsT()
             o.fusedActivationFunction = act
@@ -515,18 +520,25 @@ class _Exporter:
             x, in_shape = self.pad(node, x, in_qp, in_off, in_shape, op.pad)
             pad = self.w.s.Padding.VALID
         if depthwise:        # [O, 1, KH, KW] -> [1, KH, KW, O], channels along dimension 3
-            w_np, dim, kind, options = w_np.transpose(1, 2, 3, 0), 3, "DEPTHWISE_CONV_2D", self.w.s.DepthwiseConv2DOptionsT()
+            w_np, dim, kind = w_np.transpose(1, 2, 3, 0), 3, "DEPTHWISE_CONV_2D"
+            options = self.w.s.DepthwiseConv2DOptionsT()
             options.depthMultiplier = o_ch // groups
         else:                # [O, I, KH, KW] -> [O, KH, KW, I]
             w_np, dim, kind, options = w_np.transpose(0, 2, 3, 1), 0, "CONV_2D", self.w.s.Conv2DOptionsT()
         options.padding, options.fusedActivationFunction = pad, act
         options.strideH, options.strideW = op.stride
         options.dilationHFactor, options.dilationWFactor = op.dilation
-        w = self.w.tensor(f"{node.name}.weight", w_np.shape, w_type, s_w.numpy(), z_w.numpy(), w_np, dim=dim)
-        b = self.w.tensor(f"{node.name}.bias", bias.shape, "INT32", b_scale, np.zeros(len(b_scale), dtype=np.int64), bias, dim=0)
+        w, b = self.weights(node, w_np, w_type, s_w, z_w, dim, bias, b_scale)
         out = self.act_tensor(node, out_qp, node.name)
         self.w.op(kind, [x, w, b], [out], options, "DepthwiseConv2DOptions" if depthwise else "Conv2DOptions")
         self.lowest[node] = op.act_min
+
+    def weights(self, node, w_np, w_type, s_w, z_w, dim, bias, b_scale):
+        """The weight tensor (channels along `dim`) and the int32 bias at S_in S_w (zero point 0)."""
+        w = self.w.tensor(f"{node.name}.weight", w_np.shape, w_type, s_w.numpy(), z_w.numpy(), w_np, dim=dim)
+        b = self.w.tensor(f"{node.name}.bias", bias.shape, "INT32", b_scale, np.zeros(len(b_scale), dtype=np.int64),
+                          bias, dim=0)
+        return w, b
 
     def _padding(self, node, pad, in_shape, kernel, stride, dilation):
         """TFLite's SAME or VALID for the op's explicit (left, right, top, bottom), or a one-line refusal."""
@@ -561,9 +573,8 @@ class _Exporter:
                 raise IntsimError(f"cannot export {node.name}: a padded max-pool whose input can be negative "
                                   f"(TFLite pads with the zero point, PyTorch with -inf)")
             x, in_shape = self.pad(node, x, qp, offset, in_shape, (p_[1], p_[1], p_[0], p_[0]))
-        self.w.op("MAX_POOL_2D", [x], [self._same_grid(node, qp)], self._pool_options(k, s_, self.w.s.Padding.VALID,
-                                                                                      self.w.s.ActivationFunctionType.NONE),
-                  "Pool2DOptions")
+        options = self._pool_options(k, s_, self.w.s.Padding.VALID, self.w.s.ActivationFunctionType.NONE)
+        self.w.op("MAX_POOL_2D", [x], [self._same_grid(node, qp)], options, "Pool2DOptions")
         self.lowest[node] = self.lowest.get(node.args[0], qp.grid.qmin)
 
     def avg_pool(self, node, op):
@@ -621,12 +632,12 @@ def export_tflite(frozen, scheme, example):
     data = ex.export()
     interpreter, _ = litert()
     try:
-        interpreter.Interpreter(model_content=data, experimental_op_resolver_type=interpreter.OpResolverType.BUILTIN_REF
-                                ).allocate_tensors()
+        reference = interpreter.OpResolverType.BUILTIN_REF
+        interpreter.Interpreter(model_content=data, experimental_op_resolver_type=reference).allocate_tensors()
     except Exception as e:        # LiteRT reports a rejected model as a RuntimeError/ValueError with its log
-        raise IntsimError(f"LiteRT rejects the exported model ({str(e).strip().splitlines()[-1][:200]}); nothing written") from None
-    _, _, offset, _ = ex.t[[n for n in frozen.graph.nodes if n.op == "call_module" and n.target == "dequant_out"][0].args[0]]
-    return data, ex.compare_tensor, offset
+        why = str(e).strip().splitlines()[-1][:200]
+        raise IntsimError(f"LiteRT rejects the exported model ({why}); nothing written") from None
+    return data, ex.compare_tensor, ex.offset
 
 
 def run_litert_integers(model, images_nhwc, tensor, reference=True, batch_size=100):
