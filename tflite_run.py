@@ -77,7 +77,7 @@ def main():
     ref, ref_s = run_litert(args.model_path, images, info["compare_tensor"], reference=True)
     default, default_s = run_litert(args.model_path, images, info["compare_tensor"], reference=False)
     mine, mine_s = run_intsim(frozen, info, images, args.batch_size)
-    r = {"script": "tflite_run", "model": args.model_path.split("/")[-1], "images": len(images),
+    r = {"script": "tflite_run", "dataset": "imagenet", "model": args.model_path.split("/")[-1], "images": len(images),
          "threads": torch.get_num_threads(),
          "stopped_before": info["stopped_before"],
          "intsim_top1": round(topk(mine, labels, 1), 2), "intsim_top5": round(topk(mine, labels, 5), 2),
