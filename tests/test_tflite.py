@@ -315,3 +315,16 @@ def test_ptq_export_flag(run, result_of, one_line_error, data_dir, tmp_path):
     assert r["tflite_vs_reimported"]["images_identical"] == 200 and r["tflite_vs_intsim"]["max_diff"] <= 1
     one_line_error(run("PTQ.py", "--model", "cnn", "--a-bits", "4", "--dry-run", "--data-dir", data_dir,
                        "--export", tmp_path / "x.tflite"), "8-bit activations")
+
+
+@pytest.mark.slow
+def test_adaround_and_qat_export_flags(run, result_of, data_dir, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
+    r = result_of(run("AdaRound.py", "--model", "cnn_bn", "--w-bits", "4", "--a-bits", "8", "--per-channel", "--dry-run",
+                      "--data-dir", data_dir, "--save", tmp_path / "ada.pt", "--plot", tmp_path / "h.png",
+                      "--export", tmp_path / "ada.tflite", "--export-check", 200))
+    assert r["tflite_vs_reimported"]["images_identical"] == 200 and r["tflite_vs_intsim"]["max_diff"] <= 1
+    result_of(run("QAT.py", "--model", "cnn", "--dry-run", "--data-dir", data_dir, "--save", tmp_path / "qat.pt"))
+    r = result_of(run("QAT.py", "--model", "cnn", "--dry-run", "--data-dir", data_dir, "--eval", tmp_path / "qat.pt",
+                      "--export", tmp_path / "qat.tflite", "--tflite-scheme", "uint8", "--export-check", 200))
+    assert r["tflite_scheme"] == "uint8" and r["tflite_vs_reimported"]["images_identical"] == 200
