@@ -1,9 +1,11 @@
 """Real TFLite files in intsim: read a quantized .tflite model into the same frozen integer ops
 PTQ produces (frozen.py), so a deployed, pretrained network runs in readable PyTorch, layer by
-layer, and its integers can be compared with LiteRT's.
+layer, and its integers can be compared with LiteRT's; and write a frozen model as a .tflite
+file (export_tflite), checked in LiteRT (export_and_check).
 
     frozen, info = import_tflite("mobilenet_v1_0.25_128_quant.tflite")
     set_mode(frozen, "int"); logits = frozen(x)        # x: NCHW reals S (q - Z) of the input bytes
+    data, tensor, offset = export_tflite(frozen, "int8", x[:1])    # .tflite bytes
 
 The .tflite schema is read with LiteRT's own generated object API (ai-edge-litert), never a
 hand-written parser. TFLite is NHWC, intsim NCHW: weights are transposed on import and every
@@ -13,8 +15,14 @@ Ops and the kernel each maps to (TFLite's reference kernels decide):
   CONV_2D, DEPTHWISE_CONV_2D  IntConv (groups = input channels for depthwise); per-tensor weights
                               take M from the float32 product S_in S_w (uint8 models), per-channel
                               weights from the double product (kernel_util.cc)
+  FULLY_CONNECTED             IntConv(is_conv=False), rescaled in double (the pinned LiteRT's
+                              reference kernel: one rounding of acc * M, no fixed-point multiplier)
   AVERAGE_POOL_2D             IntAvgPool (no rescale; uint8 rounds half up, int8 half away)
-  RESHAPE                     a flatten, where it only drops 1x1 spatial dimensions
+  MAX_POOL_2D, ADD, PAD       IntMaxPool, IntAdd (TFLite's ADD), IntPad (with the zero point)
+  MEAN                        IntMean with TFLite's 1/N folding into the multiplier
+  RESHAPE                     a flatten of NHWC data (a following FULLY_CONNECTED's weight columns
+                              are reordered from (H, W, C) to intsim's (C, H, W))
+  QUANTIZE / DEQUANTIZE       the model's float input and output
   SOFTMAX                     not run: the model stops before it (the logits' integers are what
                               is compared; the class ranking is the same)
 Fused activations (NONE, RELU, RELU6, RELU_N1_TO_1) become the op's act_min / act_max, and
