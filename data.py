@@ -118,6 +118,12 @@ def imagenet_files(folder):
     return files
 
 
+def _labelled_files(folder, limit=None):
+    """[(image path, class index)] of an ImageNet-style folder, the first `limit` of them."""
+    index = imagenet_class_index()
+    return [(os.path.join(folder, wnid, f), index[wnid]) for wnid, f in imagenet_files(folder)][:limit]
+
+
 def load_imagenet_folder(folder, limit=None):
     """Images of an ImageNet-style folder (`<folder>/<wnid>/*.JPEG`, e.g. val/) as (x, y):
     Resize(256), CenterCrop(224), torchvision's normalisation, float32 (N, 3, 224, 224); labels
@@ -125,12 +131,10 @@ def load_imagenet_folder(folder, limit=None):
     validation set use `limit` or a streaming loader."""
     from PIL import Image
     from torchvision import transforms
-    index = imagenet_class_index()
-    files = [(os.path.join(folder, wnid, f), index[wnid]) for wnid, f in imagenet_files(folder)]
+    files = _labelled_files(folder, limit)
     info = DATASETS["imagenet"]
     tf = transforms.Compose([transforms.Resize(IMAGENET_RESIZE), transforms.CenterCrop(info.image_size),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-    files = files[:limit]
     x = torch.stack([tf(Image.open(path).convert("RGB")) for path, _ in files])
     return x, torch.tensor([label for _, label in files])
 
@@ -141,8 +145,7 @@ def load_imagenet_bytes(folder, size, crop_fraction=TFLITE_CROP_FRACTION, limit=
     size x size (half-pixel centres, no antialiasing), rounded to RGB bytes. Returns (uint8
     (N, 3, size, size), labels 0..999 from the wnid list)."""
     from PIL import Image
-    index = imagenet_class_index()
-    files = [(os.path.join(folder, wnid, f), index[wnid]) for wnid, f in imagenet_files(folder)][:limit]
+    files = _labelled_files(folder, limit)
     out = []
     for path, _ in files:
         img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)

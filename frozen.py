@@ -107,8 +107,9 @@ class FrozenOp(nn.Module):
     def out_qparams(self):
         return self.out_scale, self.out_zero_point
 
-    def out_grid(self):
-        return Grid(self.out_bits, signed=self.out_signed)
+    def out_params(self):
+        """The output tensor's QParams: S, Z and its grid."""
+        return QParams(self.out_scale, self.out_zero_point, Grid(self.out_bits, signed=self.out_signed))
 
     def _real_out(self, y):
         return real_epilogue(y, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
@@ -195,15 +196,15 @@ class IntConv(FrozenOp):
         self.in_qmin, self.in_qmax, self.in_bits = inp.grid.qmin, inp.grid.qmax, inp.grid.bits
         # Prepare: M[c] = S_in S_w[c] / S_out, and the worst case |acc| over the input range:
         # sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b| (it decides the exact accumulation).
+        m_double = inp.scale.double() * self.w_scale.double() / out.scale.double()
         if scale_product == "float32":
-            product = inp.scale.float() * self.w_scale.float()
+            m0, shift = quantize_multiplier((inp.scale.float() * self.w_scale.float()).double() / out.scale.double())
         else:
-            product = inp.scale.double() * self.w_scale.double()
-        m0, shift = quantize_multiplier(product.double() / out.scale.double())
+            m0, shift = quantize_multiplier(m_double)
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
         if rescale_in_double:
-            self.register_buffer("m_real", inp.scale.double() * self.w_scale.double() / out.scale.double())
+            self.register_buffer("m_real", m_double)
         w_l1 = (self.w_q.long() - per_channel(self.w_zero_point, self.w_q)).abs().reshape(len(self.w_q), -1).sum(1)
         self.register_buffer("acc_bound", (w_l1 * self._in_abs_max() + self.b_q.abs()).max().double())
         if float(self.acc_bound) > INT32_MAX and self.integer:

@@ -30,14 +30,19 @@ SAME padding is TFLite's: the odd pixel goes after (bottom / right), padded with
 """
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
 
+from checkpoint import write_bytes
+from data import Batches
+from engine import predict
 from errors import IntsimError
 from frozen import (NO_ACTIVATION, Dequantize, IntAdd, IntAvgPool, IntConv, IntMaxPool, IntMean, IntPad, QParams,
-                    Quantize)
+                    Quantize, activation_bounds, output_integers, set_mode)
 from function import Grid
 
 LITERT_MISSING = ("this needs the LiteRT interpreter and the .tflite schema: pip install ai-edge-litert "
@@ -190,7 +195,6 @@ def _avg_pool(reader, op, kind):
 
 
 def _max_pool(reader, op, kind):
-    from types import SimpleNamespace
     x, o = op.inputs[0], op.builtinOptions
     kernel, stride = (o.filterHeight, o.filterWidth), (o.strideH, o.strideW)
     left, right, top, bottom = _padding(reader, o, reader.shape(x), kernel, stride, (1, 1))
@@ -385,7 +389,6 @@ def _grid_offset(qp, scheme, what):
 
 def _fused_activation(op, qp, what):
     """TFLite's fused activation whose range (CalculateActivationRangeQuantized) is the op's clamp."""
-    from frozen import activation_bounds
     for name, real_range in ACTIVATIONS.items():
         if activation_bounds(qp, real_range) == (op.act_min, op.act_max):
             return getattr(litert()[1].ActivationFunctionType, name)
@@ -397,8 +400,6 @@ class _Exporter:
     """Walks a frozen graph and writes each op as its TFLite op (NHWC)."""
 
     def __init__(self, frozen, scheme, example):
-        from torch.fx.passes.shape_prop import ShapeProp
-        from frozen import set_mode
         if scheme not in SCHEMES:
             raise IntsimError(f"unknown TFLite scheme {scheme!r}; use one of {SCHEMES}")
         self.frozen, self.scheme, self.w = frozen, scheme, _Writer(scheme)
@@ -419,6 +420,7 @@ class _Exporter:
             for m, v in pools:
                 m.run_by_producer = v
         self.lowest = {}     # fx node -> the smallest integer the tensor can hold (its producer's act_min)
+        self.flattened_from = self.flattened_node = None   # the last flatten of spatial data, (C, H, W)
         self.t = {}          # fx node -> (tensor index, QParams as intsim holds them, offset, NCHW shape)
 
     def act_tensor(self, node, qp, name):
@@ -435,12 +437,17 @@ class _Exporter:
         top, bottom) that TFLite's SAME cannot say (PyTorch's symmetric padding at stride 2)."""
         left, right, top, bottom = pad
         n, c, h, w = in_shape
-        paddings = self.w.tensor(f"{node.name}.paddings", [4, 2], "INT32",
-                                 data=np.array([[0, 0], [top, bottom], [left, right], [0, 0]], dtype=np.int32))
+        paddings = self.paddings(node, pad)
         out = self.w.tensor(f"{node.name}.padded", [n, h + top + bottom, w + left + right, c], self.scheme.upper(),
                             qp.scale.numpy(), (qp.zero_point + offset).numpy())
         self.w.op("PAD", [x, paddings], [out], self.w.s.PadOptionsT(), "PadOptions")
         return out, [n, c, h + top + bottom, w + left + right]
+
+    def paddings(self, node, pad):
+        """PAD's constant [[0, 0], [top, bottom], [left, right], [0, 0]] for pad = (left, right, top, bottom)."""
+        left, right, top, bottom = pad
+        return self.w.tensor(f"{node.name}.paddings", [4, 2], "INT32",
+                             data=np.array([[0, 0], [top, bottom], [left, right], [0, 0]], dtype=np.int32))
 
     def src(self, node):
         arg = node.args[0]
@@ -475,7 +482,7 @@ class _Exporter:
         return self.w.pack()
 
     def quantize(self, node, op):
-        qp = QParams(op.out_scale, op.out_zero_point, op.out_grid())
+        qp = op.out_params()
         self.w.op("QUANTIZE", [self.x], [self.act_tensor(node, qp, node.name)])
 
     def dequantize(self, node, op):
@@ -487,7 +494,7 @@ class _Exporter:
 
     def conv(self, node, op):
         x, in_qp, in_off, in_shape = self.src(node)
-        out_qp = QParams(op.out_scale, op.out_zero_point, op.out_grid())
+        out_qp = op.out_params()
         w_q, z_w, s_w = op.w_q.long(), op.w_zero_point.long(), op.w_scale.float()
         per_channel = len(s_w) > 1 and not bool((s_w == s_w[0]).all() and (z_w == z_w[0]).all())
         if not per_channel:
@@ -504,13 +511,12 @@ class _Exporter:
         w_type = "UINT8" if self.scheme == "uint8" else "INT8"
         w_np = w_q.numpy().astype(np.uint8 if w_type == "UINT8" else np.int8)
         bias = op.b_q.numpy().astype(np.int32)
-        b_scale = (in_qp.scale.float() * op.w_scale.float()).numpy() if per_channel else \
-            (in_qp.scale.float() * s_w).numpy()
+        b_scale = (in_qp.scale.float() * s_w).numpy()       # the bias's scale S_in S_w, per weight scale
         act = _fused_activation(op, out_qp, node.name)
         if not op.is_conv:
             if len(in_shape) == 4:
                 raise IntsimError(f"cannot export {node.name}: a linear layer on a 4-D tensor")
-            if getattr(self, "flattened_from", None) is not None and node.args[0] is self.flattened_node:
+            if self.flattened_from is not None and node.args[0] is self.flattened_node:
                 c, h, wd = self.flattened_from            # intsim flattened (C, H, W); TFLite flattens (H, W, C)
                 w_np = w_np.reshape(len(w_np), c, h, wd).transpose(0, 2, 3, 1).reshape(len(w_np), -1)
             w, b = self.weights(node, w_np, w_type, s_w, z_w, 0, bias, b_scale)
@@ -519,7 +525,7 @@ class _Exporter:
             o.fusedActivationFunction = act
             self.w.op("FULLY_CONNECTED", [x, w, b], [out], o, "FullyConnectedOptions")
             return
-        groups, (o_ch, i_ch, kh, kw) = op.groups, w_np.shape
+        groups, (o_ch, _, kh, kw) = op.groups, w_np.shape
         depthwise = groups > 1 and groups == in_shape[1]
         if groups > 1 and not depthwise:
             raise IntsimError(f"cannot export {node.name}: a grouped conv that is not depthwise (groups {groups})")
@@ -560,10 +566,7 @@ class _Exporter:
 
     def int_pad(self, node, op):
         x, qp, offset, in_shape = self.src(node)
-        left, right, top, bottom = op.pad
-        paddings = self.w.tensor(f"{node.name}.paddings", [4, 2], "INT32",
-                                 data=np.array([[0, 0], [top, bottom], [left, right], [0, 0]], dtype=np.int32))
-        self.w.op("PAD", [x, paddings], [self._same_grid(node, qp)], self.w.s.PadOptionsT(), "PadOptions")
+        self.w.op("PAD", [x, self.paddings(node, op.pad)], [self.act_tensor(node, qp, node.name)], self.w.s.PadOptionsT(), "PadOptions")
         self.lowest[node] = self.lowest.get(node.args[0], qp.grid.qmin)
 
     def max_pool(self, node, op):
@@ -582,7 +585,7 @@ class _Exporter:
                                   f"(TFLite pads with the zero point, PyTorch with -inf)")
             x, in_shape = self.pad(node, x, qp, offset, in_shape, (p_[1], p_[1], p_[0], p_[0]))
         options = self._pool_options(k, s_, self.w.s.Padding.VALID, self.w.s.ActivationFunctionType.NONE)
-        self.w.op("MAX_POOL_2D", [x], [self._same_grid(node, qp)], options, "Pool2DOptions")
+        self.w.op("MAX_POOL_2D", [x], [self.act_tensor(node, qp, node.name)], options, "Pool2DOptions")
         self.lowest[node] = self.lowest.get(node.args[0], qp.grid.qmin)
 
     def avg_pool(self, node, op):
@@ -591,7 +594,7 @@ class _Exporter:
         if pad is None:         # a PAD would be counted in the average
             raise IntsimError(f"cannot export {node.name}: average pool padding {op.pad} is neither VALID nor SAME")
         act = _fused_activation(op, qp, node.name)
-        self.w.op("AVERAGE_POOL_2D", [x], [self._same_grid(node, qp)],
+        self.w.op("AVERAGE_POOL_2D", [x], [self.act_tensor(node, qp, node.name)],
                   self._pool_options(op.kernel_size, op.stride, pad, act), "Pool2DOptions")
 
     def _pool_options(self, kernel, stride, padding, act):
@@ -601,13 +604,9 @@ class _Exporter:
         o.padding, o.fusedActivationFunction = padding, act
         return o
 
-    def _same_grid(self, node, qp):
-        """An output tensor on the input's grid (pools, reshapes)."""
-        return self.act_tensor(node, qp, node.name)
-
     def add(self, node, op):
         (x1, _, _, _), (x2, _, _, _) = self.t[node.args[0]], self.t[node.args[1]]
-        out_qp = QParams(op.out_scale, op.out_zero_point, op.out_grid())
+        out_qp = op.out_params()
         o = self.w.s.AddOptionsT()
         o.fusedActivationFunction = _fused_activation(op, out_qp, node.name)
         self.w.op("ADD", [x1, x2], [self.act_tensor(node, out_qp, node.name)], o, "AddOptions")
@@ -615,7 +614,7 @@ class _Exporter:
 
     def mean(self, node, op):
         x, _, _, _ = self.src(node)
-        out_qp = QParams(op.out_scale, op.out_zero_point, op.out_grid())
+        out_qp = op.out_params()
         axis = self.w.tensor(f"{node.name}.axis", [2], "INT32", data=np.array([1, 2], dtype=np.int32))
         o = self.w.s.ReducerOptionsT()
         o.keepDims = bool(op.keepdim)
@@ -629,7 +628,7 @@ class _Exporter:
         shape = self.w.tensor(f"{node.name}.shape", [2], "INT32", data=np.array([-1, features], dtype=np.int32))
         o = self.w.s.ReshapeOptionsT()
         o.newShape = [-1, features]
-        self.w.op("RESHAPE", [x, shape], [self._same_grid(node, qp)], o, "ReshapeOptions")
+        self.w.op("RESHAPE", [x, shape], [self.act_tensor(node, qp, node.name)], o, "ReshapeOptions")
 
 
 def export_tflite(frozen, scheme, example):
@@ -649,16 +648,21 @@ def export_tflite(frozen, scheme, example):
 
 
 def run_litert_integers(model, images_nhwc, tensor, reference=True, batch_size=100):
-    """The integers of `tensor` (N, ...) for float32 NHWC images, the model given as bytes or a path."""
+    """The integers of `tensor` (N, ...) for NHWC inputs (in the model's input type), the model
+    given as bytes or a path: LiteRT's reference kernels (BUILTIN_REF, the bit-exact claim) or
+    its default interpreter (XNNPACK). A model with a fixed batch (a RESHAPE to [1, C]) needs
+    batch_size=1. Inner tensors are preserved: without that LiteRT may overwrite `tensor`."""
     interpreter, _ = litert()
     kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
     source = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
     it = interpreter.Interpreter(**source, experimental_op_resolver_type=kind, experimental_preserve_all_tensors=True)
-    index, out = it.get_input_details()[0]["index"], []
+    index, out, shape = it.get_input_details()[0]["index"], [], None
     for i in range(0, len(images_nhwc), batch_size):
         chunk = np.ascontiguousarray(images_nhwc[i:i + batch_size])
-        it.resize_tensor_input(index, list(chunk.shape))
-        it.allocate_tensors()
+        if chunk.shape != shape:                       # a new batch size: resize once, not per call
+            it.resize_tensor_input(index, list(chunk.shape))
+            it.allocate_tensors()
+            shape = chunk.shape
         it.set_tensor(index, chunk)
         it.invoke()
         out.append(it.get_tensor(tensor).astype(np.int64))
@@ -679,10 +683,6 @@ def export_and_check(frozen, path, scheme, images, device, batch_size=256):
     integer path, and against intsim's integer path of the file read back (import_tflite, whose
     ops follow TFLite's Prepare: the float32 scale product of per-tensor layers, the double
     rescale of FULLY_CONNECTED)."""
-    from checkpoint import write_bytes
-    from engine import predict
-    from frozen import output_integers, set_mode
-    from data import Batches
     data, tensor, offset = export_tflite(frozen.cpu(), scheme, images[:1].cpu())
     write_bytes(path, data)
     frozen.to(device)

@@ -11,14 +11,12 @@ output integers in intsim and in LiteRT, and images per second of each, in one r
 """
 import time
 
-import numpy as np
 import torch
 
 import cli
 from data import load_imagenet_bytes
-from engine import accuracy
 from frozen import output_integers, set_mode
-from tflite_io import agreement, import_tflite, litert
+from tflite_io import agreement, import_tflite, run_litert_integers
 
 BACKGROUND_CLASSES = 1          # the TF-slim ImageNet models' output 0 is "background"
 DRY_RUN_IMAGES = 20
@@ -31,18 +29,11 @@ def topk(logits, labels, k):
 
 
 def run_litert(path, images, compare_tensor, reference):
-    """The integers of `compare_tensor` for each image (N, C) and the seconds it took."""
-    interpreter, _ = litert()
-    kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
-    it = interpreter.Interpreter(model_path=path, experimental_op_resolver_type=kind,
-                                 experimental_preserve_all_tensors=True)   # else inner tensors are overwritten
-    it.allocate_tensors()
-    index, out, start = it.get_input_details()[0]["index"], [], time.time()
-    for x in images.permute(0, 2, 3, 1).numpy():          # NCHW -> NHWC, one image a call (fixed batch 1)
-        it.set_tensor(index, x[None])
-        it.invoke()
-        out.append(it.get_tensor(compare_tensor).astype(np.int64).reshape(-1))
-    return torch.from_numpy(np.stack(out)), time.time() - start
+    """The integers of `compare_tensor` for each image (N, C) and the seconds it took (one image a
+    call: the models' RESHAPE fixes the batch at 1)."""
+    start = time.time()
+    out = run_litert_integers(path, images.permute(0, 2, 3, 1).numpy(), compare_tensor, reference, batch_size=1)
+    return torch.from_numpy(out.reshape(len(images), -1)), time.time() - start
 
 
 def run_intsim(frozen, info, images, batch_size):
