@@ -226,6 +226,8 @@ def load_frozen(path, dataset=None, arch=None, single_rounding=None):
     if arch is not None and got != (arch, dataset):
         raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
     frozen = build_frozen(ckpt["graph"], ckpt["state_dict"])
+    # a model frozen before TFLite's Prepare rules were adopted (its ops keep the old choices)
+    ckpt["qconfig"].setdefault("legacy_kernels", True)
     if single_rounding is not None:
         for m in frozen.modules():
             if hasattr(m, "single_rounding"):

@@ -54,6 +54,10 @@ class QConfig:
     single_rounding: bool = field(default=False, metadata=flag(
         "--single-rounding", "rescale with one rounding (TFLITE_SINGLE_ROUNDING) instead of TFLite's default two",
         "store_true"))
+    legacy_kernels: bool = field(default=False, metadata=flag(
+        "--legacy-kernels", "intsim's kernels before it adopted TFLite's Prepare (every M from a double product, "
+                            "FULLY_CONNECTED with the fixed-point rescale, MEAN's M from S_in/(N S_out)): "
+                            "reproduces results stored before", "store_true"))
 
     def __post_init__(self):
         check_bits(self.w_bits, "weight bits")

@@ -189,7 +189,8 @@ def _freeze_add(gm, node, ins, out, act, generator):
 
 def _freeze_mean(gm, node, ins, out, act, generator):
     mean = gm.get_submodule(node.target)
-    return [IntMean(int(mean.count), ins[0], out, mean.keepdim, single_rounding=gm.qconfig.single_rounding)]
+    return [IntMean(int(mean.count), ins[0], out, mean.keepdim, single_rounding=gm.qconfig.single_rounding,
+                    tflite_fold=not gm.qconfig.legacy_kernels)]
 
 
 OPS = (
@@ -290,7 +291,7 @@ def _replace_layer(gm, node, layer, qconfig, name):
                             channels=layer.weight.shape[0], name=f"{name} weights")
     w_quantizer.rounding = qconfig.w_rounding
     gm.add_submodule(name, QLayer(layer, w_quantizer, bn, qconfig.fold_bn, qconfig.bias_bits,
-                                  qconfig.single_rounding))
+                                  qconfig.single_rounding, qconfig.legacy_kernels))
     node.target = name
 
 

@@ -55,7 +55,8 @@ class QLayer(nn.Module):
     """A conv or linear layer with its weight quantizer (None: the layer stays float) and the
     BatchNorm that follows it (None, folded, or left unfolded). One implementation for both."""
 
-    def __init__(self, layer, w_quantizer, bn=None, fold_bn=True, bias_bits=32, single_rounding=False):
+    def __init__(self, layer, w_quantizer, bn=None, fold_bn=True, bias_bits=32, single_rounding=False,
+                 legacy_kernels=False):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise IntsimError(f"QLayer wraps nn.Conv2d or nn.Linear, not {type(layer).__name__}")
@@ -64,7 +65,7 @@ class QLayer(nn.Module):
         self.fn_kwargs = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                                groups=layer.groups) if self.is_conv else {})
         self.unfolded = bn is not None and not fold_bn and w_quantizer is not None
-        self.bias_bits, self.single_rounding = bias_bits, single_rounding
+        self.bias_bits, self.single_rounding, self.legacy_kernels = bias_bits, single_rounding, legacy_kernels
         self.bn_stats = "running"        # or "batch": QAT training with BN in the graph
 
     def extra_repr(self):
@@ -129,6 +130,18 @@ class QLayer(nn.Module):
         y = self.fn(x, quantize(w_fold)) * along(sigma / sigma_b, y_float, 1)   # pass 2
         return y + along(bn.bias + (b - mean) * bn.weight / sigma_b, y_float, 1)
 
+    def tflite_prepare(self, inp, s_w):
+        """How LiteRT's Prepare derives this layer's rescale (kernel_util.cc), for the scheme the
+        layer belongs to: unsigned activations with one weight scale are the uint8 scheme, whose
+        M comes from the float32 product S_in S_w (GetQuantizedConvolutionMultipler); signed
+        activations or per-channel weights are the int8 scheme, M in double. FULLY_CONNECTED
+        rescales acc * M in double (the pinned LiteRT's reference kernel). --legacy-kernels:
+        double products and the fixed-point rescale everywhere."""
+        if self.legacy_kernels:
+            return dict(scale_product="double", rescale_in_double=False)
+        uint8_scheme = not inp.grid.signed and s_w.numel() == 1
+        return dict(scale_product="float32" if uint8_scheme else "double", rescale_in_double=not self.is_conv)
+
     @torch.no_grad()
     def freeze(self, inp, out, act_range, generator=None):
         """The frozen op: an IntConv holding integer weights (from the weight quantizer: its
@@ -154,7 +167,7 @@ class QLayer(nn.Module):
             if b_q.abs().max() > INT32_MAX and max(q.grid.bits, inp.grid.bits, out.grid.bits) <= INT_MAX_BITS:
                 raise IntsimError("a layer's bias does not fit int32 at scale S_in*S_w")
             op = IntConv(w_q, s_w, z_w, b_q, grid=q.grid, inp=inp, out=out, act_range=act_range,
-                         single_rounding=self.single_rounding, **geometry)
+                         single_rounding=self.single_rounding, **self.tflite_prepare(inp, s_w), **geometry)
         return [op, self.bn] if self.unfolded else [op]
 
 

@@ -12,9 +12,9 @@ hand-written parser. TFLite is NHWC, intsim NCHW: weights are transposed on impo
 tensor in between is the same integers in another layout.
 
 Ops and the kernel each maps to (TFLite's reference kernels decide):
-  CONV_2D, DEPTHWISE_CONV_2D  IntConv (groups = input channels for depthwise); per-tensor weights
-                              take M from the float32 product S_in S_w (uint8 models), per-channel
-                              weights from the double product (kernel_util.cc)
+  CONV_2D, DEPTHWISE_CONV_2D  IntConv (groups = input channels for depthwise); uint8 models take M
+                              from the float32 product S_in S_w, int8 models (per-tensor or
+                              per-channel) from the double product (kernel_util.cc)
   FULLY_CONNECTED             IntConv(is_conv=False), rescaled in double (the pinned LiteRT's
                               reference kernel: one rounding of acc * M, no fixed-point multiplier)
   AVERAGE_POOL_2D             IntAvgPool (no rescale; uint8 rounds half up, int8 half away)
@@ -173,14 +173,14 @@ def _conv(reader, op, kind):
     w_int = w_int.permute(3, 0, 1, 2) if kind == "DEPTHWISE_CONV_2D" else w_int.permute(0, 3, 1, 2)
     groups = reader.shape(x)[3] if kind == "DEPTHWISE_CONV_2D" else 1
     w_scale, w_zero_point, _ = reader.scales(w)
-    per_tensor = len(w_scale) == 1
     bias = torch.from_numpy(reader.data(b).astype(np.int64)) if b >= 0 else torch.zeros(len(w_int), dtype=torch.int64)
     stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor)
     pad = _padding(reader, o, reader.shape(x), w_int.shape[2:], stride, dilation)
     grid = Grid(8, signed=reader.type_name(w) == "INT8")
     return IntConv(w_int.contiguous(), w_scale, w_zero_point, bias, grid, is_conv=True, stride=stride, padding=pad,
                    dilation=dilation, groups=groups, inp=reader.activation(x), out=reader.activation(op.outputs[0]),
-                   act_range=_act(reader, o, kind), scale_product="float32" if per_tensor else "double")
+                   act_range=_act(reader, o, kind),
+                   scale_product="float32" if reader.type_name(x) == "UINT8" else "double")
 
 
 def _avg_pool(reader, op, kind):
