@@ -137,7 +137,7 @@ def main():
     schedule = functools.partial(beta_at, warm_start=args.warm_start, beta_start=args.beta_start,
                                  beta_end=args.beta_end)
     qconfig = cli.qconfig_from(args)
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, source, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
@@ -174,6 +174,7 @@ def main():
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")
     cli.emit_result({"script": "AdaRound", "dataset": args.dataset, "model": args.model, "method": "adaround",
+                     **(source if args.dataset == "imagenet" else {}),
                      "iters": args.iters, "num_calib": len(images), "batch_size": args.batch_size, "lr": args.lr,
                      "reg_weight": args.reg_weight, "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
                      "nearest_acc": nearest[key], "nearest": nearest, "layers": stats,

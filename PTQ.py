@@ -13,7 +13,7 @@ import torch
 import cli
 from checkpoint import save_frozen
 from data import Batches, calibration_set, dataset_info
-from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report
+from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report, weight_layers
 from frozen import IntConv, runs_in_integers
 from model import calibrate, convert, freeze
 
@@ -44,9 +44,12 @@ def main():
     p.add_argument("--per-layer", type=int, default=0, metavar="N",
                    help="also report, layer by layer, the share of output integers where the integer "
                         "path and the float64 fake-quant differ, on the first N test images")
+    p.add_argument("--weight-layers", action="store_true",
+                   help="also report, layer by layer, the weight SQNR and the test accuracy with only that "
+                        "layer's weights quantized (one more evaluation per layer)")
     args, device = cli.start(p)
     qconfig = cli.qconfig_from(args)
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, source, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
@@ -73,12 +76,17 @@ def main():
         print(f"output integers that differ between integer and fake-quant, on {args.per_layer} images:")
         for lname, share in report["layer_diff_share"]:
             print(f"  {lname:12s} {share:8.4f}%")
+    if args.weight_layers:
+        report["weight_layers"] = weight_layers(qmodel, frozen, test, y_test, device)
+        print("each layer's weights alone quantized: SQNR, accuracy")
+        for lname, kind, db, acc in report["weight_layers"]:
+            print(f"  {lname:20s} {kind:9s} {db:6.1f} dB  {acc:6.2f}%")
     if args.save:
         save_frozen(args.save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), **report)
         print(f"saved the frozen model to {args.save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model, "calib_images": n,
-                     **({"weights": args.weights} if args.dataset == "imagenet" else {}),
+                     **(source if args.dataset == "imagenet" else {}),
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2), "seed": args.seed, **report},
                     args.result_json, qconfig)
 

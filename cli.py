@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_imagenet_weights, write_json
 from config import QConfig
-from data import DATASETS, dataset_info, load_imagenet_folder, load_split, load_test
+from data import DATASETS, dataset_info, load_imagenet_bytes, load_imagenet_folder, load_split, load_test
 from errors import IntsimError
 from model import ARCHS, ModelConfig, build_model
 
@@ -78,6 +78,9 @@ def add_imagenet(p):
                         "integer arithmetic, not accuracy)")
     p.add_argument("--calib-dir", default=None,
                    help="ImageNet: folder of <wnid>/*.JPEG calibration images, separate from --data-dir")
+    p.add_argument("--tflite-model", default=None, metavar="PATH.tflite",
+                   help="ImageNet: start from this quantized .tflite model, dequantized into a float network "
+                        "(instead of --model resnet18); images as TFLite's evaluation feeds it")
 
 
 EXPORT_CHECK_IMAGES = 1000   # test images an exported .tflite file is run on, in LiteRT and in intsim
@@ -144,12 +147,14 @@ def load_float_and_data(args, device, test_limit=None):
         model, cfg, ckpt = load_checkpoint(path, args.dataset, args.model)
         train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
         return model.to(device), cfg, ckpt, train, load_test(args.dataset, args.data_dir, args.download, test_limit)
-    if args.model != "resnet18":
-        raise IntsimError("on ImageNet the model is resnet18 (--model resnet18)")
     if not args.calib_dir:
         raise IntsimError("ImageNet needs --calib-dir: a folder of calibration images other than --data-dir")
     if os.path.realpath(args.calib_dir) == os.path.realpath(args.data_dir):
         raise IntsimError("--calib-dir is --data-dir: calibrate on other images than the ones scored")
+    if getattr(args, "tflite_model", None):
+        return _tflite_float_and_data(args, device, test_limit)
+    if args.model != "resnet18":
+        raise IntsimError("on ImageNet the model is resnet18 (--model resnet18), or a .tflite file (--tflite-model)")
     if args.weights is None:
         raise IntsimError("ImageNet resnet18 needs --weights: a torchvision ResNet18 state_dict file, "
                           f"IMAGENET1K_V1 to download torchvision's, or {RANDOM_WEIGHTS}")
@@ -161,6 +166,33 @@ def load_float_and_data(args, device, test_limit=None):
     calib = load_imagenet_folder(args.calib_dir)
     test = load_imagenet_folder(args.data_dir, test_limit)
     return model.to(device), cfg, {"weights": args.weights}, calib, test
+
+
+def _tflite_float_and_data(args, device, test_limit):
+    """--tflite-model: the file's network dequantized into float (tflite_io.import_tflite_float),
+    fed the reals S_in (q - Z_in) of the bytes TFLite's evaluation makes (data.load_imagenet_bytes).
+    Labels move up by one where the model has a background class at 0 (1001 outputs). The
+    results name the network by its file (args.model)."""
+    from tflite_io import import_tflite_float
+    if not os.path.isfile(args.tflite_model):
+        raise IntsimError(f"--tflite-model {args.tflite_model} not found (real models: ../shared/models)")
+    model, info = import_tflite_float(args.tflite_model)
+    size, s_in, z_in = info["input_shape"][1], info["input"].scale, info["input"].zero_point
+
+    def images(folder, limit=None):
+        q, labels = load_imagenet_bytes(folder, size, limit=limit)
+        return s_in * (q.float() - z_in.float()), labels
+
+    calib, test = images(args.calib_dir), images(args.data_dir, test_limit)
+    with torch.no_grad():
+        outputs = model(test[0][:1]).shape[1]
+    background = outputs - dataset_info("imagenet").num_classes
+    if background not in (0, 1):
+        raise IntsimError(f"{args.tflite_model} has {outputs} outputs: not an ImageNet classifier (1000 or 1001)")
+    args.model = os.path.splitext(os.path.basename(args.tflite_model))[0]
+    cfg = ModelConfig(args.model, 3, size, outputs)
+    return (model.to(device), cfg, {"tflite_model": args.tflite_model}, (calib[0], calib[1] + background),
+            (test[0], test[1] + background))
 
 
 def device_from(arg):

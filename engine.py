@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from frozen import IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode
 from function import integers_of
+from model import qlayers, set_phase
 
 PRINT_EVERY = 100          # batches between progress lines while training
 PRODUCERS = (Quantize, IntConv, IntAdd, IntMean)   # frozen ops that put values onto a new grid
@@ -105,6 +106,29 @@ def layer_agreement(frozen, x, device):
         q_fq = integers_of(y_fq, *op.out_qparams())
         share.append([name, round(100.0 * (q_fq != q_int.long()).float().mean().item(), 4)])
     return share
+
+
+@torch.no_grad()
+def weight_layers(qmodel, frozen, batches, labels, device):
+    """What each layer's weight quantization costs on its own: [name, kind, SQNR in dB, accuracy
+    in % with only this layer's weights fake-quantized (every other weight and every activation
+    float)]. SQNR = 10 log10(sum w^2 / sum (S_w (q_w - Z_w) - w)^2), w the (BN-folded) float
+    weights; kind "depthwise" (groups = channels), "conv" or "linear". `qmodel` is left in its
+    float phase (a list: RESULT JSON keeps order)."""
+    layers = [(n, l) for n, l in qlayers(qmodel) if l.w_quantizer is not None]
+    set_phase(qmodel, "float")
+    out = []
+    for name, layer in layers:
+        w = layer.weight_bias()[0].double()
+        op = frozen.get_submodule(name)
+        err = op.real_weight(torch.float64).to(w.device) - w
+        kind = "linear" if not op.is_conv else ("depthwise" if 1 < op.groups == w.shape[0] else "conv")
+        db = 10 * torch.log10((w ** 2).sum() / (err ** 2).sum()).item() if err.abs().max() > 0 else float("inf")
+        layer.w_quantizer.enabled = True
+        acc = accuracy(predict(qmodel, batches, device), labels)
+        layer.w_quantizer.enabled = False
+        out.append([name, kind, round(db, 2), round(acc, 2)])
+    return out
 
 
 def print_frozen_report(fp32_acc, r):

@@ -5,7 +5,7 @@ table OPS (one entry per op: how to recognise it, what it becomes, how it freeze
   conv/linear [-> BatchNorm]   one QLayer per call site (BN folded; the float weights are shared)
   global average pooling       a QMean (it remembers the window it pooled)
   dropout                      removed (the converted model is in eval mode)
-  the rest (add, ReLU, ReLU6, max-pool, flatten, reshape, shapes)   stay as they are
+  the rest (add, ReLU, ReLU6, max-pool, flatten, reshape, zero padding, shapes)   stay as they are
 then, with integer activations, puts an activation quantizer (quantizer.Quantizer) after every
 op that makes new values (the input, conv/linear, add, mean), behind the ReLU/ReLU6 and
 max-pool that follow it: those keep the grid (TFLite fuses the clamp into the op and pools at
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from errors import IntsimError
-from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, QParams, Quantize
+from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams, Quantize
 from module import QLayer, QMean
 from observer import WeightObserver, make_observer
 from quantizer import Quantizer
@@ -91,7 +91,7 @@ def build_model(cfg):
 PRODUCER = "producer"   # makes new values: an activation quantizer follows it (through CLAMP / POOL)
 CLAMP = "clamp"         # ReLU, ReLU6: fused into the producer before it as act_min / act_max
 POOL = "pool"           # max-pool: picks values, keeps the grid
-SAME = "same"           # flatten, reshape: move values, keep the grid
+SAME = "same"           # flatten, reshape, zero padding: move values (or add real 0s), keep the grid
 SHAPE = "shape"         # x.size(), x.shape[0]: no tensor
 QUANT = "quantizer"     # an activation quantizer (inserted by convert)
 
@@ -138,6 +138,19 @@ def _is_same_grid(gm, node):
             or _method(node, ("view", "reshape", "flatten", "contiguous")))
 
 
+def _zero_padding(gm, node):
+    """(left, right, top, bottom) of nn.ZeroPad2d or F.pad(x, (l, r, t, b)) with zeros; None otherwise."""
+    if _module(gm, node, nn.ZeroPad2d):
+        return tuple(gm.get_submodule(node.target).padding)
+    if _function(node, (F.pad,)):
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if isinstance(pad, (tuple, list)) and len(pad) == 4 and mode == "constant" and not value:
+            return tuple(pad)
+    return None
+
+
 def _is_shape(gm, node):
     shape_attr = _function(node, (getattr,)) and node.args[1] == "shape"
     item = _function(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) and \
@@ -174,7 +187,8 @@ class Op:
     role: str
     match: Callable                       # (gm, node) -> bool, on the converted graph
     clamp: tuple = (-math.inf, math.inf)  # CLAMP: the real range it clamps to
-    freeze: Optional[Callable] = None     # PRODUCER: (gm, node, inputs, out, act, generator) -> [modules]
+    freeze: Optional[Callable] = None     # PRODUCER: (gm, node, inputs, out, act, generator) -> [modules];
+                                          # SAME on integers: (gm, node, grid) -> the frozen op
 
 
 def _freeze_layer(gm, node, ins, out, act, generator):
@@ -202,11 +216,14 @@ OPS = (
     Op("ReLU6", CLAMP, _is_relu6, clamp=(0.0, 6.0)),
     Op("max-pool", POOL, _is_max_pool),
     Op("flatten/reshape", SAME, _is_same_grid),
+    Op("zero padding", SAME, lambda gm, n: _zero_padding(gm, n) is not None,
+       freeze=lambda gm, node, grid: IntPad(_zero_padding(gm, node), grid)),   # pads with Z: real 0
     Op("shape", SHAPE, _is_shape),
     Op("activation quantizer", QUANT, lambda gm, n: _module(gm, n, Quantizer)),
     Op("output", "output", lambda gm, n: n.op == "output"),
 )
 SUPPORTED = ("conv/linear [+BatchNorm], add, ReLU, ReLU6, max-pool, global average pooling, flatten/reshape/view, "
+             "zero padding (nn.ZeroPad2d, F.pad), "
              "dropout (eval), x.size()/x.shape")
 
 
@@ -528,6 +545,9 @@ class _Freezer:
             if op.role == POOL:
                 self.pool_in_producer(value)
             return value, self.grid[src]
+        if op.role == SAME and op.freeze is not None and self.grid[src] is not None:
+            name = node.target if node.op == "call_module" else node.name
+            return self.emit(name, op.freeze(self.qmodel, node, self.grid[src]), (self.env[src],)), self.grid[src]
         if node.op == "output":
             value = self.env[src]
             if self.grid[src] is not None:

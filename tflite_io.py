@@ -29,12 +29,13 @@ Fused activations (NONE, RELU, RELU6, RELU_N1_TO_1) become the op's act_min / ac
 SAME padding is TFLite's: the odd pixel goes after (bottom / right), padded with the input's Z.
 """
 import math
+import operator
 import os
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from checkpoint import write_bytes
@@ -191,7 +192,9 @@ def _avg_pool(reader, op, kind):
                           f"(TFLite's kernel does not rescale)")
     kernel, stride = (o.filterHeight, o.filterWidth), (o.strideH, o.strideW)
     pad = _padding(reader, o, reader.shape(x), kernel, stride, (1, 1))
-    return IntAvgPool(kernel, stride, pad, out, act_range=_act(reader, o, kind))
+    pool = IntAvgPool(kernel, stride, pad, out, act_range=_act(reader, o, kind))
+    pool.is_global = kernel == tuple(reader.shape(x)[1:3]) and pad == (0, 0, 0, 0)   # for import_tflite_float
+    return pool
 
 
 def _max_pool(reader, op, kind):
@@ -302,6 +305,9 @@ def import_tflite(path):
                 modules[name] = _fully_connected(reader, op, kind, spatial.pop(src, None))
             else:
                 modules[name] = IMPORTERS[kind](reader, op, kind)
+            options = op.builtinOptions
+            if hasattr(options, "fusedActivationFunction"):   # kept for import_tflite_float
+                modules[name].fused_activation = _act(reader, options, kind)
             nodes[out] = fx_graph.call_module(name, tuple(nodes[t] for t in inputs))
         else:
             raise IntsimError(f"{path}: op {i} is {kind}, which intsim does not import "
@@ -316,6 +322,90 @@ def import_tflite(path):
     info = {"input_shape": reader.shape(x_index), "input": reader.activation(x_index), "compare_tensor": last,
             "stopped_before": stopped, "input_type": reader.type_name(int(graph.inputs[0]))}
     return frozen, info
+
+
+def _float_activation(op):
+    """The float module of an imported op's fused activation (None: no activation)."""
+    act = getattr(op, "fused_activation", NO_ACTIVATION)
+    if act == NO_ACTIVATION:
+        return None
+    if act == ACTIVATIONS["RELU"]:
+        return nn.ReLU()
+    if act == ACTIVATIONS["RELU6"]:
+        return nn.ReLU6()
+    return nn.Hardtanh(*act)
+
+
+def _float_layer(op):
+    """An imported IntConv as nn.Conv2d / nn.Linear with W = S_w (q_w - Z_w) and b = S_in S_w q_b
+    (a bias of zero point 0 at scale S_in S_w, as TFLite stores it), and the nn.ZeroPad2d before
+    it when TFLite's SAME padding is uneven (PyTorch's conv pads both sides alike)."""
+    w = op.real_weight(torch.float32)
+    b = (op.b_q.double() * (op.in_scale.double() * op.w_scale.double())).float()
+    if not op.is_conv:
+        layer = nn.Linear(w.shape[1], w.shape[0])
+        return [], layer, w, b
+    left, right, top, bottom = op.pad
+    even = left == right and top == bottom
+    layer = nn.Conv2d(w.shape[1] * op.groups, w.shape[0], tuple(w.shape[2:]), op.stride,
+                      (top, left) if even else 0, op.dilation, op.groups)
+    return ([] if even else [nn.ZeroPad2d(op.pad)]), layer, w, b
+
+
+def import_tflite_float(path):
+    """A quantized .tflite model as an ordinary float nn.Module (an fx.GraphModule of nn.Conv2d,
+    nn.Linear, ReLU6, pools, adds): every weight dequantized, S (q - Z), every bias S_in S_w q_b,
+    no quantization left. Its input is the reals the file's input integers stand for,
+    S_in (q - Z_in). What intsim's own pipeline (convert, PTQ, AdaRound) then quantizes anew.
+    Returns (model, info) with import_tflite's info."""
+    frozen, info = import_tflite(path)
+    graph, modules, env = fx.Graph(), {}, {}
+
+    def call(name, module, args):
+        modules[name] = module
+        return graph.call_module(name, args)
+
+    for node in frozen.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+            continue
+        if node.op == "output":
+            graph.output(env[node.args[0]])
+            continue
+        args = tuple(env[a] for a in node.args if isinstance(a, fx.Node))
+        if node.op == "call_function":                       # the flatten before FULLY_CONNECTED
+            env[node] = graph.call_function(node.target, (args[0],) + tuple(node.args[1:]))
+            continue
+        op, name = frozen.get_submodule(node.target), node.target
+        if isinstance(op, (Quantize, Dequantize)):
+            env[node] = args[0]                               # the float model has no edges to cross
+            continue
+        if isinstance(op, IntConv):
+            pads, layer, w, b = _float_layer(op)
+            with torch.no_grad():
+                layer.weight.copy_(w.reshape(layer.weight.shape))
+                layer.bias.copy_(b)
+            x = call(f"{name}_pad", pads[0], args) if pads else args[0]
+            value = call(name, layer, (x,))
+        elif isinstance(op, IntAdd):
+            value = graph.call_function(operator.add, args)
+        elif isinstance(op, (IntMean, IntAvgPool)):
+            if isinstance(op, IntAvgPool) and not getattr(op, "is_global", False):
+                raise IntsimError(f"{path}: an AVERAGE_POOL_2D that is not a global average pool has no "
+                                  f"float counterpart intsim converts")
+            value = call(name, nn.AdaptiveAvgPool2d(1), args)
+            if isinstance(op, IntMean) and not op.keepdim:
+                value = graph.call_function(torch.flatten, (value, 1))
+        elif isinstance(op, IntPad):
+            value = call(name, nn.ZeroPad2d(op.pad), args)
+        elif isinstance(op, IntMaxPool):
+            value = call(name, nn.MaxPool2d(op.kernel_size, op.stride, op.padding), args)
+        else:
+            raise IntsimError(f"{path}: no float counterpart for {type(op).__name__}")
+        act = _float_activation(op)
+        env[node] = call(f"{name}_act", act, (value,)) if act is not None else value
+    model = fx.GraphModule(modules, graph, class_name="TFLiteFloatModel")
+    return model.eval(), info
 
 
 # ----------------------------------------------------------------------------- export

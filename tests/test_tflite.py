@@ -364,3 +364,83 @@ def test_adaround_and_qat_export_flags(run, result_of, data_dir, tmp_path):
     assert r["tflite_scheme"] == "uint8" and r["tflite_vs_reimported"]["images_identical"] == 200
     # a per-tensor unsigned (uint8-scheme) model exported as uint8: intsim's own path is the file's
     assert r["tflite_vs_intsim"]["images_identical"] == 200
+
+
+# ----------------------------------------------------------------------------- the file as a float network
+
+def test_float_import_of_a_real_mobilenet_predicts_what_litert_does():
+    """import_tflite_float: dequantized weights, TFLite's uneven SAME padding as nn.ZeroPad2d. The
+    float network and the file's integers (LiteRT) pick the same class on most images, and its
+    first conv's output is LiteRT's first tensor within about half an output step."""
+    path = mobilenet(MOBILENETS[0])
+    model, info = tflite_io.import_tflite_float(path)
+    size = info["input_shape"][1]
+    if not os.path.isdir(IMAGENET_VAL):
+        pytest.skip(f"{IMAGENET_VAL} is absent (see ../shared/data/README)")
+    from data import load_imagenet_bytes
+    images = load_imagenet_bytes(IMAGENET_VAL, size, limit=20)[0]
+    x = info["input"].scale * (images.float() - info["input"].zero_point.float())
+    with torch.no_grad():
+        y = model(x)
+    want = litert_integers(path, images, info["compare_tensor"])
+    assert y.shape == (20, 1001) and (y.argmax(1).numpy() == want.argmax(1)).mean() >= 0.9
+    assert sum(isinstance(m, torch.nn.ZeroPad2d) for m in model.modules()) == 5      # the five stride-2 layers
+    assert not any(isinstance(m, (IntConv, IntMean, IntAvgPool)) for m in model.modules())
+    # layer 0 alone, against the file: conv -> ReLU6 in float, then onto LiteRT's output grid
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    it = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+                     experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], images[:1].permute(0, 2, 3, 1).numpy())
+    it.invoke()
+    frozen, _ = tflite_io.import_tflite(path)
+    conv0 = frozen.get_submodule("conv_2d_0")
+    first_out = int(it._interpreter.NodeOutputs(0)[0])                # the file's first op's output tensor
+    q_out = torch.from_numpy(it.get_tensor(first_out).astype(np.int64)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        real = model.conv_2d_0_act(model.conv_2d_0(model.conv_2d_0_pad(x[:1])))
+    steps = real.double() / conv0.out_scale.double() + conv0.out_zero_point
+    # within half a step, up to TFLite's double rounding (a 2^-n of a step) and float32 sums
+    assert (steps - q_out).abs().max() <= 0.51
+
+
+def test_zero_padding_converts_to_an_integer_pad_with_the_zero_point():
+    """nn.ZeroPad2d / F.pad in a float network: the frozen graph pads with Z (real 0), and with
+    one rounding the integer path is the float64 fake-quant bit for bit."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pad, self.conv = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, 2)
+            self.fc = nn.Linear(4 * 4 * 4, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(self.pad(x)))
+            return self.fc(torch.flatten(torch.nn.functional.pad(y, (1, 0, 1, 0)), 1))
+
+    from model import calibrate, convert, freeze
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    qmodel = convert(Padded().eval(), QConfig(single_rounding=True))
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    frozen = freeze(qmodel)
+    pads = [m for m in frozen.modules() if type(m).__name__ == "IntPad"]
+    assert len(pads) == 2 and pads[0].pad == (0, 1, 0, 1) and int(pads[0].out_zero_point) != 0
+    q_int = output_integers(set_mode(frozen, "int"), frozen(x))
+    set_mode(frozen, "reals")
+    q_fq = output_integers(frozen, frozen.double()(x.double()))
+    assert torch.equal(q_int.long(), q_fq.long())
+
+
+@pytest.mark.slow
+def test_ptq_on_a_tflite_model(run, result_of, one_line_error, tmp_path):
+    path = mobilenet(MOBILENETS[0])
+    if not os.path.isdir(IMAGENET_VAL):
+        pytest.skip(f"{IMAGENET_VAL} is absent (see ../shared/data/README)")
+    run("split_images.py", IMAGENET_VAL, tmp_path / "parts", "--parts", 2).check_returncode()
+    common = ("--dataset", "imagenet", "--tflite-model", path, "--calib-dir", tmp_path / "parts" / "part0",
+              "--data-dir", tmp_path / "parts" / "part1", "--test-limit", 40, "--batch-size", 20, "--calib-batches", 2)
+    r = result_of(run("PTQ.py", *common, "--per-channel", "--weight-layers"))
+    assert r["model"] == "mobilenet_v1_0.25_128_quant" and r["tflite_model"] == path and r["calib_images"] == 40
+    assert r["test_images"] == 40 and r["fp32_acc"] > 30 and abs(r["int_acc"] - r["fp32_acc"]) <= 15
+    assert [k for _, k, _, _ in r["weight_layers"]].count("depthwise") == 13 and len(r["weight_layers"]) == 28
+    one_line_error(run("PTQ.py", *common[:2], "--tflite-model", tmp_path / "none.tflite", *common[4:]), "not found")
