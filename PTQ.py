@@ -78,9 +78,9 @@ def main():
             print(f"  {lname:12s} {share:8.4f}%")
     if args.weight_layers:
         report["weight_layers"] = weight_layers(qmodel, frozen, test, y_test, device)
-        print("each layer's weights alone quantized: SQNR, accuracy")
-        for lname, kind, db, acc in report["weight_layers"]:
-            print(f"  {lname:20s} {kind:9s} {db:6.1f} dB  {acc:6.2f}%")
+        print("each layer's weights alone quantized: SQNR, its worst channel's SQNR, accuracy")
+        for lname, kind, db, worst, acc in report["weight_layers"]:
+            print(f"  {lname:20s} {kind:9s} {db:6.1f} dB  {worst:6.1f} dB  {acc:6.2f}%")
     if args.save:
         save_frozen(args.save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), **report)
         print(f"saved the frozen model to {args.save}")

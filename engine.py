@@ -1,5 +1,6 @@
 """Training and evaluation loops shared by every script."""
 import hashlib
+import math
 import sys
 import time
 
@@ -108,12 +109,17 @@ def layer_agreement(frozen, x, device):
     return share
 
 
+def sqnr_db(signal, noise):
+    """10 log10(signal / noise) of two sums of squares (inf when nothing was lost)."""
+    return 10 * math.log10(float(signal) / float(noise)) if noise > 0 else math.inf
+
+
 @torch.no_grad()
 def weight_layers(qmodel, frozen, batches, labels, device):
-    """What each layer's weight quantization costs on its own: [name, kind, SQNR in dB, accuracy
-    in % with only this layer's weights fake-quantized (every other weight and every activation
-    float)]. SQNR = 10 log10(sum w^2 / sum (S_w (q_w - Z_w) - w)^2), w the (BN-folded) float
-    weights; kind "depthwise" (groups = channels), "conv" or "linear". `qmodel` is left in its
+    """What each layer's weight quantization costs on its own: [name, kind, SQNR in dB, the worst
+    output channel's SQNR, accuracy in % with only this layer's weights fake-quantized (every
+    other weight and every activation float)]. SQNR = 10 log10(sum w^2 / sum (S_w (q_w - Z_w) - w)^2),
+    w the (BN-folded) float weights; kind "depthwise" (groups = channels), "conv" or "linear". `qmodel` is left in its
     float phase (a list: RESULT JSON keeps order)."""
     layers = [(n, l) for n, l in qlayers(qmodel) if l.w_quantizer is not None]
     set_phase(qmodel, "float")
@@ -123,11 +129,12 @@ def weight_layers(qmodel, frozen, batches, labels, device):
         op = frozen.get_submodule(name)
         err = op.real_weight(torch.float64).to(w.device) - w
         kind = "linear" if not op.is_conv else ("depthwise" if 1 < op.groups == w.shape[0] else "conv")
-        db = 10 * torch.log10((w ** 2).sum() / (err ** 2).sum()).item() if err.abs().max() > 0 else float("inf")
+        db = sqnr_db((w ** 2).sum(), (err ** 2).sum())
+        worst = min(sqnr_db(s, e) for s, e in zip((w ** 2).flatten(1).sum(1), (err ** 2).flatten(1).sum(1)))
         layer.w_quantizer.enabled = True
         acc = accuracy(predict(qmodel, batches, device), labels)
         layer.w_quantizer.enabled = False
-        out.append([name, kind, round(db, 2), round(acc, 2)])
+        out.append([name, kind, round(db, 2), round(worst, 2), round(acc, 2)])
     return out
 
 

@@ -64,7 +64,8 @@ ADAROUND_W4A8_TOL = {"resnet18": 1.5}   # issue 6; the small CNNs: 1.0 (issue 5)
 
 
 def imagenet_runs(results):
-    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet"]
+    """The ImageNet ResNet18 runs (random weights: the integer-agreement checks)."""
+    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet" and "tflite_model" not in r]
 
 
 def imagenet_agreement(results):
@@ -153,7 +154,7 @@ TABLES = {
                 ("output integers that differ, per layer (in order)",
                  lambda r: ", ".join(f"{k} {v:.2f}%" for k, v in r["layer_diff_share"])),
                 ("same class %", lambda r: f"{r['int_fq_same_class']:.2f}"), ("command", cmd)]),
-    "qat": (lambda r: r["script"] == "QAT",
+    "qat": (lambda r: r["script"] == "QAT" and "tflite" not in r,
             lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["out_bits"] or r["a_bits"],
                        r["per_channel"], r["single_rounding"]),
             [("model", lambda r: r["model"]), ("W/A bits", bits),
@@ -177,7 +178,7 @@ TABLES = {
                else f"{r['bias_bits']}-bit, own scale"),
               ("float32", lambda r: pct(r["fp32_acc"])), ("integer", lambda r: pct(r["int_acc"])),
               ("int - fp32", delta), ("command", cmd)]),
-    "adaround": (lambda r: r["script"] == "AdaRound",
+    "adaround": (lambda r: r["script"] == "AdaRound" and r["dataset"] != "imagenet" and "tflite" not in r,
                  lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["per_channel"]),
                  [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
                   ("weights", granularity), ("float32", lambda r: pct(r["fp32_acc"])),
@@ -295,8 +296,71 @@ def render_hessian(results):
     return "\n".join(lines)
 
 
+def _fold(r):
+    """Which half of the 1,300 images calibrated the run (split_images.py's part0 / part1)."""
+    return "part0" if "part0 " in r["command"].split("--calib-dir")[1][:40] + " " else "part1"
+
+
+MOBILENET_ROWS = (("W8A8 per-channel", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8 and r["per_channel"]),
+                  ("W8A8 per-tensor", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8 and not r["per_channel"]
+                   and r["w_symmetric"]),
+                  ("W8A8 per-tensor, weights with a zero point", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8
+                   and not r["per_channel"] and not r["w_symmetric"]),
+                  ("W4A8 per-channel, nearest", lambda r: r["script"] == "PTQ" and r["w_bits"] == 4 and r["per_channel"]),
+                  ("W4A8 per-channel, AdaRound", lambda r: r["script"] == "AdaRound" and r["w_bits"] == 4))
+
+
+def render_mobilenet(results):
+    """intsim's own PTQ / AdaRound of the dequantized pretrained MobileNets: each run calibrated
+    on one half of the 1,300 ImageNet images and scored on the other, both ways."""
+    runs = [r for r in results if r.get("tflite_model") and r["script"] in ("PTQ", "AdaRound")]
+    if not runs:
+        return "_(no results yet)_"
+    lines = ["| network | intsim's quantization | calibrated on part0: float32 / integer (diff) | "
+             "calibrated on part1: float32 / integer (diff) | images scored | commands (part0) |",
+             "|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in runs}):
+        for label, pick in MOBILENET_ROWS:
+            rows = {_fold(r): r for r in runs if r["model"] == model and pick(r)}
+            if not rows:
+                continue
+            cells = []
+            for fold in ("part0", "part1"):
+                r = rows.get(fold)
+                acc = None if r is None else ada_acc(r)
+                cells.append("-" if r is None else f"{pct(r['fp32_acc'])} / {pct(acc)} ({acc - r['fp32_acc']:+.2f})")
+            extra = f" ({rows[next(iter(rows))]['iters']} it./layer)" if label.endswith("AdaRound") else ""
+            first = rows.get("part0", next(iter(rows.values())))
+            lines.append(f"| {model.replace('_quant', '')} | {label}{extra} | {cells[0]} | {cells[1]} | "
+                         f"{' + '.join(str(r['test_images']) for r in rows.values())} | {cmd(first)} |")
+    return "\n".join(lines)
+
+
+DEPTHWISE_SHOWN = 6      # the layers whose per-tensor weights cost the most, per network
+
+
+def render_depthwise(results):
+    """What per-tensor weight scales do, layer by layer (PTQ --weight-layers): each layer's
+    weights alone quantized per-tensor, everything else float."""
+    runs = sorted((r for r in results if r.get("tflite_model") and "weight_layers" in r), key=lambda r: r["command"])
+    if not runs:
+        return "_(no results yet)_"
+    lines = ["| network (calibrated on) | float32 | layer | kind | weight SQNR dB | worst channel's SQNR dB | "
+             "accuracy, only this layer per-tensor W8 | all layers per-tensor W8A8 (integer) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        costly = sorted(r["weight_layers"], key=lambda l: l[-1])[:DEPTHWISE_SHOWN]
+        for i, (name, kind, db, worst, acc) in enumerate(costly):
+            head = f"{r['model'].replace('_quant', '')} ({_fold(r)}) | {pct(r['fp32_acc'])}" if i == 0 else " | "
+            tail = pct(r["int_acc"]) if i == 0 else ""
+            lines.append(f"| {head} | {name} | {kind} | {db:.1f} | {worst:.1f} | {pct(acc)} "
+                         f"({acc - r['fp32_acc']:+.2f}) | {tail} |")
+    return "\n".join(lines)
+
+
 CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
-          "imagenet": render_imagenet, "resnet18": render_resnet18}
+          "imagenet": render_imagenet, "resnet18": render_resnet18, "mobilenet": render_mobilenet,
+          "depthwise": render_depthwise}
 
 
 

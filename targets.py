@@ -61,7 +61,7 @@ def check_targets(results):
             rows.append(("W4A32 per-channel: best observer within 2 of float32", f"{model}, {observer_name(best)}"
                          f"{'' if best['fold_bn'] else ', BN unfolded'}",
                          f"{best['fakequant_acc'] - best['fp32_acc']:+.2f}", best["fp32_acc"] - best["fakequant_acc"] <= 2.0))
-    for r in find(results, script="AdaRound"):
+    for r in find(results, script="AdaRound", dataset="fashion-mnist"):
         run = f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)}"
         if r["w_bits"] == 4 and r["a_bits"] == 8:
             tol = ADAROUND_W4A8_TOL.get(r["model"], 1.0)
@@ -85,6 +85,31 @@ def check_targets(results):
         if "qat_train_ratio" in r:
             rows.append(("QAT training step <= 2.5x float32 step", r["model"], f"{r['qat_train_ratio']:.2f}x",
                          r["qat_train_ratio"] <= 2.5))
+    rows += tflite_targets(results)
+    return rows
+
+
+def tflite_targets(results):
+    """Issue 14: real TFLite in and out."""
+    rows = []
+    for r in sorted((r for r in results if "tflite" in r), key=lambda r: r["command"]):
+        a, n = r["tflite_vs_intsim"], r["tflite_images"]
+        rows.append(("export: LiteRT (reference kernels) = intsim's integer path on every image",
+                     f"{r['model']} W{r['w_bits']}A{r['a_bits']} {granularity(r)} {r['tflite_scheme']}",
+                     f"{a['images_identical']} of {n}, max diff {a['max_diff']}", a["images_identical"] == n))
+    for r in find(results, script="tflite_run"):
+        a, name = r["vs_litert_ref"], r["model"].replace("_quant.tflite", "")
+        rows.append(("import: intsim = LiteRT (reference kernels) on every image", name,
+                     f"{a['images_identical']} of {r['images']}", a["images_identical"] == r["images"]))
+        speed = r["images_per_s"]
+        rows.append(("import: intsim's integer path faster than LiteRT's reference kernels", name,
+                     f"{speed['intsim_int'] / speed['litert_ref']:.2f}x", speed["intsim_int"] > speed["litert_ref"]))
+    for r in results:
+        if r.get("tflite_model") and r["script"] == "PTQ" and r["w_bits"] == 8 and r["per_channel"]:
+            fold = "part0" if "part0" in r["command"].split("--calib-dir")[1].split()[0] else "part1"
+            rows.append(("dequantized MobileNet, intsim PTQ W8A8 per-channel within 1 of float32 (scoring fold)",
+                         f"{r['model'].replace('_quant', '')}, calibrated on {fold}",
+                         f"{r['int_acc'] - r['fp32_acc']:+.2f}", r["fp32_acc"] - r["int_acc"] <= 1.0))
     return rows
 
 

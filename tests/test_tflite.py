@@ -442,5 +442,7 @@ def test_ptq_on_a_tflite_model(run, result_of, one_line_error, tmp_path):
     r = result_of(run("PTQ.py", *common, "--per-channel", "--weight-layers"))
     assert r["model"] == "mobilenet_v1_0.25_128_quant" and r["tflite_model"] == path and r["calib_images"] == 40
     assert r["test_images"] == 40 and r["fp32_acc"] > 30 and abs(r["int_acc"] - r["fp32_acc"]) <= 15
-    assert [k for _, k, _, _ in r["weight_layers"]].count("depthwise") == 13 and len(r["weight_layers"]) == 28
+    layers = r["weight_layers"]
+    assert [k for _, k, _, _, _ in layers].count("depthwise") == 13 and len(layers) == 28
+    assert all(worst <= db for _, _, db, worst, _ in layers)      # a channel is never better than the sum
     one_line_error(run("PTQ.py", *common[:2], "--tflite-model", tmp_path / "none.tflite", *common[4:]), "not found")
