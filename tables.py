@@ -198,8 +198,9 @@ TABLES = {
                        ("published top-1, float / 8-bit", lambda r: " / ".join(PUBLISHED_TOP1.get(r["model"], ("-", "-")))),
                        ("command", cmd)]),
     "tflite_export": (lambda r: "tflite" in r,
-                      lambda r: (r["model"], r["tflite_scheme"], -r["w_bits"], r["per_channel"]),
-                      [("model", lambda r: r["model"]), ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
+                      lambda r: (r["script"] != "PTQ", r["model"], r["tflite_scheme"], -r["w_bits"], r["per_channel"]),
+                      [("model", lambda r: r["model"]), ("from", lambda r: r["script"]),
+                       ("W/A bits", lambda r: f"W{r['w_bits']}A{r['a_bits']}"),
                        ("scheme", lambda r: r["tflite_scheme"]), ("weights", granularity),
                        ("images", lambda r: r["tflite_images"]),
                        ("LiteRT = intsim's integer path", lambda r: agree(r["tflite_vs_intsim"], r["tflite_images"])),
@@ -350,10 +351,12 @@ def render_depthwise(results):
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         costly = sorted(r["weight_layers"], key=lambda l: l[-1])[:DEPTHWISE_SHOWN]
-        for i, (name, kind, db, worst, acc) in enumerate(costly):
+        for i, layer in enumerate(costly):
+            (name, kind, db), acc = layer[:3], layer[-1]
+            worst = f"{layer[3]:.1f}" if len(layer) == 5 else "-"      # rows made before it was reported
             head = f"{r['model'].replace('_quant', '')} ({_fold(r)}) | {pct(r['fp32_acc'])}" if i == 0 else " | "
             tail = pct(r["int_acc"]) if i == 0 else ""
-            lines.append(f"| {head} | {name} | {kind} | {db:.1f} | {worst:.1f} | {pct(acc)} "
+            lines.append(f"| {head} | {name} | {kind} | {db:.1f} | {worst} | {pct(acc)} "
                          f"({acc - r['fp32_acc']:+.2f}) | {tail} |")
     return "\n".join(lines)
 
@@ -370,7 +373,8 @@ def _headline_cell(rows):
     if not rows:
         return "-"
     r = rows[0]
-    return pct(r["int_acc"] if "int_acc" in r else r["fakequant_acc"])
+    mark = LEGACY_MARK if r.get("legacy_kernels") else ""
+    return pct(r["int_acc"] if "int_acc" in r else r["fakequant_acc"]) + mark
 
 
 def render_headline(results):
@@ -390,9 +394,13 @@ def render_headline(results):
                  _headline_cell([r for r in find(fm, script="QAT", model=model, w_bits=4, a_bits=4, out_bits=8)
                                  if "minutes" in r])]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if any(LEGACY_MARK in line for line in lines[2:]):
+        lines += ["", f"{LEGACY_MARK} measured with `--legacy-kernels` (before intsim adopted LiteRT's Prepare rules), "
+                      f"not yet re-run"]
     return "\n".join(lines)
 
 
+LEGACY_MARK = "†"
 CUSTOM["headline"] = render_headline
 
 

@@ -36,9 +36,10 @@ def check_targets(results):
             for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"],
                           single_rounding=r["single_rounding"]):
                 rows.append(("QAT W8A8 not below PTQ W8A8 by more than 0.1", label,
-                             f"{r['int_acc'] - p['int_acc']:+.2f}", r["int_acc"] >= p["int_acc"] - 0.1))
+                             f"{r['int_acc'] - p['int_acc']:+.2f}", round(r["int_acc"] - p["int_acc"], 2) >= -0.1))
         rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training", label,
-                     f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}", abs(r["int_acc"] - r["qat_fakequant_acc"]) <= 0.1))
+                     f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}",
+                     round(abs(r["int_acc"] - r["qat_fakequant_acc"]), 2) <= 0.1))   # accuracies have two decimals
     for r in find(results, script="Table1"):
         for part in ("first_layer", "all_layers"):
             t, run = r[part], f"{r['model']} W{r['w_bits']}A32, {part.replace('_', ' ')}"
