@@ -297,12 +297,15 @@ def render_hessian(results):
     return "\n".join(lines)
 
 
-def _fold(r):
+def calibration_half(r):
     """Which half of the 1,300 images calibrated the run (split_images.py's part0 / part1)."""
-    return "part0" if "part0 " in r["command"].split("--calib-dir")[1][:40] + " " else "part1"
+    return "part0" if r["command"].split("--calib-dir")[1].split()[0].endswith("part0") else "part1"
 
 
-MOBILENET_ROWS = (("W8A8 per-channel", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8 and r["per_channel"]),
+MOBILENET_ROWS = (("W8A8 per-channel", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8 and r["per_channel"]
+                   and r["w_symmetric"]),
+                  ("W8A8 per-channel, weights with a zero point", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8
+                   and r["per_channel"] and not r["w_symmetric"]),
                   ("W8A8 per-tensor", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8 and not r["per_channel"]
                    and r["w_symmetric"]),
                   ("W8A8 per-tensor, weights with a zero point", lambda r: r["script"] == "PTQ" and r["w_bits"] == 8
@@ -322,7 +325,7 @@ def render_mobilenet(results):
              "|---|---|---|---|---|---|"]
     for model in sorted({r["model"] for r in runs}):
         for label, pick in MOBILENET_ROWS:
-            rows = {_fold(r): r for r in runs if r["model"] == model and pick(r)}
+            rows = {calibration_half(r): r for r in runs if r["model"] == model and pick(r)}
             if not rows:
                 continue
             cells = []
@@ -354,7 +357,7 @@ def render_depthwise(results):
         for i, layer in enumerate(costly):
             (name, kind, db), acc = layer[:3], layer[-1]
             worst = f"{layer[3]:.1f}" if len(layer) == 5 else "-"      # rows made before it was reported
-            head = f"{r['model'].replace('_quant', '')} ({_fold(r)}) | {pct(r['fp32_acc'])}" if i == 0 else " | "
+            head = f"{r['model'].replace('_quant', '')} ({calibration_half(r)}) | {pct(r['fp32_acc'])}" if i == 0 else " | "
             tail = pct(r["int_acc"]) if i == 0 else ""
             lines.append(f"| {head} | {name} | {kind} | {db:.1f} | {worst} | {pct(acc)} "
                          f"({acc - r['fp32_acc']:+.2f}) | {tail} |")
