@@ -119,8 +119,8 @@ def weight_layers(qmodel, frozen, batches, labels, device):
     """What each layer's weight quantization costs on its own: [name, kind, SQNR in dB, the worst
     output channel's SQNR, accuracy in % with only this layer's weights fake-quantized (every
     other weight and every activation float)]. SQNR = 10 log10(sum w^2 / sum (S_w (q_w - Z_w) - w)^2),
-    w the (BN-folded) float weights; kind "depthwise" (groups = channels), "conv" or "linear". `qmodel` is left in its
-    float phase (a list: RESULT JSON keeps order)."""
+    w the (BN-folded) float weights; kind "depthwise" (groups = channels), "conv" or "linear".
+    `qmodel` is left in its float phase (a list: RESULT JSON keeps order)."""
     layers = [(n, l) for n, l in qlayers(qmodel) if l.w_quantizer is not None]
     set_phase(qmodel, "float")
     out = []
@@ -128,7 +128,7 @@ def weight_layers(qmodel, frozen, batches, labels, device):
         w = layer.weight_bias()[0].double()
         op = frozen.get_submodule(name)
         err = op.real_weight(torch.float64).to(w.device) - w
-        kind = "linear" if not op.is_conv else ("depthwise" if 1 < op.groups == w.shape[0] else "conv")
+        kind = "linear" if not op.is_conv else ("depthwise" if op.depthwise else "conv")
         db = sqnr_db((w ** 2).sum(), (err ** 2).sum())
         worst = min(sqnr_db(s, e) for s, e in zip((w ** 2).flatten(1).sum(1), (err ** 2).flatten(1).sum(1)))
         layer.w_quantizer.enabled = True

@@ -215,6 +215,11 @@ class IntConv(FrozenOp):
     def integer(self):
         return self.has_int_io and max(self.w_bits, self.in_bits, self.out_bits) <= INT_MAX_BITS
 
+    @property
+    def depthwise(self):
+        """DEPTHWISE_CONV_2D: one group per input channel (any channel multiplier)."""
+        return self.is_conv and self.groups > 1 and self.w_q.shape[1] == 1
+
     def extra_repr(self):
         kind = "conv" if self.is_conv else "linear"
         io = f", act [{self.act_min}, {self.act_max}]" if self.has_int_io else ", float activations"

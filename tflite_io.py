@@ -616,7 +616,7 @@ class _Exporter:
             self.w.op("FULLY_CONNECTED", [x, w, b], [out], o, "FullyConnectedOptions")
             return
         groups, (o_ch, _, kh, kw) = op.groups, w_np.shape
-        depthwise = groups > 1 and groups == in_shape[1]
+        depthwise = op.depthwise
         if groups > 1 and not depthwise:
             raise IntsimError(f"cannot export {node.name}: a grouped conv that is not depthwise (groups {groups})")
         pad = self._padding(node, op.pad, in_shape, (kh, kw), op.stride, op.dilation)
