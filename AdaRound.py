@@ -24,7 +24,7 @@ import torch._dynamo  # noqa: F401  (Adam's first step imports it, ~3 s; here, s
 
 import cli
 from config import QCONFIG_FIELDS
-from checkpoint import save_frozen
+from checkpoint import save_figure, save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, predict, print_frozen_report
 from errors import IntsimError
@@ -100,8 +100,7 @@ def plot_h(path, snapshots, layer_name, iters):
         ax.set_xlabel("h(V)")
     axes[0].set_ylabel(f"weights of {layer_name}")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(path, fig)
     plt.close(fig)
 
 
@@ -130,10 +129,6 @@ def main():
     args, device = cli.start(p)
     if args.dry_run:
         args.num_calib, args.iters = DRY_RUN_CALIB, DRY_RUN_ITERS
-    if args.iters < 1 or args.num_calib < 1 or args.batch_size < 1:
-        raise IntsimError("--iters, --num-calib and --batch-size must be positive")
-    if not 0 <= args.warm_start < 1:
-        raise IntsimError(f"--warm-start is a share of the iterations in [0, 1), got {args.warm_start}")
     schedule = functools.partial(beta_at, warm_start=args.warm_start, beta_start=args.beta_start,
                                  beta_end=args.beta_end)
     qconfig = cli.qconfig_from(args)
@@ -151,7 +146,10 @@ def main():
     print(f"scoring rounding to nearest on {len(y_test)} test images first", flush=True)
     nearest = evaluate_frozen(freeze(qmodel), test, device)
     layers = layers_to_reconstruct(qmodel)
-    snapshot_layer = layers[min(args.plot_layer, len(layers) - 1)][0]
+    if args.plot_layer >= len(layers):
+        raise IntsimError(f"--plot-layer {args.plot_layer}: {args.model} has {len(layers)} quantized layers "
+                          f"(0..{len(layers) - 1})")
+    snapshot_layer = layers[args.plot_layer][0]
     generator, stats, snapshots = torch.Generator().manual_seed(args.seed), [], {}
     start = time.time()
     for name, layer in layers:
@@ -166,11 +164,11 @@ def main():
     print(f"nearest rounding {nearest[key]:6.2f}%  ({key.replace('_acc', '')})")
     print_frozen_report(fp32_acc, report)
 
-    save = args.save or os.path.join("runs", "adaround", f"{run_name(args, qconfig)}.pt")
+    save = args.save or cli.trial_path(args, os.path.join("runs", "adaround", f"{run_name(args, qconfig)}.pt"))
     save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding="adaround", fp32_acc=round(fp32_acc, 2), **report)
     print(f"saved the AdaRounded model to {save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
-    plot = args.plot or os.path.join("results", "figures", f"adaround_h_{run_name(args, qconfig)}.png")
+    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"adaround_h_{run_name(args, qconfig)}.png"))
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")
     cli.emit_result({"script": "AdaRound", "dataset": args.dataset, "model": args.model, "method": "adaround",

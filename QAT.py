@@ -21,6 +21,7 @@ from checkpoint import load_frozen, save_frozen
 from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
+from errors import IntsimError
 from model import bn_use_running_stats, calibrate, convert, fix_ranges, freeze, set_phase
 
 EPOCHS = 3
@@ -37,8 +38,8 @@ DRY_RUN_TEST = 1000                # ... and test images
 def default_save_path(args, qconfig):
     granularity = "pc" if qconfig.per_channel else "pt"
     out = f"_out{qconfig.out_bits}" if qconfig.out_bits else ""
-    return os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}_"
-                                       f"{granularity}.pt")
+    return cli.trial_path(args, os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}_"
+                                       f"{granularity}.pt"))
 
 
 def evaluate_saved(args, device):
@@ -47,6 +48,11 @@ def evaluate_saved(args, device):
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     frozen, ckpt = load_frozen(args.eval, args.dataset, args.model, args.single_rounding)
     qconfig = dataclasses.replace(QConfig(**ckpt["qconfig"]), single_rounding=args.single_rounding)
+    for name in args.given & set(args.qconfig_fields) - {"single_rounding"}:
+        if getattr(args, name) != ckpt["qconfig"][name]:
+            raise IntsimError(f"--eval {args.eval} is a {qconfig.name()} model with {cli.flag_name(name)} "
+                              f"{ckpt['qconfig'][name]}, not {getattr(args, name)}: leave the quantization "
+                              f"flags out, they come from the model")
     report = evaluate_frozen(frozen.to(device), test, device)
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT model from {args.eval}, {len(y_test)} test images")
     print_frozen_report(ckpt["fp32_acc"], report)

@@ -51,12 +51,20 @@ def save_checkpoint(path, model, cfg, dataset, half=False, **info):
 
 
 def _read(path, what, hint):
+    if os.path.isdir(path):
+        raise IntsimError(f"{what} {path} is a folder: name the file in it")
     if not os.path.isfile(path):
         raise IntsimError(f"{what} {path} not found: {hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # a truncated or foreign file: say which, not where torch failed
-        raise IntsimError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+        raise IntsimError(f"{path} is not a readable checkpoint: truncated, or not a PyTorch file ({type(e).__name__})") from None
+
+
+def _require(ckpt, path, keys, hint):
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise IntsimError(f"{path} lacks {', '.join(missing)}: it is incomplete or not intsim's; {hint}")
 
 
 def load_checkpoint(path, dataset, arch):
@@ -69,11 +77,19 @@ def load_checkpoint(path, dataset, arch):
     if ckpt.get("frozen"):
         raise IntsimError(f"{path} is a frozen quantized model, not a float checkpoint: quantize the float "
                           f"one (ckpt/{dataset}_{arch}.pt), or score this one with QAT.py --eval")
-    got = (ckpt["model_config"]["arch"], ckpt["dataset"])
+    _require(ckpt, path, ("dataset", "state_dict"), "re-save it with train.py")
+    got = (ckpt["model_config"].get("arch"), ckpt["dataset"])
     if got != (arch, dataset):
         raise IntsimError(f"{path} holds model {got[0]!r} trained on {got[1]!r}, not {arch!r} on "
                           f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
-    cfg = ModelConfig(**ckpt["model_config"])
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+    except TypeError as e:
+        raise IntsimError(f"{path}: its model_config is not one intsim knows ({e}); re-save it with train.py") from None
+    bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise IntsimError(f"{path}: {bad[0]} holds NaN or inf ({len(bad)} tensors do): the training diverged; "
+                          f"train again with a lower --lr")
     model = build_model(cfg)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
@@ -196,6 +212,8 @@ def build_frozen(spec, state_dict):
             graph.output(args[0])
         elif e["op"] == "call_module":
             modules[e["target"]] = _module_from_spec(e["module"])
+            if hasattr(modules[e["target"]], "layer_name"):
+                modules[e["target"]].layer_name = e["target"]
             nodes[e["name"]] = graph.call_module(e["target"], args, kwargs)
         elif e["op"] == "call_function":
             nodes[e["name"]] = graph.call_function(FUNCTIONS[e["target"]], args, kwargs)
@@ -222,10 +240,16 @@ def load_frozen(path, dataset=None, arch=None, single_rounding=None):
         raise IntsimError(f"{path} is not a frozen quantized model" + (
             " (it was saved by an older intsim: run QAT.py, AdaRound.py or PTQ.py --save again)" if old else
             ": it was not written by PTQ.py --save, QAT.py or AdaRound.py"))
+    _require(ckpt, path, ("graph", "state_dict", "qconfig", "model_config", "dataset"),
+             "save it again with PTQ.py --save, QAT.py or AdaRound.py")
     got = (ckpt["model_config"]["arch"], ckpt["dataset"])
     if arch is not None and got != (arch, dataset):
         raise IntsimError(f"{path} holds model {got[0]!r} on {got[1]!r}, not {arch!r} on {dataset!r}")
-    frozen = build_frozen(ckpt["graph"], ckpt["state_dict"])
+    try:
+        frozen = build_frozen(ckpt["graph"], ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise IntsimError(f"{path}: its graph or integers do not rebuild ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:100] if str(e) else ''}); save it again") from None
     # a model frozen before TFLite's Prepare rules were adopted (its ops keep the old choices)
     ckpt["qconfig"].setdefault("legacy_kernels", True)
     if single_rounding is not None:
@@ -241,3 +265,8 @@ def write_text(path, text):
 
 def write_bytes(path, data):
     _atomic_write(path, lambda f: f.write(data))
+
+
+def save_figure(path, fig, dpi=110):
+    """A matplotlib figure as PNG, written whole or not at all (like every other file)."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -2,10 +2,12 @@
 QConfig's fields), start-up (flags, seed, device, model and data), errors, the RESULT line."""
 import argparse
 import json
+import math
 import os
 import random
 import shlex
 import sys
+import tempfile
 from dataclasses import MISSING, asdict, fields
 
 import numpy as np
@@ -22,9 +24,122 @@ DEFAULT_CKPT_DIR = "ckpt"
 RANDOM_WEIGHTS = "random"   # --weights random: an untrained ImageNet ResNet18 (data path and arithmetic checks)
 
 
+ROOT = os.path.dirname(os.path.realpath(__file__))
+COMMITTED_DIRS = ("ckpt", "results")      # what the project ships: trial runs never write there
+DRY_RUN_DIR = os.path.join("runs", "dry-run")   # where --dry-run writes what it would write elsewhere
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (`error: argument --x: ...`), like every other
+    user error, instead of the usage text and a message."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parser(description):
-    return argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+# ----------------------------------------------------------------------------- flag checks
+# The one table of what each flag may hold, for every script (a script's flags are checked
+# when it calls start(), before any work): dest -> check(value) -> None or what is wrong.
+
+def at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def positive(v):
+    return None if math.isfinite(v) and v > 0 else "must be a finite number above 0"
+
+
+def non_negative(v):
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number, 0 or more"
+
+
+def share(v):
+    return None if math.isfinite(v) and 0 <= v < 1 else "is a share: a number in [0, 1)"
+
+
+SEED_MAX = 2 ** 32 - 1      # numpy's seeds are 32-bit
+
+FLAG_CHECKS = {
+    "batch_size": at_least(1), "epochs": at_least(1), "calib_batches": at_least(1), "test_limit": at_least(1),
+    "per_layer": at_least(0), "export_check": at_least(1), "num_calib": at_least(1), "iters": at_least(1),
+    "plot_layer": at_least(0), "draws": at_least(2), "hessian_images": at_least(1), "repeats": at_least(1),
+    "threads": at_least(1), "train_batches": at_least(0), "limit": at_least(1), "parts": at_least(1),
+    "bn_batch_stats_epochs": at_least(0), "moving_range_epochs": at_least(0),
+    "seed": lambda v: None if 0 <= v <= SEED_MAX else f"must be in 0..{SEED_MAX}",
+    "lr": positive, "weight_decay": non_negative, "reg_weight": non_negative, "beta_start": positive,
+    "beta_end": positive, "warm_start": share,
+}
+OUTPUT_FILES = ("result_json", "save", "plot", "export")      # files a script writes
+OUTPUT_DIRS = ("ckpt_dir", "resume_dir")                      # folders it writes into
+INPUT_FILES = ("ckpt", "eval", "tflite_model", "model_path")  # files it reads
+
+
+def flag_name(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def unwritable(path, folder=False):
+    """Why `path` cannot be written (None if it can): checked before a run, not after it. A
+    folder that does not exist yet is fine where its nearest existing parent is a writable folder."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not folder:
+        return "is a folder: name a file"
+    if os.path.exists(path) and folder and not os.path.isdir(path):
+        return "is a file, not a folder"
+    parent = path if folder else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is a file"
+    try:                                          # the real test (os.access says yes to root)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".intsim-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot be written: {parent} is not writable ({e.strerror})"
+    if os.path.exists(path) and not folder and not os.access(path, os.W_OK):
+        return "is read-only"
+    return None
+
+
+def committed(path):
+    """Whether `path` lies in one of the project's committed folders (ckpt/, results/)."""
+    path = os.path.realpath(path)
+    return any(os.path.commonpath([path, os.path.join(ROOT, d)]) == os.path.join(ROOT, d) for d in COMMITTED_DIRS)
+
+
+def trial_path(args, path):
+    """Where a script writes `path`, a default output: under runs/dry-run/ with --dry-run, so
+    that a trial never replaces a committed checkpoint, figure or model."""
+    if not getattr(args, "dry_run", False):
+        return path
+    under_runs = os.path.relpath(path, "runs")
+    return os.path.join(DRY_RUN_DIR, path if under_runs.startswith("..") else under_runs)
+
+
+def check_flags(args):
+    """Every flag against FLAG_CHECKS, output paths writable, input paths files; with --dry-run
+    no explicit output inside ckpt/ or results/. One IntsimError naming the flag and the value."""
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        flag = flag_name(dest)
+        problem = FLAG_CHECKS[dest](value) if dest in FLAG_CHECKS and isinstance(value, (int, float)) else None
+        if dest in OUTPUT_FILES or dest in OUTPUT_DIRS:
+            problem = unwritable(value, folder=dest in OUTPUT_DIRS)
+            if problem is None and getattr(args, "dry_run", False) and committed(value):
+                problem = (f"is in the project's committed {'/'.join(COMMITTED_DIRS)} folders, which --dry-run "
+                           f"never writes: leave it out (a trial writes under {DRY_RUN_DIR}/) or name another path")
+        if dest in INPUT_FILES and isinstance(value, str) and os.path.isdir(value):
+            problem = "is a folder: name the file in it"
+        if problem:
+            raise IntsimError(f"{flag} {value}: {problem}")
 
 
 def add_common(p):
@@ -120,9 +235,26 @@ def require_integer_activations(qconfig, script):
                           f"is for PTQ.py and AdaRound.py")
 
 
-def start(p):
-    """The start of every script's main(): parse the flags, seed everything, pick the device."""
+def given_flags(p, argv=None):
+    """The dests of the flags typed on the command line (not left at their defaults)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.dest for a in p._actions for opt in a.option_strings
+            if any(t == opt or t.startswith(opt + "=") for t in argv)}
+
+
+def parse(p):
+    """The flags, checked (check_flags), with `given`: the dests typed on the command line."""
     args = p.parse_args()
+    check_flags(args)
+    args.given = given_flags(p)
+    return args
+
+
+def start(p):
+    """The start of every script's main(): parse and check the flags, seed everything, pick the device."""
+    args = parse(p)
+    if hasattr(args, "qconfig_fields"):
+        qconfig_from(args)           # a bad combination of bits and options: say so now
     if getattr(args, "export", None):
         from tflite_io import litert
         litert()                     # ai-edge-litert missing: say so now, not after the run
@@ -196,11 +328,21 @@ def _tflite_float_and_data(args, device, test_limit):
 
 
 def device_from(arg):
+    """--device: auto, cpu, cuda or cuda:N (checked against what this machine has)."""
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise IntsimError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(arg)
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise IntsimError(f"--device {arg!r}: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IntsimError(f"--device {arg}: no CUDA device is available here; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise IntsimError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def seed_everything(seed):
@@ -230,10 +372,14 @@ def emit_result(result, path=None, qconfig=None):
     print("RESULT " + line, flush=True)
 
 
-def run(main):
-    """Run a script's main(); a user error becomes one line on stderr and exit status 2."""
+def run(main, interrupted="nothing half-written was left: every file is written whole or not at all"):
+    """Run a script's main(); a user error becomes one line on stderr and exit status 2, Ctrl-C
+    one line (`interrupted`: what is left and how to go on) and status 130."""
     try:
         main()
     except IntsimError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

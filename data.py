@@ -3,6 +3,7 @@
 Fashion-MNIST and CIFAR-10 are small enough to hold in memory (60k x 1x28x28 floats is
 188 MB), and slicing tensors is far faster than a per-image DataLoader on 2 CPU cores.
 """
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -45,6 +46,21 @@ def dataset_info(name):
     return DATASETS[name]
 
 
+def _check_idx(path):
+    """An idx file (MNIST's format) whose size is what its header says: magic 0x0000TTNN (NN
+    dimensions), NN big-endian int32 sizes, then the data (uint8 here)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(4)
+        ndim = header[3] if len(header) == 4 and header[:2] == b"\0\0" else None
+        dims = f.read(4 * ndim) if ndim else b""
+    if ndim is None or len(dims) < 4 * ndim:
+        raise IntsimError(f"{path} is not an idx file (a bad header): copy it again")
+    expected = 4 + 4 * ndim + math.prod(int.from_bytes(dims[i:i + 4], "big") for i in range(0, 4 * ndim, 4))
+    if size != expected:
+        raise IntsimError(f"{path} is truncated or corrupt ({size} bytes, its header says {expected}): copy it again")
+
+
 def _fashion_mnist(data_dir, train, download):
     from torchvision.datasets import FashionMNIST
     from torchvision.datasets.utils import extract_archive
@@ -52,7 +68,14 @@ def _fashion_mnist(data_dir, train, download):
     for gz, _ in FashionMNIST.resources:   # torchvision reads the extracted files only
         path = os.path.join(raw, gz)
         if os.path.isfile(path) and not os.path.isfile(path[:-3]):
-            extract_archive(path, raw)
+            try:
+                extract_archive(path, raw)
+            except (OSError, EOFError) as e:
+                if os.path.isfile(path[:-3]):
+                    os.remove(path[:-3])           # a half-extracted file would pass for the data
+                raise IntsimError(f"{path} is corrupt ({type(e).__name__}): copy it again") from None
+        if os.path.isfile(path[:-3]):
+            _check_idx(path[:-3])
     try:
         ds = FashionMNIST(data_dir, train=train, download=False)
     except RuntimeError:
@@ -65,7 +88,13 @@ def _fashion_mnist(data_dir, train, download):
         except Exception as e:
             raise IntsimError(f"Fashion-MNIST not in {raw} and the download failed "
                               f"({type(e).__name__}): copy the four files there") from None
+    _same_count(ds.data, ds.targets, f"Fashion-MNIST's {'training' if train else 'test'} files in {raw}")
     return ds.data.unsqueeze(1), ds.targets                      # (N, 1, 28, 28) uint8, (N,)
+
+
+def _same_count(x, y, what):
+    if len(x) != len(y):
+        raise IntsimError(f"{what} hold {len(x)} images but {len(y)} labels: copy them again")
 
 
 def _cifar10(data_dir, train, download):
@@ -83,10 +112,15 @@ def _cifar10(data_dir, train, download):
                               f"({type(e).__name__}): put cifar-10-batches-py there") from None
     xs, ys = [], []
     for n in names:
-        with open(os.path.join(folder, n), "rb") as f:
-            batch = pickle.load(f, encoding="latin1")           # {'data': (N, 3072) uint8, 'labels': [N]}
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        path = os.path.join(folder, n)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")       # {'data': (N, 3072) uint8, 'labels': [N]}
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except Exception as e:                                  # truncated, another pickle, wrong shapes
+            raise IntsimError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}): copy it again") from None
+        _same_count(xs[-1], ys[-1], path)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -129,14 +163,21 @@ def load_imagenet_folder(folder, limit=None):
     Resize(256), CenterCrop(224), torchvision's normalisation, float32 (N, 3, 224, 224); labels
     from the wnid list. All in memory (1,300 images: 0.8 GB): for the full 50,000-image
     validation set use `limit` or a streaming loader."""
-    from PIL import Image
     from torchvision import transforms
     files = _labelled_files(folder, limit)
     info = DATASETS["imagenet"]
     tf = transforms.Compose([transforms.Resize(IMAGENET_RESIZE), transforms.CenterCrop(info.image_size),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-    x = torch.stack([tf(Image.open(path).convert("RGB")) for path, _ in files])
+    x = torch.stack([tf(_open_image(path)) for path, _ in files])
     return x, torch.tensor([label for _, label in files])
+
+
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise IntsimError(f"{path} is not a readable image ({type(e).__name__}): remove or replace it") from None
 
 
 def load_imagenet_bytes(folder, size, crop_fraction=TFLITE_CROP_FRACTION, limit=None):
@@ -144,11 +185,10 @@ def load_imagenet_bytes(folder, size, crop_fraction=TFLITE_CROP_FRACTION, limit=
     the central `crop_fraction` of each side (tf.image.central_crop), resized bilinearly to
     size x size (half-pixel centres, no antialiasing), rounded to RGB bytes. Returns (uint8
     (N, 3, size, size), labels 0..999 from the wnid list)."""
-    from PIL import Image
     files = _labelled_files(folder, limit)
     out = []
     for path, _ in files:
-        img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+        img = torch.from_numpy(np.asarray(_open_image(path), dtype=np.float32)).permute(2, 0, 1)
         h, w = img.shape[1:]
         top, left = int((h - h * crop_fraction) / 2), int((w - w * crop_fraction) / 2)
         img = img[:, top:h - top, left:w - left]

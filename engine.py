@@ -7,6 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from errors import IntsimError
 from frozen import IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode
 from function import integers_of
 from model import qlayers, set_phase
@@ -157,6 +158,9 @@ def train_one_epoch(model, batches, optimizer, device, epoch, scheduler=None, ma
             break
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):          # stop before the step writes NaN into the weights
+            raise IntsimError(f"the training loss is {loss.item()} at epoch {epoch}, batch {i}: stopped, "
+                              f"nothing saved; lower --lr (or check the inputs for NaN)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

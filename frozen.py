@@ -75,6 +75,7 @@ class FrozenOp(nn.Module):
     def __init__(self):
         super().__init__()
         self.mode = "int"
+        self.layer_name = type(self).__name__     # the graph's name for it, once it is in one (errors say it)
 
     def forward(self, *x):
         with torch.no_grad():
@@ -115,8 +116,9 @@ class FrozenOp(nn.Module):
         return real_epilogue(y, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
 
     def _int_out(self, acc, m0, shift):
+        # acc is bounded already: IntConv by its acc_bound, ADD and MEAN by their construction
         return requantize(acc, m0, shift, self.out_zero_point.to(acc.device), self.act_min, self.act_max,
-                          self.single_rounding).to(torch.int32)
+                          self.single_rounding, check=False).to(torch.int32)
 
 
 class Quantize(FrozenOp):
@@ -129,10 +131,18 @@ class Quantize(FrozenOp):
         self._set_out(out)
 
     def int_forward(self, x):
+        _check_input(x)
         return quantize(x, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
 
     def real_forward(self, x):
+        _check_input(x)
         return fake_quantize(x, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
+
+
+def _check_input(x):
+    if not torch.isfinite(x).all():      # NaN would become an arbitrary integer (INT32_MIN on x86)
+        raise IntsimError(f"the model's input holds {int((~torch.isfinite(x)).sum())} NaN or inf values: "
+                          f"check the data")
 
 
 class Dequantize(FrozenOp):
@@ -295,7 +305,7 @@ class IntConv(FrozenOp):
             acc.round_()                                           # undo any sub-0.5 error of GPU kernels
         acc = acc.to(torch.int64)
         if float(self.acc_bound) > INT32_MAX:
-            int32_check(acc, "a conv/linear layer")
+            int32_check(acc, self.layer_name)
         if self.rescale_in_double:
             return requantize_in_double(acc, self.m_real.reshape(channels), self.out_zero_point.to(acc.device),
                                         self.act_min, self.act_max).to(torch.int32)

@@ -17,6 +17,24 @@ INT_MAX_BITS = 8                   # the integer path follows TFLite's 8-bit ker
 FLOAT_BITS = 32                    # "activation bits" 32: activations stay float (weight-only quantization)
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 Q31_ONE = 2 ** 31                  # 1.0 in Q31 fixed point
+SHIFT_MIN, SHIFT_MAX = -31, 30     # TFLite's range of a multiplier's shift (TFLITE_DCHECK in MultiplyByQuantizedMultiplier)
+POT_MAX = 31                       # RoundingDivideByPOT's exponent lies in [0, 31] (gemmlowp's assert)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny   # the smallest normal float32: a scale below it has lost its bits
+
+
+def check_scale(scale):
+    """TFLite's precondition on S: finite and > 0 (a zero or negative scale makes r / S meaningless)."""
+    scale = torch.as_tensor(scale)
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise IntsimError(f"a scale must be finite and above 0, got {scale.flatten()[:4].tolist()}")
+
+
+def check_int64(x, what):
+    """The fixed-point helpers take int64 tensors holding int32 values: an int32 tensor would
+    overflow silently in a * b."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
+        raise IntsimError(f"{what} takes int64 tensors (holding int32 values), got "
+                          f"{getattr(x, 'dtype', type(x).__name__)}")
 
 
 # ----------------------------------------------------------------------------- integer grids
@@ -127,10 +145,12 @@ def scale_zero_point(rmin, rmax, grid):
     Returns float32 S and int64 Z.
     """
     qmin, qmax = grid.qmin, grid.qmax
-    rmin = torch.clamp(torch.as_tensor(rmin, dtype=torch.float64), max=0.0)
-    rmax = torch.clamp(torch.as_tensor(rmax, dtype=torch.float64), min=0.0)
+    rmin, rmax = torch.as_tensor(rmin, dtype=torch.float64), torch.as_tensor(rmax, dtype=torch.float64)
     if not (torch.isfinite(rmin).all() and torch.isfinite(rmax).all()):
         raise IntsimError("cannot quantize a range that is not finite (NaN or inf in the observed values)")
+    if (rmin > rmax).any():
+        raise IntsimError(f"an inverted range: rmin {rmin.max().item():g} > rmax {rmax.min().item():g}")
+    rmin, rmax = torch.clamp(rmin, max=0.0), torch.clamp(rmax, min=0.0)
     if grid.symmetric:
         span = torch.maximum(-rmin, rmax)                    # [-span, span] onto [-qmax, qmax]
         scale = span / qmax
@@ -140,6 +160,9 @@ def scale_zero_point(rmin, rmax, grid):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         # Z = QMIN - rmin / S, rounded and kept in range ("nudged", so that r = 0 maps to Z exactly)
         zero_point = torch.clamp(round_half_away(qmin - rmin / safe), qmin, qmax).to(torch.int64)
+    if ((scale > 0) & (scale < FLOAT32_TINY)).any():
+        raise IntsimError(f"a range of {2 * scale.max().item() * qmax:.3g} is too small for a float32 scale "
+                          f"(S below {FLOAT32_TINY:.3g}): the values are all but zero")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale.to(torch.float32), zero_point
 
@@ -148,11 +171,15 @@ def scale_zero_point(rmin, rmax, grid):
 
 def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
     """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
+    check_scale(scale)
+    if not torch.isfinite(x).all():
+        raise IntsimError("cannot quantize NaN or inf: check the input")
     return to_grid(round_with(x / scale, rounding, generator), zero_point, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q, scale, zero_point):
     """r = S (q - Z)."""
+    check_scale(scale)
     return scale * (q.to(torch.float32) - zero_point)
 
 
@@ -190,6 +217,7 @@ def fake_quantize(x, scale, zero_point, qmin, qmax):
     [S (QMIN - Z), S (QMAX - Z)] and 0 where it is clipped (a value that rounds onto QMIN or
     QMAX from inside still gets it). When S requires a gradient (a learned step size), it gets
     LSQ's. scale and zero_point broadcast against x (one per channel, or one)."""
+    check_scale(scale.detach() if isinstance(scale, torch.Tensor) else scale)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
 
 
@@ -224,6 +252,7 @@ def saturating_rounding_doubling_high_mul(a, b):
     For x = ab + nudge, truncation toward zero equals floor((ab + 2^30) / 2^31) in both
     signs, so the division is one arithmetic shift (tests compare the literal formula).
     """
+    check_int64(a, "SaturatingRoundingDoublingHighMul")
     ab = a * b
     ab += 2 ** 30
     ab >>= 31
@@ -241,7 +270,11 @@ def rounding_divide_by_pot(x, exponent):
     adds and arithmetic shifts only: -[x < 0] is x's sign bit, x >> 63 (tests compare the
     literal formula).
     """
+    check_int64(x, "RoundingDivideByPOT")
     exponent = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
+    if ((exponent < 0) | (exponent > POT_MAX)).any():
+        raise IntsimError(f"RoundingDivideByPOT's exponent lies in [0, {POT_MAX}], got "
+                          f"{exponent.min().item()}..{exponent.max().item()}")
     out = x >> 63                                   # -1 where x < 0, else 0
     if (exponent == 0).any():
         out *= exponent > 0                         # no division, no tie to correct
@@ -251,10 +284,21 @@ def rounding_divide_by_pot(x, exponent):
     return out
 
 
+def check_multiplier(m0, shift):
+    """TFLite's preconditions on a quantized multiplier: M0 in [0, 2^31), shift in [-31, 30]."""
+    m0, shift = torch.as_tensor(m0), torch.as_tensor(shift)
+    if ((m0 < 0) | (m0 >= Q31_ONE)).any():
+        raise IntsimError(f"a quantized multiplier M0 lies in [0, 2^31), got {m0.min().item()}..{m0.max().item()}")
+    if ((shift < SHIFT_MIN) | (shift > SHIFT_MAX)).any():
+        raise IntsimError(f"a multiplier's shift lies in [{SHIFT_MIN}, {SHIFT_MAX}], got "
+                          f"{shift.min().item()}..{shift.max().item()}")
+
+
 def multiply_by_quantized_multiplier(x, m0, shift):
     """TFLite's MultiplyByQuantizedMultiplier: x * M0 * 2^(shift - 31), rounded as TFLite rounds,
     in exact integer arithmetic. x: int64 tensor of int32 values; m0, shift: int64 tensors
     broadcastable to x (per-channel multipliers)."""
+    check_multiplier(m0, shift)
     shift = torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     left = torch.clamp(shift, min=0)
     if (left > 0).any():
@@ -269,6 +313,8 @@ def multiply_by_quantized_multiplier_single_rounding(x, m0, shift):
     The default above rounds twice: SRDHM rounds to 2^-n of an output step first, so a value
     just below a half lands on it and RoundingDivideByPOT rounds it up; about 2^-(n+1) of all
     outputs differ from exact rounding by 1 (0.15% for n = 7, measured in RESULTS.md)."""
+    check_multiplier(m0, shift)
+    check_int64(x, "MultiplyByQuantizedMultiplier")
     total = 31 - torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     out = x * m0
     out += 1 << (total - 1)
@@ -284,9 +330,12 @@ def rescale(x, m0, shift, single_rounding=False):
     return multiply_by_quantized_multiplier(x, m0, shift)
 
 
-def requantize(acc, m0, shift, zero_point, act_min, act_max, single_rounding=False):
+def requantize(acc, m0, shift, zero_point, act_min, act_max, single_rounding=False, check=True):
     """int32 accumulator -> output integer: rescale, + Z_out, clamp to [act_min, act_max] (the
-    output grid intersected with the fused activation's range)."""
+    output grid intersected with the fused activation's range). `check`: that acc fits int32
+    (a caller that has bounded it already passes False)."""
+    if check:
+        int32_check(acc, "requantize")
     y = rescale(acc, m0, shift, single_rounding)
     y += zero_point
     return y.clamp_(act_min, act_max)

@@ -7,7 +7,6 @@ Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in a ma
 tables.py says what each NAME shows, targets.py renders the `targets` table. Rendering here is
 generic: a spec (which rows, their order, the columns) becomes a markdown table.
 """
-import argparse
 import glob
 import json
 import os
@@ -15,6 +14,7 @@ import re
 import sys
 
 from checkpoint import write_text
+from cli import parser, unwritable
 from config import QCONFIG_FIELDS
 from tables import CUSTOM, TABLES, render_reruns
 from targets import render_targets
@@ -35,6 +35,8 @@ def load_results(folder):
                 r = json.load(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {path} is not a readable RESULT file ({type(e).__name__}): re-run its command")
+        if not isinstance(r, dict) or not {"script", "command"} <= set(r):
+            sys.exit(f"error: {path} is not a RESULT file (no script and command): remove it or re-run its command")
         missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run")]
         if missing:
             sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")
@@ -55,8 +57,14 @@ def load_reruns(folder):
     """The reports of rerun.py kept in <results>/reruns/ (each with a label and the code it ran)."""
     reports = []
     for path in sorted(glob.glob(os.path.join(folder, "reruns", "*.json"))):
-        with open(path) as f:
-            reports.append(json.load(f))
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path} is not a readable rerun report ({type(e).__name__}): run rerun.py again")
+        if not isinstance(report, dict) or "label" not in report:
+            sys.exit(f"error: {path} is not a rerun report (no label): run rerun.py again")
+        reports.append(report)
     return reports
 
 
@@ -78,17 +86,20 @@ def update(text, results, reruns=()):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__.split("\n")[0])
     p.add_argument("--results", default="results", help="folder of RESULT json files")
     p.add_argument("--files", nargs="+", default=list(FILES), help="markdown files whose tables are rewritten")
     p.add_argument("--check", action="store_true", help="only check that the tables are up to date")
     args = p.parse_args()
     results, reruns = load_results(args.results), load_reruns(args.results)
-    stale = []
-    for path in args.files:
+    for path in args.files:             # all of them before any is rewritten
         if not os.path.isfile(path):
             sys.exit(f"error: {path} not found: pass --files")
+        problem = None if args.check else unwritable(path)
+        if problem:
+            sys.exit(f"error: {path} {problem}")
+    stale = []
+    for path in args.files:
         with open(path) as f:
             text = f.read()
         new = update(text, results, reruns)

@@ -17,6 +17,7 @@ walks the graph and builds the frozen integer model (frozen.py) from each op's i
 import copy
 import math
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from config import QConfig
 from errors import IntsimError
 from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams, Quantize
 from module import QLayer, QMean
@@ -367,6 +369,10 @@ def _insert_quantizers(gm, qconfig):
 def convert(model, qconfig):
     """A quantized copy of a float model (the float model is left as it is). BN must be in
     eval mode when folded, so the copy is put in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise IntsimError(f"convert takes a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(qconfig, QConfig):
+        raise IntsimError(f"convert takes a QConfig (config.QConfig(w_bits=8, ...)), got {type(qconfig).__name__}")
     gm = _trace(copy.deepcopy(model).eval())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -455,6 +461,10 @@ def calibrate(qmodel, batches, device, num_batches):
         raise IntsimError("calibration saw no data: check the data set and --calib-batches")
     for q in activation_quantizers(qmodel):
         q.finish()                      # the lp/sqnr observers search their samples now
+        lo, hi = q.observer.range()
+        if q.observer.has_data() and not bool((lo != 0).any() or (hi != 0).any()):
+            print(f"warning: {q.name} was 0 on every calibration image: its range is empty, so S = 1 "
+                  f"(any scale holds 0); calibrate on other images if it should not be", file=sys.stderr)
     return images
 
 
@@ -486,6 +496,8 @@ class _Freezer:
             k += 1
             name = f"{base}_call{k}"
         self.modules[name] = module
+        if hasattr(module, "layer_name"):
+            module.layer_name = name
         return self.graph.call_module(name, args)
 
     def copy(self, node):

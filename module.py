@@ -165,7 +165,9 @@ class QLayer(nn.Module):
             # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
             b_q = round_half_away(b.double() / (inp[0].double().to(w.device) * s_w.double()))
             if b_q.abs().max() > INT32_MAX and max(q.grid.bits, inp.grid.bits, out.grid.bits) <= INT_MAX_BITS:
-                raise IntsimError("a layer's bias does not fit int32 at scale S_in*S_w")
+                raise IntsimError(f"{q.name.removesuffix(' weights')}: the bias does not fit int32 at scale S_in*S_w "
+                                  f"(|bias| up to {b.abs().max().item():.3g}, S_in*S_w down to "
+                                  f"{(inp[0].double().to(w.device) * s_w.double()).min().item():.3g})")
             op = IntConv(w_q, s_w, z_w, b_q, grid=q.grid, inp=inp, out=out, act_range=act_range,
                          single_rounding=self.single_rounding, **self.tflite_prepare(inp, s_w), **geometry)
         return [op, self.bn] if self.unfolded else [op]

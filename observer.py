@@ -103,7 +103,7 @@ class MinMaxObserver(nn.Module):
     def forward(self, x):
         lo, hi = x.detach().min().reshape(1), x.detach().max().reshape(1)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise IntsimError("observed NaN or inf activations: the float model itself is broken")
+            raise IntsimError("NaN or inf in the values observed: check the inputs and the float model's weights")
         self._update(lo.to(self.min_val), hi.to(self.max_val))
         return x
 

@@ -49,9 +49,23 @@ class Quantizer(nn.Module):
     def learned(self):
         return isinstance(self.scale, nn.Parameter)
 
+    # the grid travels with S and Z in state_dict(), so that a W8 state is not loaded into a W4 model
+    def get_extra_state(self):
+        return {"bits": self.grid.bits, "signed": self.grid.signed, "symmetric": self.grid.symmetric}
+
+    def set_extra_state(self, state):
+        mine = self.get_extra_state()
+        if state != mine:
+            raise IntsimError(f"{self.name}: the state_dict is of a {state['bits']}-bit grid, this quantizer's is "
+                              f"{mine['bits']}-bit (signed {mine['signed']}, symmetric {mine['symmetric']}): "
+                              f"load it into a model converted with the same QConfig")
+
     def forward(self, x):
         if not self.learned and (self.observe == "always" or (self.observe == "training" and self.training)):
-            self.observer(x)
+            try:
+                self.observer(x)
+            except IntsimError as e:
+                raise IntsimError(f"{self.name}: {e}") from None
             if self.enabled:
                 self.update()         # while fake-quantizing, the range follows the tensor (QAT, weights)
         if not self.enabled:
@@ -64,7 +78,10 @@ class Quantizer(nn.Module):
         """S, Z from the observer's range."""
         if not self.observer.has_data():
             raise IntsimError(f"{self.name} has no observed range: calibrate the model before quantizing it")
-        s, z = scale_zero_point(*self.observer.range(), self.grid)
+        try:
+            s, z = scale_zero_point(*self.observer.range(), self.grid)
+        except IntsimError as e:
+            raise IntsimError(f"{self.name}: {e}") from None
         self.scale.copy_(s)
         self.zero_point.copy_(z)
         self.has_qparams.fill_(True)

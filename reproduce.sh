@@ -18,7 +18,7 @@ R=results
 for what in "$@"; do
   case "$what" in
     train)
-      for m in $MODELS; do python train.py --model "$m" --result-json "$R/train_fashion-mnist_$m.json"; done ;;
+      for m in $MODELS; do python train.py --model "$m" --overwrite --result-json "$R/train_fashion-mnist_$m.json"; done ;;
     ptq)
       for m in $MODELS; do
         for wa in "8 8" "6 6" "4 8" "4 4" "2 8"; do
@@ -105,7 +105,7 @@ for what in "$@"; do
       # PTQ ~8 min a run, AdaRound ~35 min a run, Table 1 ~10 min, bench ~4 min):
       # AdaRound with 1000 iterations per layer (21 layers), Table 1 with 20 draws on 2000 test
       # images and g, H on 256 training images, to fit the CPU budget.
-      [ -n "${SKIP_TRAIN:-}" ] || python train.py --model resnet18 --epochs 6 --result-json "$R/train_fashion-mnist_resnet18.json"
+      [ -n "${SKIP_TRAIN:-}" ] || python train.py --model resnet18 --epochs 6 --overwrite --result-json "$R/train_fashion-mnist_resnet18.json"
       python PTQ.py --model resnet18 --per-channel --result-json "$R/ptq_resnet18_W8A8_pc.json"
       python PTQ.py --model resnet18 --w-bits 4 --a-bits 8 --per-channel --result-json "$R/ptq_resnet18_W4A8_pc.json"
       for wa in "4 8" "4 32"; do

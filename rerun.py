@@ -89,7 +89,7 @@ def main():
     p.add_argument("--update", action="store_true", help="replace each stored file by the new result")
     p.add_argument("--label", default=None, help="what these rows are, for the report (results/reruns/*.json)")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
-    args = p.parse_args()
+    args = cli.parse(p)
     paths = sorted(args.results, key=lambda q: "--eval" in json.load(open(q)).get("command", ""))
     report = {"label": args.label or " ".join(args.results), "code": code_version(), "compared": [], "differ": {}}
     with tempfile.TemporaryDirectory() as tmp:

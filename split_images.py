@@ -46,7 +46,7 @@ def main():
     p.add_argument("dst", help="where the parts go (part0, part1, ...)")
     p.add_argument("--parts", type=int, default=2, help="number of disjoint parts")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
-    args = p.parse_args()
+    args = cli.parse(p)
     counts = split(args.src, args.dst, args.parts)
     for part, n in enumerate(counts):
         print(f"{os.path.join(args.dst, f'part{part}')}: {n} images")

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import cli
+from checkpoint import save_figure
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, predict
-from errors import IntsimError
 from frozen import set_mode
 from function import FLOAT_BITS
 from model import convert, freeze, qlayers
@@ -97,8 +97,7 @@ def plot(path, draws, nearest, fp32, title):
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(path, fig)
     plt.close(fig)
 
 
@@ -132,8 +131,6 @@ def main():
     args, device = cli.start(p)
     draws = DRY_RUN_DRAWS if args.dry_run else args.draws
     n_hessian = DRY_RUN_HESSIAN if args.dry_run else args.hessian_images
-    if draws < 2:
-        raise IntsimError("--draws must be at least 2 (a mean and a spread)")
     all_config = dataclasses.replace(cli.qconfig_from(args), a_bits=FLOAT_BITS)    # weights only
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
@@ -169,7 +166,7 @@ def main():
             for term in ("first", "second", "taylor") for target in ("acc", "dloss")}
     print_table(args, fp32, first_row, first_accs, all_row, all_accs, corr, nearest, terms)
 
-    path = args.plot or os.path.join("results", "figures", f"table1_{args.dataset}_{args.model}.png")
+    path = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"table1_{args.dataset}_{args.model}.png"))
     plot(path, terms, nearest, fp32, f"{args.model}: {draws} stochastic roundings of the first layer "
                                      f"(W{args.w_bits} {'per-channel' if args.per_channel else 'per-tensor'})")
     print(f"saved the scatter plot to {path}")

@@ -5,7 +5,8 @@
 Saves ckpt/<dataset>_<model>.pt: the weights, the ModelConfig to rebuild the network, the
 data set, the test accuracy and the arguments (resnet18's weights in float16, to stay small).
 After every epoch it also saves runs/train/<dataset>_<model>.resume.pt (model, optimizer,
-schedule, data order); `--resume` continues an interrupted run from there.
+schedule, data order); `--resume` continues an interrupted run from there. An existing
+checkpoint is replaced only with --overwrite; --dry-run writes under runs/dry-run/.
 """
 import os
 import time
@@ -30,6 +31,40 @@ HALF_PRECISION_ARCHS = ("resnet18",)   # checkpoints stored in float16 (ResNet18
 RESUME_DIR = os.path.join("runs", "train")
 
 
+def existing_checkpoint(path, overwrite):
+    """A checkpoint already at `path` is replaced only with --overwrite; returns its test
+    accuracy (None where there is none), so the replacement can say what it replaced."""
+    if not os.path.exists(path):
+        return None
+    try:
+        acc = torch.load(path, map_location="cpu", weights_only=True).get("test_acc")
+    except Exception:
+        acc = None
+    what = f"{path} exists (test accuracy {acc:.2f}%)" if acc is not None else f"{path} exists"
+    if not overwrite:
+        raise IntsimError(f"{what}: pass --overwrite to replace it, or --ckpt-dir to save elsewhere")
+    print(f"{what}: --overwrite, it will be replaced at the end of training")
+    return acc if acc is not None else float("nan")
+
+
+def read_resume(path, device, flags):
+    """The state train.py saved after its last completed epoch, if it belongs to a run with
+    these flags (another schedule or batch size would not continue the same run)."""
+    if not os.path.isfile(path):
+        raise IntsimError(f"--resume: {path} not found; start without --resume")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        saved = state.get("flags", {"epochs": state["epochs"]})
+    except Exception as e:
+        raise IntsimError(f"--resume: {path} is not a readable resume file ({type(e).__name__}); "
+                          f"start without --resume") from None
+    for key, value in saved.items():
+        if flags.get(key) != value:
+            raise IntsimError(f"--resume: {path} is a run with {cli.flag_name(key)} {value}, not "
+                              f"{flags.get(key)}: pass the same flags, or start without --resume")
+    return state
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
@@ -37,11 +72,22 @@ def main():
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, one-cycle)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
-    p.add_argument("--ckpt-dir", default=cli.DEFAULT_CKPT_DIR, help="where to save the checkpoint")
-    p.add_argument("--resume-dir", default=RESUME_DIR, help="where the per-epoch resume state is kept")
+    p.add_argument("--ckpt-dir", default=None, help=f"where to save the checkpoint (default: {cli.DEFAULT_CKPT_DIR}; "
+                                                    f"with --dry-run {cli.DRY_RUN_DIR}/{cli.DEFAULT_CKPT_DIR})")
+    p.add_argument("--resume-dir", default=None, help=f"where the per-epoch resume state is kept (default: "
+                                                      f"{RESUME_DIR}; with --dry-run under {cli.DRY_RUN_DIR})")
     p.add_argument("--resume", action="store_true",
                    help="continue from <resume-dir>/<dataset>_<model>.resume.pt (same flags)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at <ckpt-dir>/<dataset>_<model>.pt (it says which, with "
+                        "both test accuracies)")
     args, device = cli.start(p)
+    # --dry-run writes under runs/dry-run/, never over ckpt/ (the checkpoint every script starts from)
+    ckpt_dir = args.ckpt_dir or cli.trial_path(args, cli.DEFAULT_CKPT_DIR)
+    resume_dir = args.resume_dir or cli.trial_path(args, RESUME_DIR)
+    path = os.path.join(ckpt_dir, f"{args.dataset}_{args.model}.pt")
+    resume_path = os.path.join(resume_dir, f"{args.dataset}_{args.model}.resume.pt")
+    replaced = existing_checkpoint(path, args.overwrite or (args.dry_run and args.ckpt_dir is None))
 
     info = dataset_info(args.dataset)
     x_train, y_train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
@@ -63,14 +109,10 @@ def main():
     print(f"{args.model} on {args.dataset}: {sum(p.numel() for p in model.parameters())} parameters, "
           f"{len(x_train)} training images, device {device}")
 
-    resume_path = os.path.join(args.resume_dir, f"{args.dataset}_{args.model}.resume.pt")
     first_epoch, earlier_minutes = 1, 0.0
+    run_flags = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay}
     if args.resume:
-        if not os.path.isfile(resume_path):
-            raise IntsimError(f"--resume: {resume_path} not found; start without --resume")
-        state = torch.load(resume_path, map_location=device, weights_only=False)
-        if state["epochs"] != epochs:
-            raise IntsimError(f"--resume: {resume_path} was a {state['epochs']}-epoch run; pass --epochs {state['epochs']}")
+        state = read_resume(resume_path, device, run_flags)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -86,16 +128,16 @@ def main():
         print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s", flush=True)
         torch_save(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "data_order": train_batches.generator.get_state(),
-                                 "epoch": epoch, "epochs": epochs,
+                                 "epoch": epoch, "epochs": epochs, "flags": run_flags,
                                  "minutes": earlier_minutes + (time.time() - start) / 60})
     minutes = earlier_minutes + (time.time() - start) / 60
     if acc is None:
         acc = evaluate(model, test_batches, device)
 
-    path = os.path.join(args.ckpt_dir, f"{args.dataset}_{args.model}.pt")
     save_checkpoint(path, model.cpu(), cfg, args.dataset, half=args.model in HALF_PRECISION_ARCHS,
-                    test_acc=acc, args=vars(args))
-    print(f"saved {path} (test accuracy {acc:.2f}%, {minutes:.1f} min)")
+                    test_acc=acc, args={k: v for k, v in vars(args).items() if k != "given"})
+    before = f", replacing one of test accuracy {replaced:.2f}%" if replaced is not None else ""
+    print(f"saved {path} (test accuracy {acc:.2f}%{before}, {minutes:.1f} min)")
     cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
                      "ckpt": path, "seed": args.seed,
@@ -103,4 +145,5 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, interrupted=f"the checkpoint was not written; {RESUME_DIR}/ holds the state after the last "
+                              f"completed epoch (continue with --resume)")
