@@ -432,3 +432,15 @@ def test_convert_takes_a_module_and_a_qconfig():
         convert("cnn", QConfig())
     with pytest.raises(IntsimError, match="data-dependent control flow"):
         convert(Branchy(), QConfig())
+
+
+def test_errors_name_the_layer():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.fill_(1e-6)                 # S_w ~ 8e-9: a bias of 1000 is ~1e13 steps of S_in S_w
+        net[0].bias.fill_(1000.0)
+    qmodel = convert(net, QConfig())
+    calibrate(qmodel, [(torch.rand(4, 1, 5, 5), None)], "cpu", 1)
+    name = next(n for n, m in qmodel.named_modules() if type(m).__name__ == "QLayer")
+    with pytest.raises(IntsimError, match=f"^{name}: the bias does not fit int32"):
+        freeze(qmodel)
