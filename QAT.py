@@ -22,7 +22,7 @@ from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
 from errors import IntsimError
-from model import bn_use_running_stats, calibrate, convert, fix_ranges, freeze, set_phase
+from model import bn_use_running_stats, calibrate, convert, fix_ranges, freeze, learn_scales, set_phase
 
 EPOCHS = 3
 LR = {"sgd": 1e-3, "adam": 1e-4}   # peak learning rate per optimizer (cosine decay to 0)
@@ -38,8 +38,10 @@ DRY_RUN_TEST = 1000                # ... and test images
 def default_save_path(args, qconfig):
     granularity = "pc" if qconfig.per_channel else "pt"
     out = f"_out{qconfig.out_bits}" if qconfig.out_bits else ""
-    return cli.trial_path(args, os.path.join("runs", "qat", f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}_"
-                                       f"{granularity}.pt"))
+    edges = f"_fl{qconfig.first_last_bits}" if qconfig.first_last_bits else ""
+    lsq = "_lsq" if getattr(args, "learn_scales", False) else ""
+    name = f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}{edges}_{granularity}{lsq}.pt"
+    return cli.trial_path(args, os.path.join("runs", "qat", name))
 
 
 def evaluate_saved(args, device):
@@ -59,7 +61,8 @@ def evaluate_saved(args, device):
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     keep = ("epochs", "lr", "optimizer", "fp32_acc", "qat_fakequant_acc")
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
-                     **{k: ckpt[k] for k in keep}, "evaluated_from": args.eval, **report}, args.result_json, qconfig)
+                     **{k: ckpt[k] for k in keep}, "learn_scales": ckpt.get("learn_scales", False),
+                     "evaluated_from": args.eval, **report}, args.result_json, qconfig)
 
 
 def main():
@@ -81,6 +84,8 @@ def main():
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     p.add_argument("--save", default=None, help="where to save the frozen QAT model "
                    "(default: runs/qat/<dataset>_<model>_W<w>A<a>_<pt|pc>.pt)")
+    p.add_argument("--learn-scales", action="store_true",
+                   help="LSQ: learn every weight and activation step size with the weights (Esser et al. 2019)")
     p.add_argument("--eval", default=None, metavar="PATH",
                    help="only evaluate a frozen QAT model saved earlier (no training)")
     args, device = cli.start(p)
@@ -102,7 +107,10 @@ def main():
     qmodel = convert(model, qconfig).to(device)
     calibrate(qmodel, train, device, 1 if args.dry_run else args.calib_batches)
     set_phase(qmodel, "qat")
-    print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT for {epochs} epochs ({args.optimizer}, lr {lr:g}); "
+    if args.learn_scales:                  # LSQ: S from 2 mean|v| / sqrt(Q_P), then trained
+        learn_scales(qmodel, train, device, 1 if args.dry_run else args.calib_batches)
+    print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT{' with LSQ step sizes' if args.learn_scales else ''} "
+          f"for {epochs} epochs ({args.optimizer}, lr {lr:g}); "
           f"float32 {fp32_acc:.2f}%, before QAT (fake-quant) {evaluate(qmodel, test, device):.2f}%")
 
     # 2) fine-tune the float shadow weights through the fake quantizers
@@ -129,11 +137,12 @@ def main():
     print_frozen_report(fp32_acc, report)
     save = args.save or default_save_path(args, qconfig)
     save_frozen(save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), epochs=epochs, lr=lr,
-                optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2))
+                optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2), learn_scales=args.learn_scales)
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
-                     "epochs": epochs, "lr": lr, "optimizer": args.optimizer, "fp32_acc": round(fp32_acc, 2),
+                     "epochs": epochs, "lr": lr, "optimizer": args.optimizer, "learn_scales": args.learn_scales,
+                     "fp32_acc": round(fp32_acc, 2),
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,
                      **report}, args.result_json, qconfig)
 

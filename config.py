@@ -36,6 +36,10 @@ class QConfig:
         "store_false"))
     bias_bits: int = field(default=32, metadata=flag(
         "--bias-bits", f"32: int32 bias at S_in*S_w (TFLite); {MIN_BITS}..{MAX_BITS}: bias on its own grid first"))
+    first_last_bits: Optional[int] = field(default=None, metadata=flag(
+        "--first-last-bits", f"bits of the first and the last conv/linear layer's weights, of the model's input and "
+                             f"of its logits ({MIN_BITS}..{MAX_BITS}; BRECQ and LSQ keep them at 8; default: as the "
+                             f"rest)"))
     quantize_layers: str = field(default="all", metadata=flag(
         "--quantize-layers", f"which conv/linear layers get quantized weights: {', '.join(LAYER_CHOICES)} "
                              f"(the rest stay float; 'first' needs --a-bits 32)"))
@@ -81,6 +85,8 @@ class QConfig:
                               "(--a-bits 32)")
         if self.bias_bits != 32:
             check_bits(self.bias_bits, "bias bits (or 32)")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first/last layer bits")
 
     @property
     def float_activations(self):
@@ -90,20 +96,31 @@ class QConfig:
     def integer_capable(self):
         """Whether the integer path exists: integer activations and at most INT_MAX_BITS
         everywhere (wider, e.g. W16A16, runs in fake-quant only)."""
-        bits = (self.w_bits, self.a_bits, self.out_bits or self.a_bits)
+        bits = (self.w_bits, self.a_bits, self.out_bits or self.a_bits, self.first_last_bits or self.w_bits)
         return not self.float_activations and max(bits) <= INT_MAX_BITS
 
     @property
     def w_grid(self):
         return weight_grid(self.w_bits, self.w_symmetric)
 
-    def a_grid(self, output=False):
-        """The activations' grid (the model's output: out_bits)."""
-        return activation_grid((self.out_bits or self.a_bits) if output else self.a_bits, self.a_signed)
+    def layer_w_grid(self, edge):
+        """A layer's weight grid; `edge`: it is the first or the last conv/linear layer."""
+        return weight_grid(self.first_last_bits if edge and self.first_last_bits else self.w_bits, self.w_symmetric)
+
+    def a_grid(self, output=False, input=False):
+        """The activations' grid (the model's output: out_bits; with first_last_bits the input
+        and, without out_bits, the output take those)."""
+        bits = self.a_bits
+        if output:
+            bits = self.out_bits or self.first_last_bits or self.a_bits
+        elif input and self.first_last_bits:
+            bits = self.first_last_bits
+        return activation_grid(bits, self.a_signed)
 
     def name(self):
         """W8A8 per-channel, and so on."""
-        return f"W{self.w_bits}A{self.a_bits} {'per-channel' if self.per_channel else 'per-tensor'}"
+        edges = f", first/last {self.first_last_bits}-bit" if self.first_last_bits else ""
+        return f"W{self.w_bits}A{self.a_bits} {'per-channel' if self.per_channel else 'per-tensor'}{edges}"
 
 
 QCONFIG_FIELDS = [f.name for f in fields(QConfig)]

@@ -28,9 +28,10 @@ from torch import fx, nn
 from config import QConfig
 from errors import IntsimError
 from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams, Quantize
+from function import FLOAT32_TINY
 from module import QLayer, QMean
 from observer import WeightObserver, make_observer
-from quantizer import Quantizer
+from quantizer import Quantizer, lsq_grad_scale, lsq_init
 
 ARCHS = ("cnn", "cnn_bn", "resnet18")
 IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
@@ -343,6 +344,18 @@ def _replace_sources(gm, qconfig):
             gm.graph.erase_node(node)
 
 
+def _edge_layers_bits(gm, qconfig):
+    """--first-last-bits: the first and the last conv/linear layer (graph order) get weight
+    quantizers of those bits."""
+    layers = qlayers(gm)
+    for name, layer in {layers[0][0]: layers[0][1], layers[-1][0]: layers[-1][1]}.items():
+        grid = qconfig.layer_w_grid(edge=True)
+        old = layer.w_quantizer
+        layer.w_quantizer = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
+                                      channels=len(old.scale), name=old.name)
+        layer.w_quantizer.rounding = old.rounding
+
+
 def _reaches_output(gm, node):
     """Whether node's value is the model's output, through ops that keep the grid."""
     for user in node.users:
@@ -359,7 +372,7 @@ def _insert_quantizers(gm, qconfig):
         end = (chain(gm, node) or [node])[-1]
         name = "quant_in" if node.op == "placeholder" else (
             f"{node.target}.out" if node.op == "call_module" else f"{node.name}_out")
-        grid = qconfig.a_grid(output=_reaches_output(gm, end))
+        grid = qconfig.a_grid(output=_reaches_output(gm, end), input=node.op == "placeholder")
         gm.add_submodule(name, Quantizer(grid, make_observer(qconfig.a_observer, grid, qconfig.lp_p), name=name))
         with gm.graph.inserting_after(end):
             q = gm.graph.call_module(name, (end,))
@@ -382,6 +395,8 @@ def convert(model, qconfig):
         raise IntsimError("the model returns several values (a tuple, list or dict): convert handles models "
                           "with one tensor output")
     _replace_sources(gm, qconfig)
+    if qconfig.first_last_bits:
+        _edge_layers_bits(gm, qconfig)
     for node in gm.graph.nodes:
         op_of(gm, node)                          # refuse what cannot be converted, before any change
     if not qconfig.float_activations:
@@ -428,6 +443,62 @@ def set_phase(qmodel, phase):
         layer.bn_stats = "batch" if phase == "qat" and layer.bn is not None else "running"
     for q in activation_quantizers(qmodel):
         q.enabled, q.observe = activations, observe
+    return qmodel
+
+
+def learn_scales(qmodel, batches, device, num_batches):
+    """LSQ (Esser et al. 2019): every weight and activation step size S becomes a parameter,
+    started at 2 mean|v| / sqrt(Q_P) and trained with its gradient scaled by 1 / sqrt(N Q_P)
+    (learn_weight_scales, then learn_activation_scales on what reaches each quantizer with the
+    weights' new S). Call after calibrate: the observed ranges give the zero points."""
+    learn_weight_scales(qmodel)
+    return learn_activation_scales(qmodel, batches, device, num_batches)
+
+
+@torch.no_grad()
+def learn_weight_scales(qmodel):
+    """LSQ step sizes for the weights: from the folded weights, per channel where the weights
+    are (N: one channel's weights), else one S for the tensor (N: all its weights)."""
+    for _, layer in qlayers(qmodel):
+        q = layer.w_quantizer
+        if q is None or q.learned:
+            continue
+        w = layer.weight_bias()[0].detach()
+        if q.observer.per_channel:
+            init = torch.stack([lsq_init(c, q.grid) for c in w])
+            q.learn_scale(init, lsq_grad_scale(w[0].numel(), q.grid))
+        else:
+            q.learn_scale(lsq_init(w, q.grid), lsq_grad_scale(w.numel(), q.grid))
+    return qmodel
+
+
+@torch.no_grad()
+def learn_activation_scales(qmodel, batches, device, num_batches):
+    """LSQ step sizes for the activations: from what reaches each activation quantizer on
+    `num_batches` batches, in the current phase (N: the features of one image)."""
+    quantizers = [q for q in activation_quantizers(qmodel) if not q.learned]
+    sums = {q: [0.0, 0, 0] for q in quantizers}            # sum |x|, elements, features per image
+
+    def record(q, inputs):
+        x = inputs[0]
+        sums[q][0] += float(x.abs().sum())
+        sums[q][1] += x.numel()
+        sums[q][2] = x[0].numel()
+    hooks = [q.register_forward_pre_hook(record) for q in quantizers]
+    qmodel.eval()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i == num_batches:
+                break
+            qmodel(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    for q, (total, count, features) in sums.items():
+        if count == 0:
+            raise IntsimError(f"{q.name}: no values reached it while initialising its step size")
+        init = max(2 * total / count / math.sqrt(q.grid.qmax), FLOAT32_TINY)  # an all-zero tensor: any S
+        q.learn_scale(torch.tensor([init]), lsq_grad_scale(features, q.grid))
     return qmodel
 
 

@@ -10,11 +10,13 @@ The phases of a converted model (model.PHASES) only switch these two flags. AdaR
 learned rounding is a quantizer too (AdaRoundQuantizer): swapped in for a layer's weight
 quantizer, so the layer's own forward is the one that gets reconstructed.
 """
+import math
+
 import torch
 from torch import nn
 
 from errors import IntsimError
-from function import fake_quantize, quantize, round_half_away, scale_zero_point, to_grid
+from function import FLOAT32_TINY, fake_quantize, quantize, round_half_away, scale_zero_point, to_grid
 
 OBSERVE = ("never", "always", "training")
 ZETA, GAMMA = 1.1, -0.1       # AdaRound's stretch of the rectified sigmoid (paper sec. 3.2, after eq. 22)
@@ -70,7 +72,8 @@ class Quantizer(nn.Module):
                 self.update()         # while fake-quantizing, the range follows the tensor (QAT, weights)
         if not self.enabled:
             return x
-        return fake_quantize(x, self._shaped(self.scale, x), self._shaped(self.zero_point, x),
+        scale = self._learned_scale() if self.learned else self.scale
+        return fake_quantize(x, self._shaped(scale, x), self._shaped(self.zero_point, x),
                              self.grid.qmin, self.grid.qmax)
 
     @torch.no_grad()
@@ -104,7 +107,8 @@ class Quantizer(nn.Module):
         """(S, Z), shape (C,) or (1,)."""
         if not bool(self.has_qparams):
             raise IntsimError(f"{self.name} has no observed range: calibrate the model before freezing it")
-        return self.scale.detach(), self.zero_point
+        s = self._learned_scale() if self.learned else self.scale
+        return s.detach().expand_as(self.zero_point).clone(), self.zero_point
 
     def integers(self, x, generator=None):
         """x on the grid, rounded by self.rounding (stochastic: drawn from `generator`), int32."""
@@ -112,13 +116,43 @@ class Quantizer(nn.Module):
         return quantize(x, self._shaped(s, x), self._shaped(z, x), self.grid.qmin, self.grid.qmax,
                         self.rounding, generator)
 
-    def learn_scale(self):
+    def learn_scale(self, init=None, grad_scale=1.0):
         """From now on S is a parameter, trained by gradient descent (LSQ's gradient, see
-        function.fake_quantize); the observer no longer moves it."""
-        s = self.scale.detach().clone()
+        function.fake_quantize, times `grad_scale`); the observer no longer moves it. `init`:
+        its first value (LSQ's 2 mean|v| / sqrt(Q_P), see lsq_init), else the current S. A zero
+        point is recomputed for the new S from the observed minimum and then kept."""
+        s = self.scale if init is None else torch.as_tensor(init, dtype=torch.float32).reshape(-1)
+        s = s.detach().clone().to(self.scale.device)             # (C,) or (1,): one S per tensor
+        if not self.grid.symmetric and self.observer.has_data():
+            lo = self.observer.range()[0].clamp(max=0).to(s.device).double()
+            z = torch.clamp(round_half_away(self.grid.qmin - lo / s.double()), self.grid.qmin, self.grid.qmax)
+            self.zero_point.copy_(z.to(torch.int64).expand_as(self.zero_point))
+        elif self.grid.symmetric:
+            self.zero_point.zero_()
         del self._buffers["scale"]
         self.scale = nn.Parameter(s)
+        self.grad_scale = grad_scale
+        self.has_qparams.fill_(True)
         self.observe = "never"
+
+    def _learned_scale(self):
+        """|S| (a step pushed through 0 by the optimizer stays a step, and can come back), with
+        its gradient multiplied by grad_scale (LSQ sec. 2.2): the same value forward."""
+        g = getattr(self, "grad_scale", 1.0)
+        s = self.scale.abs().clamp(min=FLOAT32_TINY)
+        return s if g == 1.0 else s * g + (s - s * g).detach()
+
+
+def lsq_init(values, grid):
+    """LSQ's first step size (Esser et al. 2019, sec. 2.1): S = 2 mean|v| / sqrt(Q_P), Q_P the
+    grid's largest positive level; `values`: the weights, or an activation's observed values."""
+    return 2 * values.detach().abs().mean() / math.sqrt(grid.qmax)
+
+
+def lsq_grad_scale(elements, grid):
+    """LSQ's gradient scale g = 1 / sqrt(N Q_P) (sec. 2.2), N the elements one step size
+    quantizes (a layer's weights, per channel: one channel's; an activation's features per image)."""
+    return 1.0 / math.sqrt(elements * grid.qmax)
 
 
 def rectified_sigmoid(v):

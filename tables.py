@@ -18,8 +18,10 @@ def granularity(r):
 
 
 def bits(r):
-    out = r["out_bits"] or r["a_bits"]
-    return f"W{r['w_bits']}A{r['a_bits']}" + (f", logits {out}-bit" if out != r["a_bits"] else "")
+    edges = r.get("first_last_bits")
+    out = r["out_bits"] or edges or r["a_bits"]
+    return (f"W{r['w_bits']}A{r['a_bits']}" + (f", first/last {edges}-bit" if edges else "")
+            + (f", logits {out}-bit" if out != r["a_bits"] and out != edges else ""))
 
 
 def kernel(r):
@@ -49,7 +51,7 @@ def plain(r, *but):
     defaults = {"a_bits_int": r["a_bits"] != 32, "w_observer": r["w_observer"] == "minmax",
                 "a_observer": r["a_observer"] == "minmax" or r["a_bits"] == 32, "bias_bits": r["bias_bits"] == 32,
                 "w_rounding": r["w_rounding"] == "nearest", "quantize_layers": r["quantize_layers"] == "all",
-                "fold_bn": r["fold_bn"], "a_signed": not r["a_signed"]}
+                "fold_bn": r["fold_bn"], "a_signed": not r["a_signed"], "first_last_bits": not r.get("first_last_bits")}
     return all(ok for k, ok in defaults.items() if k not in but)
 
 
@@ -156,9 +158,11 @@ TABLES = {
                 ("same class %", lambda r: f"{r['int_fq_same_class']:.2f}"), ("command", cmd)]),
     "qat": (lambda r: r["script"] == "QAT" and "tflite" not in r,
             lambda r: (r["dataset"], r["model"], -r["w_bits"], -r["a_bits"], r["out_bits"] or r["a_bits"],
-                       r["per_channel"], r["single_rounding"]),
+                       r.get("first_last_bits") or 0, r.get("learn_scales", False), r["per_channel"],
+                       r["single_rounding"]),
             [("model", lambda r: r["model"]), ("W/A bits", bits),
-             ("weights", granularity), ("rescale", kernel), ("float32", lambda r: pct(r["fp32_acc"])),
+             ("weights", granularity), ("step sizes", lambda r: "LSQ" if r.get("learn_scales") else "ranges"),
+             ("rescale", kernel), ("float32", lambda r: pct(r["fp32_acc"])),
              ("QAT fake-quant", lambda r: pct(r["qat_fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
              ("int - fp32", delta), ("int - QAT fake-quant", lambda r: f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}"),
              ("same class as fake-quant %", lambda r: f"{r['int_fq_same_class']:.2f}"),

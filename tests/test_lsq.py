@@ -1,0 +1,121 @@
+"""LSQ's learned step sizes (Esser et al. 2019, arXiv 1902.08153) and --first-last-bits:
+the step-size gradient against the paper's closed form, its initialisation and gradient scale,
+learned scales frozen into integers, and which layers the edge bits change."""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import QConfig
+from frozen import Quantize, output_integers, set_mode
+from function import activation_grid, fake_quantize, integers_of, weight_grid
+from model import (activation_quantizers, calibrate, convert, freeze, learn_activation_scales, learn_scales,
+                   learn_weight_scales, qlayers, set_phase)
+from observer import make_observer
+from quantizer import Quantizer, lsq_grad_scale
+
+
+def lsq_step_gradient(v, s, q_n, q_p):
+    """d v^ / d s of LSQ's eq. 3, in NumPy: -v/s + round(v/s) inside (-Q_N, Q_P), -Q_N below,
+    Q_P above (round half away from zero, as the grid rounds)."""
+    r = v / s
+    inside = np.sign(r) * np.floor(np.abs(r) + 0.5) - r
+    return np.where(r <= -q_n, -q_n, np.where(r >= q_p, q_p, inside))
+
+
+def test_step_size_gradient_is_the_papers_closed_form():
+    g = torch.Generator().manual_seed(0)
+    for grid in (weight_grid(4), activation_grid(3, signed=True)):
+        v = torch.randn(5000, generator=g, dtype=torch.float64) * 3
+        s = torch.tensor([0.37], dtype=torch.float64, requires_grad=True)
+        upstream = torch.randn(5000, generator=g, dtype=torch.float64)
+        (fake_quantize(v, s, torch.zeros(1, dtype=torch.int64), grid.qmin, grid.qmax) * upstream).sum().backward()
+        want = (upstream.numpy() * lsq_step_gradient(v.numpy(), 0.37, -grid.qmin, grid.qmax)).sum()
+        assert math.isclose(s.grad.item(), want, rel_tol=1e-9), (s.grad.item(), want)
+
+
+def test_gradient_scale_and_init():
+    grid = weight_grid(4)
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    q = Quantizer(grid, make_observer("minmax", grid), channels=1)
+    q.enabled = True
+    init = 2 * w.abs().mean() / math.sqrt(grid.qmax)             # LSQ sec. 2.1, Q_P = 7
+    g = lsq_grad_scale(w.numel(), grid)
+    assert math.isclose(g, 1 / math.sqrt(w.numel() * 7))
+    q.learn_scale(init, g)
+    assert torch.allclose(q.scale.detach(), init.reshape(1))
+    q(w).sum().backward()
+    raw = lsq_step_gradient(w.double().numpy(), float(init), 8, 7).sum()    # upstream gradient 1
+    assert math.isclose(q.scale.grad.item(), g * raw, rel_tol=1e-5)
+
+
+def test_learn_scales_starts_every_step_size_at_lsq_init(trained_like):
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    for per_channel in (False, True):
+        qmodel = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=per_channel))
+        calibrate(qmodel, [(x, None)], "cpu", 1)
+        set_phase(qmodel, "fakequant")
+        learn_weight_scales(qmodel)
+        inputs = {}
+        hooks = [q.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0].detach()))
+                 for q in activation_quantizers(qmodel)]
+        qmodel(x)                                  # what each activation quantizer sees, weights' S learned
+        for h in hooks:
+            h.remove()
+        learn_activation_scales(qmodel, [(x, None)], "cpu", 1)
+        for _, layer in qlayers(qmodel):
+            w, q = layer.weight_bias()[0].detach(), layer.w_quantizer
+            want = (w.abs().flatten(1).mean(1) if per_channel else w.abs().mean().reshape(1)) * 2 / math.sqrt(7)
+            assert q.learned and q.scale.shape == want.shape and torch.allclose(q.scale.detach(), want)
+        for q, v in inputs.items():
+            assert q.learned and math.isclose(q.scale.item(), 2 * v.abs().mean().item() / math.sqrt(q.grid.qmax),
+                                              rel_tol=1e-5)
+
+
+def test_learned_scales_freeze_into_the_integer_model(trained_like):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 1, 28, 28, generator=g), torch.arange(32) % 10
+    qmodel = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True, a_observer="ema"))
+    calibrate(qmodel, [(x, y)], "cpu", 1)
+    set_phase(qmodel, "qat")
+    learn_scales(qmodel, [(x, y)], "cpu", 1)
+    started = {n: p.detach().clone() for n, p in qmodel.named_parameters() if n.endswith("scale")}
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.05)
+    qmodel.train()
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(qmodel(x), y).backward()
+        opt.step()
+    learned = {n: p.detach().clone() for n, p in qmodel.named_parameters() if n.endswith("scale")}
+    assert all(not torch.equal(started[n], learned[n]) for n in learned)       # every S moved
+    set_phase(qmodel.eval(), "fakequant")
+    for _, layer in qlayers(qmodel):
+        layer.bn_stats = "running"
+    with torch.no_grad():
+        fq = qmodel(x)
+    frozen = freeze(qmodel)
+    s_out, z_out = activation_quantizers(qmodel)[-1].qparams()
+    first = next(m for m in frozen.modules() if isinstance(m, Quantize))
+    assert torch.equal(first.out_scale, activation_quantizers(qmodel)[0].qparams()[0])   # the learned S, frozen
+    q_int = output_integers(frozen, set_mode(frozen, "int")(x)).long()
+    diff = (q_int - integers_of(fq, s_out, z_out)).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.9, diff.float().mean()
+
+
+def test_first_last_bits_change_exactly_two_layers(trained_like):
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    plain = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4))
+    edges = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, first_last_bits=8))
+    bits = [(a.w_quantizer.grid.bits, b.w_quantizer.grid.bits) for (_, a), (_, b) in zip(qlayers(plain), qlayers(edges))]
+    assert len(bits) >= 3 and [b for _, b in bits] == [8] + [4] * (len(bits) - 2) + [8]
+    assert all(a == 4 for a, _ in bits)
+    for m in (plain, edges):
+        calibrate(m, [(x, None)], "cpu", 1)
+    fp, fe = freeze(plain), freeze(edges)
+    convs = lambda f: [f.get_submodule(n.target) for n in f.graph.nodes
+                       if n.op == "call_module" and hasattr(f.get_submodule(n.target), "w_q")]
+    differ = [not torch.equal(a.w_q, b.w_q) for a, b in zip(convs(fp), convs(fe))]
+    assert differ == [True] + [False] * (len(differ) - 2) + [True]
+    quants = activation_quantizers(edges)
+    assert quants[0].grid.bits == 8 and quants[-1].grid.bits == 8 and {q.grid.bits for q in quants[1:-1]} == {4}
