@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import IntsimError
-from function import (INT32_MAX, INT_MAX_BITS, Grid, dequantize, fake_quantize, int32_check, quantize,
-                      integers_of, quantize_multiplier, requantize, requantize_in_double, rescale, round_half_away,
+from function import (INT32_MAX, INT_MAX_BITS, Grid, check_finite, dequantize, fake_quantize, int32_check,
+                      quantize, integers_of, quantize_multiplier, requantize, requantize_in_double, rescale, round_half_away,
                       to_grid)
 
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
@@ -131,18 +131,12 @@ class Quantize(FrozenOp):
         self._set_out(out)
 
     def int_forward(self, x):
-        _check_input(x)
         return quantize(x, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
 
     def real_forward(self, x):
-        _check_input(x)
+        check_finite(x)
         return fake_quantize(x, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
 
-
-def _check_input(x):
-    if not torch.isfinite(x).all():      # NaN would become an arbitrary integer (INT32_MIN on x86)
-        raise IntsimError(f"the model's input holds {int((~torch.isfinite(x)).sum())} NaN or inf values: "
-                          f"check the data")
 
 
 class Dequantize(FrozenOp):

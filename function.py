@@ -29,6 +29,14 @@ def check_scale(scale):
         raise IntsimError(f"a scale must be finite and above 0, got {scale.flatten()[:4].tolist()}")
 
 
+def check_finite(x):
+    """Reals about to be quantized hold no NaN or inf (NaN would become an arbitrary integer,
+    INT32_MIN on x86)."""
+    if not torch.isfinite(x).all():
+        raise IntsimError(f"cannot quantize NaN or inf: the input holds {int((~torch.isfinite(x)).sum())} NaN or "
+                          f"inf values; check the data")
+
+
 def check_int64(x, what):
     """The fixed-point helpers take int64 tensors holding int32 values: an int32 tensor would
     overflow silently in a * b."""
@@ -172,8 +180,7 @@ def scale_zero_point(rmin, rmax, grid):
 def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
     """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
     check_scale(scale)
-    if not torch.isfinite(x).all():
-        raise IntsimError("cannot quantize NaN or inf: check the input")
+    check_finite(x)
     return to_grid(round_with(x / scale, rounding, generator), zero_point, qmin, qmax).to(torch.int32)
 
 

@@ -31,7 +31,7 @@ from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, I
 from function import FLOAT32_TINY
 from module import QLayer, QMean
 from observer import WeightObserver, make_observer
-from quantizer import Quantizer, lsq_grad_scale, lsq_init
+from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step
 
 ARCHS = ("cnn", "cnn_bn", "resnet18")
 IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
@@ -306,10 +306,7 @@ def _replace_layer(gm, node, layer, qconfig, name):
                               f"track_running_stats=False) into {node.target}")
         nxt.replace_all_uses_with(node)
         gm.graph.erase_node(nxt)
-    grid = qconfig.w_grid
-    w_quantizer = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
-                            channels=layer.weight.shape[0], name=f"{name} weights")
-    w_quantizer.rounding = qconfig.w_rounding
+    w_quantizer = _weight_quantizer(qconfig, qconfig.w_grid, layer.weight.shape[0], f"{name} weights")
     gm.add_submodule(name, QLayer(layer, w_quantizer, bn, qconfig.fold_bn, qconfig.bias_bits,
                                   qconfig.single_rounding, qconfig.legacy_kernels))
     node.target = name
@@ -344,16 +341,20 @@ def _replace_sources(gm, qconfig):
             gm.graph.erase_node(node)
 
 
+def _weight_quantizer(qconfig, grid, channels, name):
+    q = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
+                  channels=channels, name=name)
+    q.rounding = qconfig.w_rounding
+    return q
+
+
 def _edge_layers_bits(gm, qconfig):
     """--first-last-bits: the first and the last conv/linear layer (graph order) get weight
     quantizers of those bits."""
     layers = qlayers(gm)
-    for name, layer in {layers[0][0]: layers[0][1], layers[-1][0]: layers[-1][1]}.items():
-        grid = qconfig.layer_w_grid(edge=True)
+    for _, layer in (layers[0], layers[-1]):
         old = layer.w_quantizer
-        layer.w_quantizer = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
-                                      channels=len(old.scale), name=old.name)
-        layer.w_quantizer.rounding = old.rounding
+        layer.w_quantizer = _weight_quantizer(qconfig, qconfig.layer_w_grid(edge=True), len(old.scale), old.name)
 
 
 def _reaches_output(gm, node):
@@ -497,7 +498,7 @@ def learn_activation_scales(qmodel, batches, device, num_batches):
     for q, (total, count, features) in sums.items():
         if count == 0:
             raise IntsimError(f"{q.name}: no values reached it while initialising its step size")
-        init = max(2 * total / count / math.sqrt(q.grid.qmax), FLOAT32_TINY)  # an all-zero tensor: any S
+        init = max(lsq_step(total / count, q.grid), FLOAT32_TINY)       # an all-zero tensor: any S
         q.learn_scale(torch.tensor([init]), lsq_grad_scale(features, q.grid))
     return qmodel
 

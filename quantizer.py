@@ -143,10 +143,15 @@ class Quantizer(nn.Module):
         return s if g == 1.0 else s * g + (s - s * g).detach()
 
 
-def lsq_init(values, grid):
+def lsq_step(mean_abs, grid):
     """LSQ's first step size (Esser et al. 2019, sec. 2.1): S = 2 mean|v| / sqrt(Q_P), Q_P the
-    grid's largest positive level; `values`: the weights, or an activation's observed values."""
-    return 2 * values.detach().abs().mean() / math.sqrt(grid.qmax)
+    grid's largest positive level."""
+    return 2 * mean_abs / math.sqrt(grid.qmax)
+
+
+def lsq_init(values, grid):
+    """lsq_step of a tensor's values (the weights, or an activation's observed values)."""
+    return lsq_step(values.detach().abs().mean(), grid)
 
 
 def lsq_grad_scale(elements, grid):

@@ -17,7 +17,7 @@ from function import activation_grid, weight_grid
 from module import QLayer
 from observer import WeightObserver
 from quantizer import Quantizer
-from reference import ref_int_conv, ref_max_pool2, ref_mean, ref_mbqm, ref_tflite_add
+from reference import ref_int_conv, ref_max_pool2, ref_mean, ref_round_half_away, ref_tflite_add
 
 
 def qp(scale, zero_point, grid):
@@ -125,13 +125,16 @@ def test_integer_linear_equals_reference():
     g = torch.Generator().manual_seed(5)
     fc = nn.Linear(20, 6)
     fc.weight.data.copy_(torch.randn(6, 20, generator=g))
+    fc.bias.data.copy_(torch.randn(6, generator=g))         # not torch's global RNG: the same case in any test order
     grid = weight_grid(6)
     layer = QLayer(fc, Quantizer(grid, WeightObserver(grid, True), channels=6))
     a = activation_grid(7)
     op, = layer.freeze(qp(0.1, 11, a), qp(9 / 127, 56, a), (0.0, math.inf))
     q_in = torch.randint(0, 128, (5, 20), generator=g, dtype=torch.int32)
     acc = (q_in.long() - 11) @ (op.w_q.long() - op.w_zero_point[:, None]).T + op.b_q
-    want = [[min(max(ref_mbqm(int(v), int(op.m0[c]), int(op.shift[c])) + 56, 56), 127)
+    # LiteRT's reference FULLY_CONNECTED: one std::round of acc * M, M = S_in S_w / S_out in double
+    m = [float(op.in_scale) * float(s) / float(op.out_scale) for s in op.w_scale]
+    want = [[int(min(max(ref_round_half_away(float(v) * m[c]) + 56, 56), 127))
              for c, v in enumerate(row)] for row in acc.tolist()]
     assert op(q_in).tolist() == want
 
