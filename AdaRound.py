@@ -18,6 +18,7 @@ For each conv/linear layer in order (sec. 4-5 of the paper; AIMET's defaults):
 import functools
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo  # noqa: F401  (Adam's first step imports it, ~3 s; here, so it/s measure the optimisation)
@@ -28,10 +29,9 @@ from checkpoint import save_figure, save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, predict, print_frozen_report
 from errors import IntsimError
-from frozen import runs_in_integers, set_mode
-from model import calibrate, convert, freeze, set_phase
-from quantizer import AdaRoundQuantizer
-from reconstruct import (CACHE_BATCH, collect, full_loss, layer_input, layers_to_reconstruct, optimise, unit)
+from frozen import runs_in_integers
+from model import calibrate, convert, freeze
+from reconstruct import CACHE_BATCH, find_units, layer_units, layers_to_reconstruct, reconstruct_unit
 
 NUM_CALIB = 1024              # unlabelled training images (AIMET: 500-2000; BRECQ: 1024)
 ITERS = 10000                 # per layer (AIMET's default; it uses 15000 below 8 bits)
@@ -53,40 +53,13 @@ def beta_at(t, iters, warm_start=WARM_START, beta_start=BETA_START, beta_end=BET
     return beta_start + (beta_end - beta_start) * progress
 
 
-def adaround_layer(qmodel, name, layer, images, device, iters, batch_size, lr, reg_weight, generator, schedule,
-                   snapshots=None):
-    """AdaRound one layer (earlier ones done); leaves its AdaRoundQuantizer in hard mode."""
-    frozen = set_mode(freeze(qmodel), "reals")                    # earlier layers AdaRounded, this one nearest
-    x = collect(frozen, layer_input(frozen, name), images, device)         # x~, quantized model
-    module, end = unit(qmodel, name)
-    target = collect(set_phase(qmodel, "float"), end, images, device)     # f(W x), float model
-    set_phase(qmodel, "fakequant")
-    ada = AdaRoundQuantizer(layer.w_quantizer, layer.weight_bias()[0].detach())
-    layer.w_quantizer = ada
-    ada.mode = "nearest"
-    before = full_loss(module, x, target)
-
-    def regulariser(t):
-        beta = schedule(t, iters)
-        return None if beta is None else reg_weight * ada.regulariser(beta)
-
-    def snapshot(t):
-        if snapshots is not None and t in (0, iters // 2, iters):
-            snapshots[t] = ada.h().detach().flatten().cpu()
-
-    ada.mode = "soft"
-    start = time.time()
-    with torch.enable_grad():
-        optimise(module, [ada.v], x, target, iters, batch_size, lr, generator, regulariser, snapshot)
-    seconds = time.time() - start
-    ada.mode = "hard"
-    after = full_loss(module, x, target)
-    changed = 100.0 * (ada.integers() != ada.nearest).float().mean().item()
-    speed = iters / max(seconds, 1e-9)
-    print(f"  {name:12s} {ada.v.numel():7d} weights  reconstruction loss nearest {before:.5f} -> "
-          f"AdaRound {after:.5f}  ({changed:.1f}% rounded differently, {speed:.0f} it/s)", flush=True)
-    return {"layer": name, "weights": ada.v.numel(), "loss_nearest": round(before, 6), "loss_adaround": round(after, 6),
-            "changed_from_nearest_pct": round(changed, 2), "iters_per_s": round(speed, 1)}
+def adaround_layer(qmodel, u, images, device, iters, batch_size, lr, reg_weight, generator, schedule,
+                   snapshot_layer=None, snapshots=None):
+    """AdaRound one layer unit (earlier ones done); leaves its AdaRoundQuantizer in hard mode."""
+    s = reconstruct_unit(qmodel, u, images, device, iters, batch_size, lr, reg_weight, generator, schedule,
+                         snapshot_layer=snapshot_layer, snapshots=snapshots)
+    return {"layer": u.name, "weights": s["weights"], "loss_nearest": s["loss_nearest"], "loss_adaround": s["loss_after"],
+            "changed_from_nearest_pct": s["changed_from_nearest_pct"], "iters_per_s": s["iters_per_s"]}
 
 
 def plot_h(path, snapshots, layer_name, iters):
@@ -108,23 +81,47 @@ def run_name(args, qconfig):
     return f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}_{'pc' if qconfig.per_channel else 'pt'}"
 
 
-def main():
-    p = cli.parser(__doc__.split("\n")[0])
+@dataclass(frozen=True)
+class Method:
+    """What a reconstruction script reconstructs: AdaRound one layer at a time; BRECQ.py the
+    units found in the graph (residual blocks), with its loss and learned step sizes."""
+    name: str = "adaround"        # the result's "method", in file names
+    label: str = "AdaRound"
+    iters: int = ITERS            # default iterations per unit
+    blocks: bool = False          # units: reconstruct.find_units (blocks), else reconstruct.layer_units
+    loss: str = "mse"             # default --loss: "mse" or "fisher" (BRECQ's Fisher-diagonal weighting)
+    scale_lr: float = 0.0         # default --scale-lr: Adam lr of activation step sizes (0: not learned)
+
+
+ADAROUND = Method()
+LOSSES = ("mse", "fisher")
+
+
+def main(method=ADAROUND, doc=__doc__):
+    p = cli.parser(doc.split("\n")[0])
     cli.add_common(p)
     cli.add_checkpoint(p)
     cli.add_qconfig(p, only=[f for f in QCONFIG_FIELDS if f != "w_rounding"], a_bits=32, w_bits=4)  # it learns the rounding
     cli.add_export(p)
     p.set_defaults(batch_size=BATCH_SIZE)
     p.add_argument("--num-calib", type=int, default=NUM_CALIB, help="unlabelled training images to reconstruct on")
-    p.add_argument("--iters", type=int, default=ITERS, help="Adam iterations per layer")
+    p.add_argument("--iters", type=int, default=method.iters, help="Adam iterations per layer" + (
+        " or block" if method.blocks else ""))
     p.add_argument("--lr", type=float, default=LR, help="Adam learning rate")
     p.add_argument("--reg-weight", type=float, default=REG_WEIGHT, help="lambda of the rounding regulariser")
     p.add_argument("--beta-start", type=float, default=BETA_START, help="beta after the warm start")
     p.add_argument("--beta-end", type=float, default=BETA_END, help="beta at the last iteration")
     p.add_argument("--warm-start", type=float, default=WARM_START, help="share of iterations without the regulariser")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
-    p.add_argument("--save", default=None, help="where to save the AdaRounded model (default: runs/adaround/...)")
-    p.add_argument("--plot", default=None, help="histogram of h(V) (default: results/figures/adaround_h_<...>.png)")
+    if method.blocks:
+        p.add_argument("--loss", default=method.loss, choices=LOSSES,
+                       help="block output error: plain MSE or weighted by the Fisher diagonal")
+        p.add_argument("--layers-per-group", type=int, default=1,
+                       help="consecutive layers outside residual blocks reconstructed together")
+        p.add_argument("--scale-lr", type=float, default=method.scale_lr,
+                       help="Adam learning rate of the activation step sizes (cosine to 0; 0: keep the calibrated ones)")
+    p.add_argument("--save", default=None, help=f"where to save the model (default: runs/{method.name}/...)")
+    p.add_argument("--plot", default=None, help=f"histogram of h(V) (default: results/figures/{method.name}_h_<...>.png)")
     p.add_argument("--plot-layer", type=int, default=1, help="which quantized layer (0-based) to plot h(V) for")
     args, device = cli.start(p)
     if args.dry_run:
@@ -137,8 +134,9 @@ def main():
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)
     images, _ = calibration_set(x_train, y_train, args.num_calib, args.seed)    # labels unused
-    print(f"{args.model} on {args.dataset}, {qconfig.name()}, {qconfig.w_observer} weight range: AdaRound "
-          f"{args.iters} iterations per layer on {len(images)} training images; float32 {fp32_acc:.2f}%", flush=True)
+    print(f"{args.model} on {args.dataset}, {qconfig.name()}, {qconfig.w_observer} weight range: {method.label} "
+          f"{args.iters} iterations per {'unit' if method.blocks else 'layer'} on {len(images)} training images; "
+          f"float32 {fp32_acc:.2f}%", flush=True)
 
     qmodel = convert(model, qconfig).to(device)
     if not qconfig.float_activations:
@@ -152,32 +150,52 @@ def main():
     snapshot_layer = layers[args.plot_layer][0]
     generator, stats, snapshots = torch.Generator().manual_seed(args.seed), [], {}
     start = time.time()
-    for name, layer in layers:
-        stats.append(adaround_layer(qmodel, name, layer, images, device, args.iters, args.batch_size, args.lr,
-                                    args.reg_weight, generator, schedule,
-                                    snapshots if name == snapshot_layer else None))
+    if method.blocks:
+        scale_lr = args.scale_lr if args.scale_lr > 0 and not qconfig.float_activations else None
+        fp_logits = float_logits(model, images, device) if args.loss == "fisher" else None
+        units = find_units(qmodel, args.layers_per_group, to_quantizer=scale_lr is not None)
+        print(f"{len(units)} units: {', '.join(u.name for u in units)}", flush=True)
+        for u in units:
+            stats.append(reconstruct_unit(qmodel, u, images, device, args.iters, args.batch_size, args.lr,
+                                          args.reg_weight, generator, schedule, fp_logits, scale_lr, snapshot_layer,
+                                          snapshots, method.label))
+    else:
+        for u in layer_units(qmodel):
+            stats.append(adaround_layer(qmodel, u, images, device, args.iters, args.batch_size, args.lr,
+                                        args.reg_weight, generator, schedule, snapshot_layer, snapshots))
     minutes = (time.time() - start) / 60
     frozen = freeze(qmodel)
     report = evaluate_frozen(frozen, test, device)
     key = "int_acc" if runs_in_integers(frozen) else "fakequant_acc"
-    print(f"AdaRound took {minutes:.1f} min")
+    print(f"{method.label} took {minutes:.1f} min")
     print(f"nearest rounding {nearest[key]:6.2f}%  ({key.replace('_acc', '')})")
     print_frozen_report(fp32_acc, report)
 
-    save = args.save or cli.trial_path(args, os.path.join("runs", "adaround", f"{run_name(args, qconfig)}.pt"))
-    save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding="adaround", fp32_acc=round(fp32_acc, 2), **report)
-    print(f"saved the AdaRounded model to {save}")
+    save = args.save or cli.trial_path(args, os.path.join("runs", method.name, f"{run_name(args, qconfig)}.pt"))
+    save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding=method.name, fp32_acc=round(fp32_acc, 2), **report)
+    print(f"saved the {method.label} model to {save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
-    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"adaround_h_{run_name(args, qconfig)}.png"))
+    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"{method.name}_h_{run_name(args, qconfig)}.png"))
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")
-    cli.emit_result({"script": "AdaRound", "dataset": args.dataset, "model": args.model, "method": "adaround",
+    blocks = {"loss": args.loss, "layers_per_group": args.layers_per_group,
+              "scale_lr": scale_lr or 0.0, "units": stats} if method.blocks else {"layers": stats}
+    cli.emit_result({"script": method.label if method.blocks else "AdaRound", "dataset": args.dataset,
+                     "model": args.model, "method": method.name,
                      **(source if args.dataset == "imagenet" else {}),
                      "iters": args.iters, "num_calib": len(images), "batch_size": args.batch_size, "lr": args.lr,
                      "reg_weight": args.reg_weight, "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
-                     "nearest_acc": nearest[key], "nearest": nearest, "layers": stats,
+                     "nearest_acc": nearest[key], "nearest": nearest, **blocks,
                      "iters_per_s": round(sum(s["iters_per_s"] for s in stats) / len(stats), 1),
-                     "minutes": round(minutes, 2), "seed": args.seed, "plot": plot, **report}, args.result_json, qconfig)
+                     "minutes": round(minutes, 2), "threads": torch.get_num_threads(), "seed": args.seed, "plot": plot,
+                     **report}, args.result_json, qconfig)
+
+
+@torch.no_grad()
+def float_logits(model, images, device):
+    """The float model's logits on the reconstruction images (BRECQ's Fisher weights use them)."""
+    model.eval()
+    return torch.cat([model(xb.to(device)) for xb in images.split(CACHE_BATCH)])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from checkpoint import write_json
 
 # not measurements: run times, paths, the command line, the machine
 VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch"}
-SCRIPTS_WITH_PLOT = ("AdaRound.py", "table1.py")
+SCRIPTS_WITH_PLOT = ("AdaRound.py", "BRECQ.py", "table1.py")
 
 
 def volatile(key):

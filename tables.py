@@ -368,9 +368,71 @@ def render_depthwise(results):
     return "\n".join(lines)
 
 
+LOW_BITS = [(4, 32), (3, 32), (2, 32), (4, 8), (2, 8), (4, 4), (2, 4)]
+EDGE_MARK = "ᶠ"                  # first and last layer (and input, logits) at 8 bits
+
+
+def _low_bit_candidates(rows, method, w, a):
+    """The runs of one cell: per-channel, W w A a, of one method (nearest: plain PTQ)."""
+    rows = [r for r in rows if r.get("w_bits") == w and r["a_bits"] == a and r["per_channel"] and not r["out_bits"]
+            and not r["single_rounding"] and r["w_observer"] == "minmax" and r["fold_bn"]]
+    if method == "nearest":
+        return [r for r in rows if plain(r, "first_last_bits", "a_bits_int")]
+    if method in ("adaround", "brecq"):
+        return [r for r in rows if r.get("method") == method and r["a_observer"] == "minmax"]
+    lsq = method == "qat_lsq"
+    return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r]
+
+
+def _low_bit_cell(rows, method, w, a):
+    """Accuracy (integer where there is an integer path): with 4-bit activations the run with
+    8-bit first/last layers when there is one (BRECQ's and LSQ's setting), else the plain one;
+    among equals the one with the most iterations."""
+    found = _low_bit_candidates(rows, method, w, a)
+    if not found and method == "nearest":                    # the reconstructions score nearest first
+        found = [{**r, "int_acc": r["nearest"]["int_acc"]} if "int_acc" in r["nearest"] else
+                 {**r, "fakequant_acc": r["nearest"]["fakequant_acc"]}
+                 for m in ("adaround", "brecq") for r in _low_bit_candidates(rows, m, w, a)]
+        found = [{k: v for k, v in r.items() if k not in ("iters", "minutes")} for r in found]
+    if not found:
+        return "-", None
+    edges = [r for r in found if r.get("first_last_bits")]
+    plain_rows = [r for r in found if not r.get("first_last_bits")]
+    pick = (edges or plain_rows) if a <= 4 else (plain_rows or edges)
+    r = max(pick, key=lambda r: r.get("iters", 0))
+    return pct(r["int_acc"] if "int_acc" in r else r["fakequant_acc"]) + (EDGE_MARK if r.get("first_last_bits") else ""), r
+
+
+def render_low_bits(results):
+    """One table per Fashion-MNIST network: rows nearest / AdaRound / BRECQ / QAT / QAT+LSQ,
+    columns LOW_BITS, then how long each reconstruction and training took."""
+    out = []
+    methods = [("nearest (PTQ)", "nearest"), ("AdaRound", "adaround"), ("BRECQ", "brecq"), ("QAT", "qat"),
+               ("QAT + LSQ", "qat_lsq")]
+    for model in ("cnn", "cnn_bn", "resnet18"):
+        rows = [r for r in results if r["model"] == model and r["dataset"] == "fashion-mnist"]
+        fp = [r["fp32_acc"] for r in rows if r["script"] == "train"]
+        head = f"**{model}** (float32 {pct(fp[0])})" if fp else f"**{model}**"
+        lines = [head, "", "| method | " + " | ".join(f"W{w}A{a}" for w, a in LOW_BITS) + " | runs |",
+                 "|---|" + "---|" * (len(LOW_BITS) + 1)]
+        for label, method in methods:
+            cells, used = zip(*(_low_bit_cell(rows, method, w, a) for w, a in LOW_BITS))
+            cost = []
+            for r in (r for r in used if r is not None):
+                its = f"{r['iters']} it./{'unit' if method == 'brecq' else 'layer'}, " if "iters" in r else (
+                    f"{r['epochs']} epochs, " if "epochs" in r else "")
+                if "minutes" in r:
+                    cost.append(f"W{r['w_bits']}A{r['a_bits']}: {its}{r['minutes']:.1f} min")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {'; '.join(cost) or '-'} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + (f"\n\n{EDGE_MARK}: first and last layer, the input and the logits at 8 bits "
+                                 f"(`--first-last-bits 8`). Integer accuracy wherever the model runs in integers "
+                                 f"(activations of at most 8 bits), fake-quant at A32.")
+
+
 CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
           "imagenet": render_imagenet, "resnet18": render_resnet18, "mobilenet": render_mobilenet,
-          "depthwise": render_depthwise}
+          "depthwise": render_depthwise, "low_bits": render_low_bits}
 
 
 

@@ -1,6 +1,6 @@
 """The project's targets, each checked against the results: the "Targets" table that ends
 RESULTS.md. (Acceptance criteria of the issues that set them, kept apart from the rendering.)"""
-from tables import (ADAROUND_W4A8_TOL, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
+from tables import (ADAROUND_W4A8_TOL, _low_bit_cell, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
                     granularity, imagenet_agreement, kernel, observer_name, pct, plain)
 
 
@@ -87,6 +87,48 @@ def check_targets(results):
             rows.append(("QAT training step <= 2.5x float32 step", r["model"], f"{r['qat_train_ratio']:.2f}x",
                          r["qat_train_ratio"] <= 2.5))
     rows += tflite_targets(results)
+    rows += low_bit_targets(results)
+    return rows
+
+
+def _low_bit_run(results, method, model, w, a):
+    """The run a low-bit table cell shows (tables._low_bit_cell), or None."""
+    rows = [r for r in results if r["model"] == model and r["dataset"] == "fashion-mnist"]
+    return _low_bit_cell(rows, method, w, a)[1]
+
+
+def _acc(r):
+    return r["int_acc"] if "int_acc" in r else r["fakequant_acc"]
+
+
+def low_bit_targets(results):
+    """Issue 16: BRECQ and LSQ below 4 bits."""
+    rows = []
+    for model in ("cnn", "cnn_bn", "resnet18"):
+        for w, a in ((2, 32), (2, 8)):
+            b, ada = _low_bit_run(results, "brecq", model, w, a), _low_bit_run(results, "adaround", model, w, a)
+            if b and ada:
+                rows.append((f"BRECQ W{w}A{a} at least 5 above AdaRound", f"{model}, {b['iters']} / {ada['iters']} it.",
+                             f"{_acc(b):.2f} vs {_acc(ada):.2f}", _acc(b) - _acc(ada) >= 5.0))
+        if model == "resnet18":
+            b = _low_bit_run(results, "brecq", model, 2, 32)
+            if b:
+                rows.append(("BRECQ ResNet18 W2A32 within 3 of float32", f"{b['iters']} it./unit",
+                             f"{_acc(b) - b['fp32_acc']:+.2f}", b["fp32_acc"] - _acc(b) <= 3.0))
+            b = _low_bit_run(results, "brecq", model, 4, 4)
+            if b and b.get("first_last_bits") == 8:
+                rows.append(("BRECQ ResNet18 W4A4 (8-bit first/last) within 1.0 of float32", f"{b['iters']} it./unit",
+                             f"{_acc(b) - b['fp32_acc']:+.2f}", b["fp32_acc"] - _acc(b) <= 1.0))
+        else:
+            for w, tol in ((4, 0.5), (2, 3.0)):
+                q = _low_bit_run(results, "qat_lsq", model, w, 4)
+                if q and q.get("first_last_bits") == 8:
+                    rows.append((f"QAT+LSQ W{w}A4 (8-bit first/last) within {tol} of float32", model,
+                                 f"{_acc(q) - q['fp32_acc']:+.2f}", q["fp32_acc"] - _acc(q) <= tol))
+    for r in find(results, method="brecq", model="cnn_bn", dataset="fashion-mnist"):
+        if r["iters"] == 20000 and r["num_calib"] == 1024 and r.get("threads", 0) >= 2:
+            rows.append(("BRECQ of cnn_bn (defaults) under 10 minutes on 2 cores", f"W{r['w_bits']}A{r['a_bits']}",
+                         f"{r['minutes']:.1f} min", r["minutes"] < 10.0))
     return rows
 
 

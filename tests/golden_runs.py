@@ -10,8 +10,10 @@ and calibration are deterministic on one kind of CPU and torch build, not across
 golden file records both, and where they differ from the machine running the test only the
 accuracies are compared, within a tolerance (see test_golden.py).
 """
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -44,15 +46,37 @@ RUNS = {
     "adaround_cnn_bn_w4a8": ("AdaRound.py", "--model cnn_bn --w-bits 4 --a-bits 8 --per-channel --dry-run "
                                             "--save {tmp}/ada.pt --plot {tmp}/h.png"),
     "adaround_cnn_w3a32": ("AdaRound.py", "--model cnn --w-bits 3 --dry-run --save {tmp}/ada.pt --plot {tmp}/h.png"),
+    "brecq_cnn_bn_w2a8": ("BRECQ.py", "--model cnn_bn --w-bits 2 --a-bits 8 --per-channel --dry-run "
+                                      "--save {tmp}/brecq.pt --plot {tmp}/h.png"),
     "table1_cnn_bn": ("table1.py", "--model cnn_bn --dry-run --plot {tmp}/t1.png"),
 }
+
+
+def cpu_flags():
+    """A short hash of the CPU's feature flags: two CPUs torch calls "AVX512" still pick different
+    oneDNN kernels (AMX, VNNI, ...), and their float results differ in the last bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
 
 
 def machine():
     """What floating-point results depend on besides the code: the torch build and the CPU's
     vector instructions (they pick the float kernels, whose rounding differs)."""
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
             "threads": torch.get_num_threads()}
+
+
+SAME_MACHINE_KEYS = ("torch", "cpu", "cpu_flags")
+
+
+def same_machine(recorded):
+    """Whether a golden file was written on a machine whose float results are this one's."""
+    here = machine()
+    return all(recorded.get(k) == here[k] for k in SAME_MACHINE_KEYS)
 
 
 def group(name):

@@ -69,7 +69,8 @@ def test_learn_scales_starts_every_step_size_at_lsq_init(trained_like):
 def test_learned_scales_freeze_into_the_integer_model(trained_like):
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(32, 1, 28, 28, generator=g), torch.arange(32) % 10
-    qmodel = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True, a_observer="ema"))
+    qmodel = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True, a_observer="ema",
+                                                       single_rounding=True))
     calibrate(qmodel, [(x, y)], "cpu", 1)
     set_phase(qmodel, "qat")
     learn_scales(qmodel, [(x, y)], "cpu", 1)
@@ -93,6 +94,8 @@ def test_learned_scales_freeze_into_the_integer_model(trained_like):
     assert torch.equal(first.out_scale, activation_quantizers(qmodel)[0].qparams()[0])   # the learned S, frozen
     q_int = output_integers(frozen, set_mode(frozen, "int")(x)).long()
     diff = (q_int - integers_of(fq, s_out, z_out)).abs()
+    # one rounding per layer, as fake-quant rounds (97.8% identical here; with the default double
+    # rounding 87.5-92%, depending on the CPU's float kernels)
     assert diff.max() <= 1 and (diff == 0).float().mean() > 0.9, diff.float().mean()
 
 
