@@ -77,8 +77,22 @@ def plot_h(path, snapshots, layer_name, iters):
     plt.close(fig)
 
 
-def run_name(args, qconfig):
-    return f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}_{'pc' if qconfig.per_channel else 'pt'}"
+def run_name(args, qconfig, method):
+    """File stem of a run's model and h(V) plot: data set, model, bits, and every setting a sweep
+    varies that is not the default, so that two runs of a sweep do not write the same file."""
+    parts = [args.dataset, args.model, f"W{qconfig.w_bits}A{qconfig.a_bits}"]
+    if qconfig.first_last_bits:
+        parts.append(f"fl{qconfig.first_last_bits}")
+    parts.append("pc" if qconfig.per_channel else "pt")
+    if qconfig.w_observer != "minmax":
+        parts.append(qconfig.w_observer + (f"{qconfig.lp_p:g}" if qconfig.w_observer == "lp" else ""))
+    if not qconfig.fold_bn:
+        parts.append("unfold")
+    if args.iters != method.iters:
+        parts.append(f"it{args.iters}")
+    if args.lr != LR:
+        parts.append(f"lr{args.lr:g}")
+    return "_".join(parts)
 
 
 @dataclass(frozen=True)
@@ -171,11 +185,12 @@ def main(method=ADAROUND, doc=__doc__):
     print(f"nearest rounding {nearest[key]:6.2f}%  ({key.replace('_acc', '')})")
     print_frozen_report(fp32_acc, report)
 
-    save = args.save or cli.trial_path(args, os.path.join("runs", method.name, f"{run_name(args, qconfig)}.pt"))
+    stem = run_name(args, qconfig, method)
+    save = args.save or cli.trial_path(args, os.path.join("runs", method.name, f"{stem}.pt"))
     save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding=method.name, fp32_acc=round(fp32_acc, 2), **report)
     print(f"saved the {method.label} model to {save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
-    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"{method.name}_h_{run_name(args, qconfig)}.png"))
+    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"{method.name}_h_{stem}.png"))
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")
     blocks = {"loss": args.loss, "layers_per_group": args.layers_per_group,

@@ -1,10 +1,13 @@
-"""Reconstruction, the machinery AdaRound (and block reconstruction) is built on: cut a unit out
-of the converted graph, cache its inputs from the quantized model and its targets from the
-float model, and fit a quantizer's learnable tensors so that the unit's output matches.
+"""Reconstruction, the machinery AdaRound and BRECQ are built on: cut a unit out of the
+converted graph, cache its inputs from the quantized model and its targets from the float
+model, and fit the quantizers' learnable tensors (the rounding h(V), step sizes) so that the
+unit's output matches.
 
-A unit starts at a layer and ends where its values reach their activation quantizer: the
-layer, its ReLU and max-pool (model.chain). Units are subgraphs (fx), so a unit could as well
-be a residual block; the loop below does not care what is inside.
+Units (`Unit`, found by `layer_units` for AdaRound, `find_units` for BRECQ) are subgraphs from
+one node's value to another's (`region`): a layer with its ReLU and max-pool (model.chain),
+a residual block (an add's immediate dominator to the add's ReLU), or several layers in a row;
+with `to_quantizer` a unit also takes in the activation quantizer of its output. The loop
+(`reconstruct_unit`, `optimise`) does not care what is inside.
 """
 import math
 import time

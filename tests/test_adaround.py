@@ -109,3 +109,19 @@ def test_frozen_model_takes_the_learned_integers(tiny_unit):
     ada.mode = "hard"
     op, = layer.freeze(None, None, (0.0, float("inf")))
     assert torch.equal(op.w_q.float(), ada.integers())
+
+
+def test_run_names_of_a_sweep_differ_and_the_defaults_keep_the_short_name():
+    """Each sweep point (observer, BN folding, lr, iterations, 8-bit edges) writes its own
+    model and plot; the default run keeps data_model_WxAy_pc."""
+    from argparse import Namespace
+    from AdaRound import ADAROUND, ITERS, LR, run_name
+    args = Namespace(dataset="fashion-mnist", model="cnn_bn", iters=ITERS, lr=LR)
+    base = dict(w_bits=4, a_bits=8, per_channel=True)
+    variants = [{}, {"w_observer": "lp", "lp_p": 2.0}, {"w_observer": "lp", "lp_p": 2.4}, {"w_observer": "sqnr"},
+                {"fold_bn": False, "a_bits": FLOAT_BITS}, {"first_last_bits": 8}]
+    names = [run_name(args, QConfig(**{**base, **v}), ADAROUND) for v in variants]
+    names += [run_name(Namespace(**{**vars(args), **change}), QConfig(**base), ADAROUND)
+              for change in ({"lr": 1e-2}, {"iters": 2000})]
+    assert names[0] == "fashion-mnist_cnn_bn_W4A8_pc"
+    assert len(set(names)) == len(names), names
