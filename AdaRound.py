@@ -92,6 +92,13 @@ def run_name(args, qconfig, method):
         parts.append(f"it{args.iters}")
     if args.lr != LR:
         parts.append(f"lr{args.lr:g}")
+    if method.blocks:
+        if args.layers_per_group != 1:
+            parts.append(f"g{args.layers_per_group}")
+        if args.loss != method.loss:
+            parts.append(args.loss)
+        if args.scale_lr != method.scale_lr:
+            parts.append(f"slr{args.scale_lr:g}")
     return "_".join(parts)
 
 

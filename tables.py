@@ -372,10 +372,22 @@ LOW_BITS = [(4, 32), (3, 32), (2, 32), (4, 8), (2, 8), (4, 4), (2, 4)]
 EDGE_MARK = "ᶠ"                  # first and last layer (and input, logits) at 8 bits
 
 
-def _low_bit_candidates(rows, method, w, a):
-    """The runs of one cell: per-channel, W w A a, of one method (nearest: plain PTQ)."""
+LOW_BIT_ROWS = [("nearest (PTQ)", "nearest", {}), ("AdaRound", "adaround", {}), ("BRECQ", "brecq", {}),
+                ("QAT", "qat", {}), ("QAT + LSQ", "qat_lsq", {}),
+                # variants, shown where they were run: BRECQ's code searches an Lp (p = 2.4) weight range
+                ("AdaRound, Lp 2.4 weight range", "adaround", {"w_observer": "lp"}),
+                ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp"}),
+                ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2})]
+VARIANT_DEFAULTS = {"w_observer": "minmax", "layers_per_group": 1}
+
+
+def _low_bit_candidates(rows, method, w, a, variant=None):
+    """The runs of one cell: per-channel, W w A a, of one method (nearest: plain PTQ), with the
+    default weight range and unit size unless `variant` names others."""
+    want = {**VARIANT_DEFAULTS, **(variant or {})}
     rows = [r for r in rows if r.get("w_bits") == w and r["a_bits"] == a and r["per_channel"] and not r["out_bits"]
-            and not r["single_rounding"] and r["w_observer"] == "minmax" and r["fold_bn"]]
+            and not r["single_rounding"] and r["fold_bn"] and r["w_observer"] == want["w_observer"]
+            and (r["w_observer"] != "lp" or r["lp_p"] == 2.4) and r.get("layers_per_group", 1) == want["layers_per_group"]]
     if method == "nearest":
         return [r for r in rows if plain(r, "first_last_bits", "a_bits_int")]
     if method in ("adaround", "brecq"):
@@ -384,11 +396,11 @@ def _low_bit_candidates(rows, method, w, a):
     return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r]
 
 
-def _low_bit_cell(rows, method, w, a):
+def _low_bit_cell(rows, method, w, a, variant=None):
     """Accuracy (integer where there is an integer path): with 4-bit activations the run with
     8-bit first/last layers when there is one (BRECQ's and LSQ's setting), else the plain one;
     among equals the one with the most iterations."""
-    found = _low_bit_candidates(rows, method, w, a)
+    found = _low_bit_candidates(rows, method, w, a, variant)
     if not found and method == "nearest":                    # the reconstructions score nearest first
         found = [{**r, "int_acc": r["nearest"]["int_acc"]} if "int_acc" in r["nearest"] else
                  {**r, "fakequant_acc": r["nearest"]["fakequant_acc"]}
@@ -404,19 +416,20 @@ def _low_bit_cell(rows, method, w, a):
 
 
 def render_low_bits(results):
-    """One table per Fashion-MNIST network: rows nearest / AdaRound / BRECQ / QAT / QAT+LSQ,
-    columns LOW_BITS, then how long each reconstruction and training took."""
+    """One table per Fashion-MNIST network: rows nearest / AdaRound / BRECQ / QAT / QAT+LSQ (and
+    the variants that were run), columns LOW_BITS, then how long each reconstruction and
+    training took."""
     out = []
-    methods = [("nearest (PTQ)", "nearest"), ("AdaRound", "adaround"), ("BRECQ", "brecq"), ("QAT", "qat"),
-               ("QAT + LSQ", "qat_lsq")]
     for model in ("cnn", "cnn_bn", "resnet18"):
         rows = [r for r in results if r["model"] == model and r["dataset"] == "fashion-mnist"]
         fp = [r["fp32_acc"] for r in rows if r["script"] == "train"]
         head = f"**{model}** (float32 {pct(fp[0])})" if fp else f"**{model}**"
         lines = [head, "", "| method | " + " | ".join(f"W{w}A{a}" for w, a in LOW_BITS) + " | runs |",
                  "|---|" + "---|" * (len(LOW_BITS) + 1)]
-        for label, method in methods:
-            cells, used = zip(*(_low_bit_cell(rows, method, w, a) for w, a in LOW_BITS))
+        for label, method, variant in LOW_BIT_ROWS:
+            cells, used = zip(*(_low_bit_cell(rows, method, w, a, variant) for w, a in LOW_BITS))
+            if variant and not any(used):
+                continue
             cost = []
             for r in (r for r in used if r is not None):
                 its = f"{r['iters']} it./{'unit' if method == 'brecq' else 'layer'}, " if "iters" in r else (
@@ -430,9 +443,56 @@ def render_low_bits(results):
                                  f"(activations of at most 8 bits), fake-quant at A32.")
 
 
+BASE_LRS = (1e-2, 1e-3)            # the seed's two AdaRound learning rates
+
+
+def weight_range_name(r):
+    return f"lp p={r['lp_p']:g}" if r["w_observer"] == "lp" else r["w_observer"]
+
+
+def render_base_quantizers(results):
+    """AdaRound W4A32 / W4A8 per-channel from each weight range, BN folded and unfolded, at
+    each learning rate: rows network x iterations x range x BN, columns nearest and AdaRound
+    per learning rate; the best AdaRound cell of each (network, iterations, bits) in bold."""
+    rows = [r for r in results if r["script"] == "AdaRound" and r["dataset"] == "fashion-mnist"
+            and r["model"] in ("cnn_bn", "resnet18") and r["w_bits"] == 4 and r["a_bits"] in (32, 8)
+            and r["per_channel"] and r["a_observer"] == "minmax" and not r["single_rounding"]
+            and not r.get("first_last_bits") and not r["out_bits"] and r["lr"] in BASE_LRS]
+    if not rows:
+        return "_(no results yet)_"
+    cell = {(r["model"], r["iters"], weight_range_name(r), r["fold_bn"], r["a_bits"], r["lr"]): r for r in rows}
+    cols = [f"W4A{a} {what}" for a in (32, 8) for what in ["nearest"] + [f"lr {lr:g}" for lr in BASE_LRS]]
+    lines = ["| network | it./layer | weight range | BN | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for model in ("cnn_bn", "resnet18"):
+        for iters in sorted({r["iters"] for r in rows if r["model"] == model}):
+            group = [r for r in rows if r["model"] == model and r["iters"] == iters]
+            if len(group) < 2:                   # a lone default run is in the AdaRound table
+                continue
+            best = {a: max((ada_acc(r) for r in group if r["a_bits"] == a), default=None) for a in (32, 8)}
+            for obs in [o for o in OBSERVER_ORDER if any(weight_range_name(r) == o for r in group)]:
+                for fold in (True, False):
+                    if not any(r["fold_bn"] == fold and weight_range_name(r) == obs for r in group):
+                        continue
+                    cells = []
+                    for a in (32, 8):
+                        runs = [cell.get((model, iters, obs, fold, a, lr)) for lr in BASE_LRS]
+                        found = [r for r in runs if r is not None]
+                        if a != 32 and not fold:
+                            cells += ["n/a"] * (1 + len(BASE_LRS))     # the integer path folds BN
+                            continue
+                        cells.append(pct(found[0]["nearest_acc"]) if found else "-")
+                        cells += ["-" if r is None else (f"**{pct(ada_acc(r))}**" if ada_acc(r) == best[a]
+                                                         else pct(ada_acc(r))) for r in runs]
+                    lines.append(f"| {model} | {iters} | {obs} | {'folded' if fold else 'unfolded'} | "
+                                 + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
           "imagenet": render_imagenet, "resnet18": render_resnet18, "mobilenet": render_mobilenet,
-          "depthwise": render_depthwise, "low_bits": render_low_bits}
+          "depthwise": render_depthwise, "low_bits": render_low_bits,
+          "base_quantizers": render_base_quantizers}
 
 
 

@@ -1,5 +1,7 @@
 """The project's targets, each checked against the results: the "Targets" table that ends
 RESULTS.md. (Acceptance criteria of the issues that set them, kept apart from the rendering.)"""
+import itertools
+
 from tables import (ADAROUND_W4A8_TOL, _low_bit_cell, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
                     granularity, imagenet_agreement, kernel, observer_name, pct, plain)
 
@@ -91,10 +93,10 @@ def check_targets(results):
     return rows
 
 
-def _low_bit_run(results, method, model, w, a):
+def _low_bit_run(results, method, model, w, a, variant=None):
     """The run a low-bit table cell shows (tables._low_bit_cell), or None."""
     rows = [r for r in results if r["model"] == model and r["dataset"] == "fashion-mnist"]
-    return _low_bit_cell(rows, method, w, a)[1]
+    return _low_bit_cell(rows, method, w, a, variant)[1]
 
 
 def _acc(r):
@@ -105,10 +107,12 @@ def low_bit_targets(results):
     """Issue 16: BRECQ and LSQ below 4 bits."""
     rows = []
     for model in ("cnn", "cnn_bn", "resnet18"):
-        for w, a in ((2, 32), (2, 8)):
-            b, ada = _low_bit_run(results, "brecq", model, w, a), _low_bit_run(results, "adaround", model, w, a)
-            if b and ada:
-                rows.append((f"BRECQ W{w}A{a} at least 5 above AdaRound", f"{model}, {b['iters']} / {ada['iters']} it.",
+        for (w, a), (grid, variant) in itertools.product(((2, 32), (2, 8)), (("", None),
+                                                                           (", Lp 2.4 range", {"w_observer": "lp"}))):
+            b, ada = (_low_bit_run(results, m, model, w, a, variant) for m in ("brecq", "adaround"))
+            if b and ada:     # on the same weight grid
+                rows.append((f"BRECQ W{w}A{a} at least 5 above AdaRound{grid}",
+                             f"{model}, {b['iters']} / {ada['iters']} it.",
                              f"{_acc(b):.2f} vs {_acc(ada):.2f}", _acc(b) - _acc(ada) >= 5.0))
         if model == "resnet18":
             b = _low_bit_run(results, "brecq", model, 2, 32)

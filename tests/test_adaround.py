@@ -125,3 +125,9 @@ def test_run_names_of_a_sweep_differ_and_the_defaults_keep_the_short_name():
               for change in ({"lr": 1e-2}, {"iters": 2000})]
     assert names[0] == "fashion-mnist_cnn_bn_W4A8_pc"
     assert len(set(names)) == len(names), names
+    from BRECQ import BRECQ
+    brecq = Namespace(**{**vars(args), "iters": BRECQ.iters, "layers_per_group": 1, "loss": BRECQ.loss,
+                         "scale_lr": BRECQ.scale_lr})
+    changes = ({}, {"layers_per_group": 2}, {"loss": "mse"}, {"scale_lr": 0.0})
+    names = [run_name(Namespace(**{**vars(brecq), **c}), QConfig(**base), BRECQ) for c in changes]
+    assert names[0] == "fashion-mnist_cnn_bn_W4A8_pc" and len(set(names)) == len(changes), names

@@ -1,0 +1,187 @@
+"""Compressed activations (compress.py, ActNN): bit packing round trips, stochastic rounding is
+unbiased with the spread its variance formula predicts, the stored minimum and step cover
+every group, and the bytes held are the ones counted by hand."""
+import pytest
+import torch
+
+from compress import BITS, GROUP_SIZE, compress, decompress, pack, unpack
+from errors import IntsimError
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_then_unpack_gives_the_codes_back(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (8 * 37,), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == codes.numel() * bits // 8
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def test_pack_puts_the_first_code_in_the_lowest_bits():
+    # 2-bit codes 1, 2, 3, 0 -> 0b00_11_10_01 (a plain-Python reading of the layout)
+    assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+    assert pack(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1], dtype=torch.uint8), 1).tolist() == [0b10000001]
+
+
+@pytest.mark.parametrize("per_group", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantized_values_lie_on_the_grid_within_one_step(bits, per_group):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 11, generator=g) * 3 + 1
+    c = compress(x, bits, per_group=per_group, generator=g)
+    y = decompress(c)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    step = c.step.float().max()
+    assert (y - x).abs().max() <= step * (1 + 1e-6)
+    # the stored grid covers each group: minimum <= every value <= minimum + B * step
+    lo, hi = c.minimum.float().min(), (c.minimum.float() + (2 ** bits - 1) * c.step.float()).max()
+    assert lo <= x.min() and hi >= x.max()
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_stochastic_rounding_is_unbiased(bits):
+    """The mean of K dequantized draws converges to x: per value the draw is m + s (k or k + 1)
+    with P(k + 1) = p, variance s^2 p (1 - p), so the mean's error stays within 5 standard
+    deviations s sqrt(p (1 - p) / K) (plus float rounding)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 600, generator=g)
+    draws = 4000
+    mean = torch.zeros_like(x)
+    for _ in range(draws):
+        c = compress(x, bits, generator=g)
+        mean += decompress(c) / draws
+    step = c.step.float().repeat_interleave(GROUP_SIZE, dim=2).reshape(2, -1)[:, :600]
+    frac = ((x - c.minimum.float().repeat_interleave(GROUP_SIZE, dim=2).reshape(2, -1)[:, :600]) / step) % 1
+    sd = step * torch.sqrt(frac * (1 - frac) / draws)
+    assert ((mean - x).abs() <= 5 * sd + 1e-5).all()
+    # the bound has teeth: rounding to nearest (biased by up to half a step) fails it
+    grid_min = c.minimum.float().repeat_interleave(GROUP_SIZE, dim=2).reshape(2, -1)[:, :600]
+    nearest = grid_min + step * torch.round((x - grid_min) / step)
+    assert ((nearest - x).abs() > 5 * sd + 1e-5).float().mean() > 0.5
+
+
+def test_a_constant_group_comes_back_exactly_in_expectation_and_never_nan():
+    x = torch.full((2, 256), 0.3)
+    c = compress(x, 2, generator=torch.Generator().manual_seed(0))
+    y = decompress(c)
+    assert torch.isfinite(y).all() and (y - x).abs().max() <= c.step.float().max()
+
+
+def test_bytes_held_are_the_packed_codes_and_two_bfloat16_per_group():
+    x = torch.randn(3, 300)
+    c = compress(x, 2, group_size=256)                       # 2 groups per sample (300 -> 512)
+    assert c.nbytes() == 3 * 512 * 2 // 8 + 3 * 2 * (2 + 2)
+    c = compress(x, 2, per_group=False)                      # one group: 900 values padded to 904
+    assert c.nbytes() == 904 * 2 // 8 + 2 + 2
+
+
+@pytest.mark.parametrize("bad", [dict(bits=3), dict(bits=2, group_size=12)])
+def test_bad_settings_name_the_problem(bad):
+    with pytest.raises(IntsimError):
+        compress(torch.randn(2, 8), **bad)
+
+
+# ----------------------------------------------------------------------------- compressed layers
+import copy  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from compress import CompressConfig, compress_activations  # noqa: E402
+
+
+def _grads(module, x, seed):
+    """(dL/dx, dL/dparams) of L = sum(module(x) * r) for a fixed random r, in training mode."""
+    module.train()
+    x = x.clone().requires_grad_(True)
+    module.zero_grad()
+    y = module(x)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    (y * r).sum().backward()
+    return [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+
+
+LAYERS = {
+    "conv": lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+    "conv_groups_dilation": lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
+    "linear": lambda: nn.Linear(40, 7),
+    "batchnorm": lambda: nn.BatchNorm2d(3),
+    "relu": lambda: nn.ReLU(),
+    "maxpool_2x2": lambda: nn.MaxPool2d(2),
+    "maxpool_3x3_s2_p1": lambda: nn.MaxPool2d(3, stride=2, padding=1),       # overlapping, ResNet's stem
+}
+
+
+def _input(name):
+    g = torch.Generator().manual_seed(3)
+    if name == "linear":
+        return torch.randn(6, 40, generator=g)
+    return torch.randn(4, 4 if "groups" in name else 3, 9, 9, generator=g) * 2 + 0.5
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_compressed_layer_at_8_bits_gives_autograds_gradients(name):
+    torch.manual_seed(0)
+    exact = LAYERS[name]()
+    twin = compress_activations(copy.deepcopy(exact), CompressConfig(bits=8))
+    assert type(twin) is not type(exact) and isinstance(twin, type(exact))
+    assert twin.state_dict().keys() == exact.state_dict().keys()
+    x = _input(name)
+    want, got = _grads(exact, x, seed=1), _grads(twin, x, seed=1)
+    for w, g in zip(want, got):
+        if name in ("relu", "maxpool_2x2", "maxpool_3x3_s2_p1"):
+            assert torch.equal(w, g)                                 # masks and indices are exact
+        else:                                                        # 8-bit x^: within a few %
+            assert (w - g).norm() <= 0.02 * w.norm() + 1e-6, name
+    if name == "batchnorm":                                          # running statistics as BN's
+        assert torch.allclose(exact.running_mean, twin.running_mean)
+        assert torch.allclose(exact.running_var, twin.running_var)
+
+
+@pytest.mark.parametrize("name", ["conv", "linear", "batchnorm"])
+def test_compressed_layer_at_2_bits_is_unbiased_over_many_backward_passes(name):
+    """2-bit gradients are noisy but unbiased (they are linear in the stochastically rounded x^):
+    their mean over K passes approaches the exact one, far closer than a single pass."""
+    torch.manual_seed(0)
+    exact = LAYERS[name]()
+    twin = compress_activations(copy.deepcopy(exact), CompressConfig(bits=2, group_size=64))
+    x = _input(name)
+    want = _grads(exact, x, seed=1)
+    passes = 400
+    runs = [_grads(twin, x, seed=1) for _ in range(passes)]
+    for i, w in enumerate(want):
+        draws = torch.stack([r[i] for r in runs])
+        one = (draws[0] - w).norm()
+        mean_err = (draws.mean(0) - w).norm()
+        if one <= 1e-4 * w.norm():       # this gradient needs no x (conv's dL/dx, biases): float noise only
+            continue
+        assert mean_err < 4 * one / passes ** 0.5, (name, i, float(mean_err), float(one))
+
+
+def test_compress_activations_swaps_every_layer_of_a_torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = compress_activations(torchvision.models.resnet18(num_classes=10))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert not kinds & {"Conv2d", "Linear", "BatchNorm2d", "ReLU", "MaxPool2d"}
+    assert {"CAConv2d", "CALinear", "CABatchNorm2d", "CAReLU", "CAMaxPool2d"} <= kinds
+
+
+def test_eval_mode_runs_the_plain_forward():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(2, 1, 8, 8)
+    twin = compress_activations(copy.deepcopy(net)).eval()
+    assert torch.equal(net.eval()(x), twin(x))
+
+
+def test_saved_bytes_of_a_tiny_net_are_the_ones_counted_by_hand():
+    from compress import saved_bytes
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 16), nn.ReLU(), nn.Linear(16, 4)).train()
+    x = torch.randn(2, 300, requires_grad=True)
+    # float32: the first linear keeps x (2 x 300), ReLU keeps its output (2 x 16), which the
+    # second linear keeps too (one storage); the weights are parameters
+    assert saved_bytes(net, x)[0] == 2 * 300 * 4 + 2 * 16 * 4
+    compress_activations(net, CompressConfig(bits=2, group_size=256))
+    # 2 bits: x in 2 groups of 256 per sample (codes 512 / 4 bytes, two bfloat16 per group),
+    # the ReLU's 1-bit mask (32 bits), the second input in 1 padded group of 256
+    assert saved_bytes(net, x)[0] == 2 * (512 // 4 + 2 * 4) + 2 * 16 // 8 + 2 * (256 // 4 + 4)
