@@ -155,6 +155,30 @@ def add_common(p):
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
 
 
+def add_compression(p):
+    """Flags of compressed activations for backward (compress.py, ActNN's --cabits/--pergroup)."""
+    from compress import GROUP_SIZE
+    p.add_argument("--ca-bits", type=int, default=None,
+                   help="store the activations saved for backward in this many bits (1, 2, 4, 8; ActNN); "
+                        "default: float32, as PyTorch does")
+    p.add_argument("--ca-group-size", type=int, default=GROUP_SIZE, help="values per range group of a sample")
+    p.add_argument("--ca-per-tensor", action="store_true", help="one range per saved tensor instead of per group")
+
+
+def compression_from(args):
+    """The CompressConfig the flags ask for, or None (no compression)."""
+    if args.ca_bits is None:
+        return None
+    from compress import CompressConfig
+    return CompressConfig(bits=args.ca_bits, group_size=args.ca_group_size, per_group=not args.ca_per_tensor)
+
+
+def compression_fields(ca):
+    """The RESULT fields of a compression setting (none for float32 saved activations, so that
+    plain runs keep the RESULT they always had)."""
+    return {} if ca is None else {"ca_bits": ca.bits, "ca_group_size": ca.group_size, "ca_per_group": ca.per_group}
+
+
 def add_qconfig(p, only=None, **defaults):
     """One flag per QConfig field (or the fields in `only`), its help and default from the
     field itself (`defaults` overrides a default for this script). No `choices=`: a wrong value

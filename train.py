@@ -15,6 +15,7 @@ import torch
 
 import cli
 from checkpoint import save_checkpoint, torch_save
+from compress import compress_activations
 from data import Batches, dataset_info, load_split, random_crop_flip
 from engine import evaluate, fingerprint, train_one_epoch
 from errors import IntsimError
@@ -78,6 +79,7 @@ def main():
                                                       f"{RESUME_DIR}; with --dry-run under {cli.DRY_RUN_DIR})")
     p.add_argument("--resume", action="store_true",
                    help="continue from <resume-dir>/<dataset>_<model>.resume.pt (same flags)")
+    cli.add_compression(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint at <ckpt-dir>/<dataset>_<model>.pt (it says which, with "
                         "both test accuracies)")
@@ -85,8 +87,11 @@ def main():
     # --dry-run writes under runs/dry-run/, never over ckpt/ (the checkpoint every script starts from)
     ckpt_dir = args.ckpt_dir or cli.trial_path(args, cli.DEFAULT_CKPT_DIR)
     resume_dir = args.resume_dir or cli.trial_path(args, RESUME_DIR)
-    path = os.path.join(ckpt_dir, f"{args.dataset}_{args.model}.pt")
-    resume_path = os.path.join(resume_dir, f"{args.dataset}_{args.model}.resume.pt")
+    ca = cli.compression_from(args)
+    # a run with compressed activations is a different run: its own checkpoint and resume file
+    stem = f"{args.dataset}_{args.model}" + ("" if ca is None else f"_ca{ca.bits}{'' if ca.per_group else 'pt'}")
+    path = os.path.join(ckpt_dir, f"{stem}.pt")
+    resume_path = os.path.join(resume_dir, f"{stem}.resume.pt")
     replaced = existing_checkpoint(path, args.overwrite or (args.dry_run and args.ckpt_dir is None))
 
     info = dataset_info(args.dataset)
@@ -103,14 +108,19 @@ def main():
     cfg = ModelConfig(arch=args.model, in_channels=info.in_channels, image_size=info.image_size,
                       num_classes=info.num_classes)
     model = build_model(cfg).to(device)
+    if ca is not None:              # the same network; training keeps its saved activations packed
+        compress_activations(model, ca)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = epochs * (max_batches or len(train_batches))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
     print(f"{args.model} on {args.dataset}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(x_train)} training images, device {device}")
+          f"{len(x_train)} training images, device {device}"
+          + ("" if ca is None else f"; activations saved for backward in {ca.bits} bits "
+                                   f"({f'groups of {ca.group_size}' if ca.per_group else 'per tensor'})"))
 
     first_epoch, earlier_minutes = 1, 0.0
-    run_flags = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay}
+    run_flags = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                 **cli.compression_fields(ca)}
     if args.resume:
         state = read_resume(resume_path, device, run_flags)
         model.load_state_dict(state["model"])
@@ -140,7 +150,7 @@ def main():
     print(f"saved {path} (test accuracy {acc:.2f}%{before}, {minutes:.1f} min)")
     cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
-                     "ckpt": path, "seed": args.seed,
+                     "ckpt": path, "seed": args.seed, **cli.compression_fields(ca),
                      "weights_sha": fingerprint(torch.cat([v.flatten().float() for v in model.state_dict().values()]))}, args.result_json)
 
 

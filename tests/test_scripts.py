@@ -22,6 +22,17 @@ def test_train_dry_run_saves_a_checkpoint_ptq_can_use(data_dir, tmp_path, run, r
     assert r["test_images"] == 1000 and r["int_fq_same_class"] > 95
 
 
+def test_train_with_2_bit_compressed_activations_dry_run(data_dir, tmp_path, run, result_of):
+    """train.py --ca-bits 2 (ActNN): its own checkpoint name, the setting in the RESULT, and a
+    checkpoint the plain network loads (the compressed layers keep the state_dict keys)."""
+    r = result_of(run("train.py", "--model", "cnn_bn", "--dry-run", "--ca-bits", 2, "--data-dir", data_dir,
+                      "--ckpt-dir", tmp_path, "--resume-dir", tmp_path))
+    assert (r["ca_bits"], r["ca_group_size"], r["ca_per_group"]) == (2, 256, True)
+    ckpt = tmp_path / "fashion-mnist_cnn_bn_ca2.pt"
+    r = result_of(run("PTQ.py", "--model", "cnn_bn", "--ckpt", ckpt, "--dry-run", "--data-dir", data_dir))
+    assert r["test_images"] == 1000
+
+
 def test_saved_frozen_model_runs_in_a_fresh_process_without_the_float_network(data_dir, tmp_path, run, result_of):
     """PTQ.py --save, then a new Python process loads the file with the float network's
     builders disabled and runs its integer path: the same output integers as PTQ.py's."""
