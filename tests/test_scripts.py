@@ -33,6 +33,15 @@ def test_train_with_2_bit_compressed_activations_dry_run(data_dir, tmp_path, run
     assert r["test_images"] == 1000
 
 
+def test_memory_dry_run_measures_saved_bytes_time_and_variance(data_dir, run, result_of):
+    r = result_of(run("memory.py", "--model", "cnn_bn", "--ca-bits", 2, "--dry-run", "--device", "cpu",
+                      "--data-dir", data_dir))
+    b = r["saved_bytes_per_image"]
+    assert b["compressed"] < b["float32"] / 10 and r["memory_ratio"] == round(b["float32"] / b["compressed"], 2)
+    assert r["overall_var"] > 0 and r["sample_var"] > 0 and r["step_time_ratio"] > 0
+    assert r["peak_memory_bytes"] is None                   # CPU: PyTorch does not track a peak there
+
+
 def test_saved_frozen_model_runs_in_a_fresh_process_without_the_float_network(data_dir, tmp_path, run, result_of):
     """PTQ.py --save, then a new Python process loads the file with the float network's
     builders disabled and runs its integer path: the same output integers as PTQ.py's."""
