@@ -379,6 +379,7 @@ LOW_BIT_ROWS = [("nearest (PTQ)", "nearest", {}), ("AdaRound", "adaround", {}), 
                 ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp"}),
                 ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2})]
 VARIANT_DEFAULTS = {"w_observer": "minmax", "layers_per_group": 1}
+RECONSTRUCTION_LR = 1e-3            # AdaRound.LR, the scripts' default
 
 
 def _low_bit_candidates(rows, method, w, a, variant=None):
@@ -390,8 +391,9 @@ def _low_bit_candidates(rows, method, w, a, variant=None):
             and (r["w_observer"] != "lp" or r["lp_p"] == 2.4) and r.get("layers_per_group", 1) == want["layers_per_group"]]
     if method == "nearest":
         return [r for r in rows if plain(r, "first_last_bits", "a_bits_int")]
-    if method in ("adaround", "brecq"):
-        return [r for r in rows if r.get("method") == method and r["a_observer"] == "minmax"]
+    if method in ("adaround", "brecq"):            # the default Adam lr (the base-quantizer table varies it)
+        return [r for r in rows if r.get("method") == method and r["a_observer"] == "minmax"
+                and r["lr"] == RECONSTRUCTION_LR]
     lsq = method == "qat_lsq"
     return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r]
 
