@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from errors import IntsimError
+from module import QMean
 
 
 def _atomic_write(path, write):
@@ -133,7 +134,8 @@ TORCH_MODULES = {"ReLU": (nn.ReLU, ()), "ReLU6": (nn.ReLU6, ()), "Hardtanh": (nn
                  "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
                  "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
                  "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
-                 "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine"))}
+                 "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine")),
+                 "QMean": (QMean, ("keepdim",))}     # global average pooling left float (A32 models)
 
 
 def _function_name(fn):

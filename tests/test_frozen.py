@@ -225,6 +225,20 @@ def test_relu6_and_standalone_relu_clamp_where_tflite_does():
     assert torch.allclose(relu6(x), x.clamp(0.0, 6.0), atol=1e-12)   # the grid holds 0 and 6 exactly here
 
 
+def test_weights_only_resnet18_saves_and_loads_with_its_float_mean(tmp_path, small_resnet18, quantize):
+    """At A32 the global average pool stays a float QMean in the frozen graph: it must save too
+    (a BRECQ/AdaRound ResNet18 W2A32 run failed at its end on this)."""
+    from checkpoint import load_frozen, save_frozen
+    from model import ModelConfig
+    x = torch.randn(4, 1, 28, 28)
+    qconfig = QConfig(w_bits=2, a_bits=32, per_channel=True)
+    _, frozen = quantize(small_resnet18(), qconfig, x)
+    assert any(type(m).__name__ == "QMean" for m in frozen.modules())
+    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="resnet18"), "fashion-mnist")
+    again, _ = load_frozen(tmp_path / "q.pt", "fashion-mnist", "resnet18")
+    assert torch.equal(set_mode(again, "reals")(x), set_mode(frozen, "reals")(x))
+
+
 def test_frozen_model_saves_and_loads_without_the_float_network(tmp_path, trained_like, quantize):
     from checkpoint import load_frozen, save_frozen
     from model import ModelConfig
