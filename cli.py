@@ -39,8 +39,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help of flags that take a value; not for on/off switches (a store_false
+    switch such as --unfold-bn would read "(default: True)") or where the help names its own."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(description):
-    return Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(description=description, formatter_class=HelpFormatter)
 
 
 # ----------------------------------------------------------------------------- flag checks

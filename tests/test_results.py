@@ -88,3 +88,15 @@ def test_low_bit_table_shows_a_variant_row_only_where_it_was_run():
     brecq = next(x for x in lines if x.startswith("| BRECQ |"))
     lp = next(x for x in lines if x.startswith("| BRECQ, Lp 2.4"))
     assert _cells(brecq)[3] == "86.00" and _cells(lp)[3] == "88.00"
+
+
+def test_help_shows_defaults_of_valued_flags_but_not_of_switches():
+    """--unfold-bn (store_false into fold_bn) must not read "(default: True)"."""
+    import argparse
+    p = cli.parser("x")
+    p.add_argument("--iters", type=int, default=7, help="iterations")
+    p.add_argument("--unfold-bn", dest="fold_bn", action="store_false", help="quantize before BN")
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: ckpt/x.pt)")
+    text = " ".join(p.format_help().split())
+    assert "iterations (default: 7)" in text and "quantize before BN (default" not in text
+    assert text.count("(default") == 2 and isinstance(p, argparse.ArgumentParser)
