@@ -7,12 +7,14 @@ B = 2^b - 1) are kept in bfloat16 and the codes
 
     q = floor((x - m_G) / s_G + u),   u ~ U[0, 1)          (stochastic rounding)
 
-are bit-packed 8 / b per byte. E[m_G + s_G q] = x exactly: the stored m_G is x's minimum
+are bit-packed into a byte stream (4 per byte at 2 bits). E[m_G + s_G q] = x exactly: the stored m_G is x's minimum
 rounded down and s_G the step rounded up to bfloat16 (so the grid still covers the group),
 and the codes are computed from those stored values, not from the float ones. Per-tensor
 (ActNN's ablation) is one group for the whole tensor.
 """
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch import nn
 
 from errors import IntsimError
 
-BITS = (1, 2, 4, 8)             # code widths that pack whole into a byte
+BITS = tuple(range(1, 9))       # code widths (1, 2, 4, 8 fill bytes whole; the others straddle them)
 GROUP_SIZE = 256                # ActNN's default (quantize/conf.py: group_size)
 PARAM_DTYPE = torch.bfloat16    # m_G and s_G, as ActNN keeps them
 LOW_HALF = 0xFFFF               # the float32 bits bfloat16 drops
@@ -39,27 +41,27 @@ def _bf16_toward(x, up):
 
 
 def pack(codes, bits):
-    """Codes (uint8, each < 2^bits, numel a multiple of 8 / bits) -> uint8, 8 / bits codes per
-    byte, the first in the lowest bits."""
-    per_byte = 8 // bits
-    c = codes.reshape(-1, per_byte).to(torch.uint8)
-    out = torch.zeros(c.shape[0], dtype=torch.uint8, device=codes.device)
-    for i in range(per_byte):
-        out |= c[:, i] << (bits * i)
-    return out
+    """Codes (uint8, each < 2^bits) -> a uint8 bit stream: code i's bit j is stream bit
+    i * bits + j, 8 stream bits per byte, lowest first (whole codes per byte at 1, 2, 4, 8 bits;
+    codes straddle bytes at 3, 5, 6, 7, as ActNN's per-layer allocation needs)."""
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = ((codes.reshape(-1, 1).to(torch.uint8) >> shifts) & 1).flatten()          # (n * bits,)
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8, device=codes.device)).sum(1, dtype=torch.uint8)
 
 
-def unpack(packed, bits):
-    """The inverse of pack: (numel * 8 / bits,) uint8 codes."""
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> (bits * i)) & mask for i in range(per_byte)], dim=1).flatten()
+def unpack(packed, bits, n=None):
+    """The inverse of pack: the first n codes (default: all the stream holds) as uint8."""
+    stream = ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).flatten()
+    n = stream.numel() // bits if n is None else n
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
+    return (stream[:n * bits].reshape(n, bits) * weights).sum(1, dtype=torch.uint8)
 
 
 @dataclass
 class Compressed:
     """A tensor held in `bits` per value: packed codes, per-group minimum and step (bfloat16)."""
-    packed: torch.Tensor        # uint8, (N * groups * group_size * bits / 8,)
+    packed: torch.Tensor        # uint8, (ceil(N * groups * group_size * bits / 8),)
     minimum: torch.Tensor       # bfloat16, (N, groups, 1)
     step: torch.Tensor          # bfloat16, (N, groups, 1)
     shape: torch.Size
@@ -74,9 +76,9 @@ class Compressed:
 
 def _groups(x, group_size, per_group):
     """x (N, ...) -> (N, groups, group_size) float32, padded with each row's last value;
-    per-tensor: (1, 1, numel) padded to a multiple of a byte's codes."""
+    per-tensor: (1, 1, numel)."""
     rows = x.detach().float().reshape(x.shape[0], -1) if per_group else x.detach().float().reshape(1, -1)
-    size = group_size if per_group else rows.shape[1] + (-rows.shape[1]) % 8
+    size = group_size if per_group else rows.shape[1]
     pad = (-rows.shape[1]) % size
     if pad:
         rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
@@ -87,8 +89,8 @@ def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
     """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased)."""
     if bits not in BITS:
         raise IntsimError(f"activation compression bits {bits}: use one of {', '.join(map(str, BITS))}")
-    if group_size < 1 or group_size % 8:
-        raise IntsimError(f"compression group size {group_size}: use a positive multiple of 8")
+    if group_size < 1:
+        raise IntsimError(f"compression group size {group_size}: use a positive number")
     if x.dim() == 0 or x.numel() == 0:
         raise IntsimError(f"cannot compress a tensor of shape {tuple(x.shape)}: it needs a batch dimension")
     g, size = _groups(x, group_size, per_group)
@@ -107,7 +109,7 @@ def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
 def decompress(c):
     """Compressed -> the tensor m_G + s_G q, shape and dtype of the original."""
     n_groups = c.minimum.shape[0] * c.minimum.shape[1]
-    codes = unpack(c.packed, c.bits)[:n_groups * c.group_size].reshape(*c.minimum.shape[:2], c.group_size)
+    codes = unpack(c.packed, c.bits, n_groups * c.group_size).reshape(*c.minimum.shape[:2], c.group_size)
     values = c.minimum.float() + c.step.float() * codes.float()
     rows = values.reshape(c.minimum.shape[0], -1)
     per_row = c.shape.numel() // rows.shape[0]
@@ -130,8 +132,8 @@ class CompressConfig:
     def __post_init__(self):
         if self.bits not in BITS:
             raise IntsimError(f"--ca-bits {self.bits}: use one of {', '.join(map(str, BITS))}")
-        if self.group_size < 1 or self.group_size % 8:
-            raise IntsimError(f"--ca-group-size {self.group_size}: use a positive multiple of 8")
+        if self.group_size < 1:
+            raise IntsimError(f"--ca-group-size {self.group_size}: use a positive number")
 
 
 def _save(ctx, c, *others):
@@ -177,8 +179,7 @@ class CompressedLinearConv(torch.autograd.Function):
 
 
 def _pack_bool(mask):
-    flat = mask.flatten().to(torch.uint8)
-    return pack(torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]), 1)
+    return pack(mask.flatten().to(torch.uint8), 1)
 
 
 class CompressedReLU(torch.autograd.Function):
@@ -194,16 +195,16 @@ class CompressedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        mask = unpack(packed, 1)[:ctx.shape.numel()].reshape(ctx.shape)
+        mask = unpack(packed, 1, ctx.shape.numel()).reshape(ctx.shape)
         return g * mask.to(g.dtype)
 
 
 def _code_bits(values):
-    """The narrowest packable width for codes 0..values-1."""
-    for b in BITS:
-        if values <= 2 ** b:
-            return b
-    raise IntsimError(f"a max-pool window of {values} positions is too large to compress (at most 256)")
+    """The narrowest width for codes 0..values-1 (a 2x2 window: 2 bits; 3x3: 4)."""
+    bits = max(1, math.ceil(math.log2(values)))
+    if bits > 8:
+        raise IntsimError(f"a max-pool window of {values} positions is too large to compress (at most 256)")
+    return bits
 
 
 class CompressedMaxPool2d(torch.autograd.Function):
@@ -219,8 +220,7 @@ class CompressedMaxPool2d(torch.autograd.Function):
         ow = (torch.arange(y.shape[-1], device=x.device) * sw - pw).view(1, -1)    # (1, OW)
         local = ((idx // width - oh) // dh) * kw + (idx % width - ow) // dw         # 0 .. kh kw - 1
         bits = _code_bits(kh * kw)
-        flat = local.flatten().to(torch.uint8)
-        ctx.save_for_backward(pack(torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]), bits))
+        ctx.save_for_backward(pack(local.flatten().to(torch.uint8), bits))
         ctx.geometry = (x.shape, y.shape, kernel, stride, padding, dilation, bits)
         return y
 
@@ -228,7 +228,7 @@ class CompressedMaxPool2d(torch.autograd.Function):
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         x_shape, y_shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bits = ctx.geometry
-        local = unpack(packed, bits)[:y_shape.numel()].reshape(y_shape).long()
+        local = unpack(packed, bits, y_shape.numel()).reshape(y_shape).long()
         oh = (torch.arange(y_shape[-2], device=g.device) * sh - ph).view(-1, 1)
         ow = (torch.arange(y_shape[-1], device=g.device) * sw - pw).view(1, -1)
         idx = (oh + (local // kw) * dh) * x_shape[-1] + ow + (local % kw) * dw     # into the H W plane
@@ -351,3 +351,28 @@ def saved_bytes(model, x):
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
         out = model(x)
     return sum(held.values()), out
+
+
+# ----------------------------------------------------------------------------- bit allocation (ActNN sec. 4.2)
+
+def quantization_variance(sensitivity, bits):
+    """The variance stochastic rounding adds at `bits`: C / (2^b - 1)^2, C = sum over the tensor's
+    groups of (value count / 4) R_G^2 (times the output gradient's squared norm, ActNN's
+    --usegradient): each value's variance is at most s^2 / 4 with s = R_G / (2^b - 1)."""
+    return sensitivity / (2 ** bits - 1) ** 2
+
+
+def allocate_bits(sensitivities, sizes, average_bits, initial_bits=8, min_bits=1):
+    """ActNN's greedy allocation: from `initial_bits` everywhere, take one bit at a time from the
+    tensor where it adds the least variance per bit of storage saved, until the average over
+    all stored values (weighted by `sizes`) is at most `average_bits`. Returns the bits of each."""
+    bits = [initial_bits] * len(sizes)
+    budget = average_bits * sum(sizes)
+    while sum(b * n for b, n in zip(bits, sizes)) > budget:
+        cost = [(quantization_variance(c, b - 1) - quantization_variance(c, b)) / n if b > min_bits else math.inf
+                for c, b, n in zip(sensitivities, bits, sizes)]
+        i = min(range(len(bits)), key=cost.__getitem__)
+        if cost[i] == math.inf:
+            raise IntsimError(f"an average of {average_bits} bits is below {min_bits} bit per value: raise --ca-bits")
+        bits[i] -= 1
+    return bits
