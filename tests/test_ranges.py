@@ -247,3 +247,22 @@ def test_hessian_vector_product_matches_finite_differences(random_bn):
     dw = 1e-3 * v
     first, second, dloss = loss.terms(dw)
     assert abs(first + second - dloss) < 1e-3 * abs(second) + 1e-12
+
+
+def test_weight_search_runs_again_only_when_the_weights_change(monkeypatch):
+    """freeze fits every weight quantizer on each call; an lp search is skipped for weights it
+    has already searched (same values), and redone when they move."""
+    import observer
+    calls = []
+    real = observer.weight_range
+    monkeypatch.setattr(observer, "weight_range", lambda *a, **k: calls.append(1) or real(*a, **k))
+    obs = observer.WeightObserver(weight_grid(4, True), per_channel=True, method="lp")
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    obs(w)
+    first = [t.clone() for t in obs.range()]
+    obs(w.clone())                                   # the same values in a new tensor
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, obs.range()))
+    w2 = w.clone()
+    w2[0, 0, 0, 0] += 1.0
+    obs(w2)
+    assert len(calls) == 2 and not torch.equal(first[1], obs.range()[1])
