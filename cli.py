@@ -169,7 +169,7 @@ def add_compression(p):
     """Flags of compressed activations for backward (compress.py, ActNN's --cabits/--pergroup)."""
     from compress import GROUP_SIZE
     p.add_argument("--ca-bits", type=int, default=None,
-                   help="store the activations saved for backward in this many bits (1, 2, 4, 8; ActNN); "
+                   help="store the activations saved for backward in this many bits (1..8; ActNN); "
                         "default: float32, as PyTorch does")
     p.add_argument("--ca-group-size", type=int, default=GROUP_SIZE, help="values per range group of a sample")
     p.add_argument("--ca-per-tensor", action="store_true", help="one range per saved tensor instead of per group")

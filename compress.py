@@ -7,14 +7,14 @@ B = 2^b - 1) are kept in bfloat16 and the codes
 
     q = floor((x - m_G) / s_G + u),   u ~ U[0, 1)          (stochastic rounding)
 
-are bit-packed into a byte stream (4 per byte at 2 bits). E[m_G + s_G q] = x exactly: the stored m_G is x's minimum
-rounded down and s_G the step rounded up to bfloat16 (so the grid still covers the group),
-and the codes are computed from those stored values, not from the float ones. Per-tensor
+are bit-packed into a byte stream (4 per byte at 2 bits). E[m_G + s_G q] = x exactly: the
+stored m_G is x's minimum rounded down and s_G the step rounded up to bfloat16 (so the grid
+still covers the group), and the codes are computed from those stored values, not from the
+float ones. Per-tensor
 (ActNN's ablation) is one group for the whole tensor.
 """
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class Compressed:
     shape: torch.Size
     dtype: torch.dtype
     bits: int
-    group_size: int             # values per group (per-tensor: the padded numel)
+    group_size: int             # values per group (per-tensor: the numel)
 
     def nbytes(self):
         """The bytes held: codes, minima and steps."""
@@ -85,12 +85,17 @@ def _groups(x, group_size, per_group):
     return rows.reshape(rows.shape[0], -1, size), size
 
 
+def check_settings(bits, group_size):
+    """The one check of a compression setting (flags and direct calls alike)."""
+    if bits not in BITS:
+        raise IntsimError(f"--ca-bits {bits}: use one of {BITS[0]}..{BITS[-1]}")
+    if group_size < 1:
+        raise IntsimError(f"--ca-group-size {group_size}: use a positive number")
+
+
 def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
     """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased)."""
-    if bits not in BITS:
-        raise IntsimError(f"activation compression bits {bits}: use one of {', '.join(map(str, BITS))}")
-    if group_size < 1:
-        raise IntsimError(f"compression group size {group_size}: use a positive number")
+    check_settings(bits, group_size)
     if x.dim() == 0 or x.numel() == 0:
         raise IntsimError(f"cannot compress a tensor of shape {tuple(x.shape)}: it needs a batch dimension")
     g, size = _groups(x, group_size, per_group)
@@ -130,10 +135,10 @@ class CompressConfig:
     per_group: bool = True
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise IntsimError(f"--ca-bits {self.bits}: use one of {', '.join(map(str, BITS))}")
-        if self.group_size < 1:
-            raise IntsimError(f"--ca-group-size {self.group_size}: use a positive number")
+        check_settings(self.bits, self.group_size)
+
+    def compress(self, x):
+        return compress(x, self.bits, self.group_size, self.per_group)
 
 
 def _save(ctx, c, *others):
@@ -153,7 +158,7 @@ class CompressedLinearConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kwargs, cfg):
         ctx.kwargs, ctx.has_bias = kwargs, bias is not None
-        _save(ctx, compress(x, cfg.bits, cfg.group_size, cfg.per_group), weight)
+        _save(ctx, cfg.compress(x), weight)
         return (F.conv2d if weight.dim() == 4 else F.linear)(x, weight, bias, **kwargs)
 
     @staticmethod
@@ -207,6 +212,13 @@ def _code_bits(values):
     return bits
 
 
+def _window_starts(out_h, out_w, stride, padding, device):
+    """Top-left input position of each max-pool window: rows (OH, 1), columns (1, OW)."""
+    (sh, sw), (ph, pw) = stride, padding
+    return ((torch.arange(out_h, device=device) * sh - ph).view(-1, 1),
+            (torch.arange(out_w, device=device) * sw - pw).view(1, -1))
+
+
 class CompressedMaxPool2d(torch.autograd.Function):
     """Max-pool; keeps, for each output, which position of its window won (an index of
     ceil(log2(kH kW)) bits, packed) instead of the int64 index into the plane (exact)."""
@@ -214,10 +226,8 @@ class CompressedMaxPool2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-        width = x.shape[-1]
-        oh = (torch.arange(y.shape[-2], device=x.device) * sh - ph).view(-1, 1)    # window starts (OH, 1)
-        ow = (torch.arange(y.shape[-1], device=x.device) * sw - pw).view(1, -1)    # (1, OW)
+        (kh, kw), (dh, dw), width = kernel, dilation, x.shape[-1]
+        oh, ow = _window_starts(y.shape[-2], y.shape[-1], stride, padding, x.device)
         local = ((idx // width - oh) // dh) * kw + (idx % width - ow) // dw         # 0 .. kh kw - 1
         bits = _code_bits(kh * kw)
         ctx.save_for_backward(pack(local.flatten().to(torch.uint8), bits))
@@ -227,10 +237,9 @@ class CompressedMaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        x_shape, y_shape, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bits = ctx.geometry
+        x_shape, y_shape, (kh, kw), stride, padding, (dh, dw), bits = ctx.geometry
         local = unpack(packed, bits, y_shape.numel()).reshape(y_shape).long()
-        oh = (torch.arange(y_shape[-2], device=g.device) * sh - ph).view(-1, 1)
-        ow = (torch.arange(y_shape[-1], device=g.device) * sw - pw).view(1, -1)
+        oh, ow = _window_starts(y_shape[-2], y_shape[-1], stride, padding, g.device)
         idx = (oh + (local // kw) * dh) * x_shape[-1] + ow + (local % kw) * dw     # into the H W plane
         gx = g.new_zeros(*x_shape[:-2], x_shape[-2] * x_shape[-1])
         gx.scatter_add_(-1, idx.flatten(-2), g.flatten(-2))                        # overlapping windows add
@@ -249,7 +258,7 @@ class CompressedBatchNorm2d(torch.autograd.Function):
         std = torch.sqrt(var + eps)
         ctx.affine = weight is not None
         gamma = weight if weight is not None else torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-        _save(ctx, compress((x - mean) / std, cfg.bits, cfg.group_size, cfg.per_group), std, gamma)
+        _save(ctx, cfg.compress((x - mean) / std), std, gamma)
         return y
 
     @staticmethod
@@ -324,7 +333,7 @@ def compress_activations(model, cfg=None):
     nn.ReLU and nn.MaxPool2d, in place, becomes its compressed twin (the same parameters,
     buffers and state_dict keys; the forward is unchanged; training saves compressed inputs).
     Returns the model. Functional calls (F.relu in a forward) are not swapped: they save their
-    tensors in full, which count_saved shows."""
+    tensors in full, which saved_bytes shows."""
     cfg = cfg or CompressConfig()
     for m in model.modules():
         twin = COMPRESSED.get(type(m))
@@ -338,7 +347,7 @@ def compress_activations(model, cfg=None):
 def saved_bytes(model, x):
     """Bytes autograd holds for the backward pass after model(x): every tensor saved in the
     graph (torch.autograd.graph.saved_tensors_hooks), counted once per storage, parameters left
-    out (they are held anyway). Returns (bytes, the output)."""
+    out (they are held anyway)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     held = {}
 
@@ -349,8 +358,8 @@ def saved_bytes(model, x):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        out = model(x)
-    return sum(held.values()), out
+        model(x)
+    return sum(held.values())
 
 
 # ----------------------------------------------------------------------------- bit allocation (ActNN sec. 4.2)

@@ -36,10 +36,15 @@ REPEATS = 5                 # timed training steps per path; the fastest counts
 DRY_RUN = dict(batch_size=16, passes=3, batches=3, repeats=1)
 
 
-def weight_grads(model, x, y):
-    """The conv/linear weight gradients of the cross-entropy loss on (x, y), flattened into one vector."""
+def backward_pass(model, x, y):
+    """One training step's forward, cross-entropy loss and backward (no optimizer step)."""
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
+
+
+def weight_grads(model, x, y):
+    """The conv/linear weight gradients of the cross-entropy loss on (x, y), flattened into one vector."""
+    backward_pass(model, x, y)
     return torch.cat([m.weight.grad.flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
 
 
@@ -50,8 +55,7 @@ def step_time(model, x, y, repeats):
         if x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        backward_pass(model, x, y)
         if x.is_cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
@@ -67,7 +71,7 @@ def peak_memory(model, x, y):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    F.cross_entropy(model(x), y).backward()
+    backward_pass(model, x, y)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
@@ -86,7 +90,7 @@ def main():
     args, device = cli.start(p)
     ca = cli.compression_from(args)
     if ca is None:
-        raise IntsimError("memory.py compares compressed activations with float32 ones: pass --ca-bits (1, 2, 4, 8)")
+        raise IntsimError("memory.py compares compressed activations with float32 ones: pass --ca-bits (1..8)")
     if args.dry_run:
         for k, v in DRY_RUN.items():
             setattr(args, k, v)
@@ -109,8 +113,7 @@ def main():
           f"({f'groups of {ca.group_size}' if ca.per_group else 'per tensor'}) vs float32", flush=True)
 
     # 1. memory
-    float_bytes, _ = saved_bytes(exact, xb)
-    ca_bytes, _ = saved_bytes(packed, xb)
+    float_bytes, ca_bytes = saved_bytes(exact, xb), saved_bytes(packed, xb)
     peaks = {"float32": peak_memory(exact, xb, yb), "compressed": peak_memory(packed, xb, yb)}
     # 2. time
     t_float, t_ca = step_time(exact, xb, yb, args.repeats), step_time(packed, xb, yb, args.repeats)
@@ -143,8 +146,8 @@ def main():
                      "step_ms": {"float32": round(t_float * 1e3, 2), "compressed": round(t_ca * 1e3, 2)},
                      "step_time_ratio": round(t_ca / t_float, 2), "threads": torch.get_num_threads(),
                      "overall_var": float(f"{overall_var:.4g}"), "sample_var": float(f"{sample_var:.4g}"),
-                     "bias_rel": round(bias, 5), "noise_floor_rel": round(noise_floor, 5), "passes": args.passes, "batches": args.batches,
-                     "seed": args.seed}, args.result_json)
+                     "bias_rel": round(bias, 5), "noise_floor_rel": round(noise_floor, 5), "passes": args.passes,
+                     "batches": args.batches, "seed": args.seed}, args.result_json)
 
 
 if __name__ == "__main__":

@@ -375,10 +375,10 @@ EDGE_MARK = "ᶠ"                  # first and last layer (and input, logits) at
 LOW_BIT_ROWS = [("nearest (PTQ)", "nearest", {}), ("AdaRound", "adaround", {}), ("BRECQ", "brecq", {}),
                 ("QAT", "qat", {}), ("QAT + LSQ", "qat_lsq", {}),
                 # variants, shown where they were run: BRECQ's code searches an Lp (p = 2.4) weight range
-                ("AdaRound, Lp 2.4 weight range", "adaround", {"w_observer": "lp"}),
-                ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp"}),
+                ("AdaRound, Lp 2.4 weight range", "adaround", {"w_observer": "lp", "lp_p": 2.4}),
+                ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp", "lp_p": 2.4}),
                 ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2})]
-VARIANT_DEFAULTS = {"w_observer": "minmax", "layers_per_group": 1}
+VARIANT_DEFAULTS = {"w_observer": "minmax", "lp_p": None, "layers_per_group": 1}     # lp_p None: any
 RECONSTRUCTION_LR = 1e-3            # AdaRound.LR, the scripts' default
 
 
@@ -388,7 +388,7 @@ def _low_bit_candidates(rows, method, w, a, variant=None):
     want = {**VARIANT_DEFAULTS, **(variant or {})}
     rows = [r for r in rows if r.get("w_bits") == w and r["a_bits"] == a and r["per_channel"] and not r["out_bits"]
             and not r["single_rounding"] and r["fold_bn"] and r["w_observer"] == want["w_observer"]
-            and (r["w_observer"] != "lp" or r["lp_p"] == 2.4) and r.get("layers_per_group", 1) == want["layers_per_group"]]
+            and want["lp_p"] in (None, r["lp_p"]) and r.get("layers_per_group", 1) == want["layers_per_group"]]
     if method == "nearest":
         return [r for r in rows if plain(r, "first_last_bits", "a_bits_int")]
     if method in ("adaround", "brecq"):            # the default Adam lr (the base-quantizer table varies it)

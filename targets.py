@@ -108,7 +108,7 @@ def low_bit_targets(results):
     rows = []
     for model in ("cnn", "cnn_bn", "resnet18"):
         for (w, a), (grid, variant) in itertools.product(((2, 32), (2, 8)), (("", None),
-                                                                           (", Lp 2.4 range", {"w_observer": "lp"}))):
+                                                                           (", Lp 2.4 range", {"w_observer": "lp", "lp_p": 2.4}))):
             b, ada = (_low_bit_run(results, m, model, w, a, variant) for m in ("brecq", "adaround"))
             if b and ada:     # on the same weight grid
                 rows.append((f"BRECQ W{w}A{a} at least 5 above AdaRound{grid}",

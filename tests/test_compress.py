@@ -182,11 +182,11 @@ def test_saved_bytes_of_a_tiny_net_are_the_ones_counted_by_hand():
     x = torch.randn(2, 300, requires_grad=True)
     # float32: the first linear keeps x (2 x 300), ReLU keeps its output (2 x 16), which the
     # second linear keeps too (one storage); the weights are parameters
-    assert saved_bytes(net, x)[0] == 2 * 300 * 4 + 2 * 16 * 4
+    assert saved_bytes(net, x) == 2 * 300 * 4 + 2 * 16 * 4
     compress_activations(net, CompressConfig(bits=2, group_size=256))
     # 2 bits: x in 2 groups of 256 per sample (codes 512 / 4 bytes, two bfloat16 per group),
     # the ReLU's 1-bit mask (32 bits), the second input in 1 padded group of 256
-    assert saved_bytes(net, x)[0] == 2 * (512 // 4 + 2 * 4) + 2 * 16 // 8 + 2 * (256 // 4 + 4)
+    assert saved_bytes(net, x) == 2 * (512 // 4 + 2 * 4) + 2 * 16 // 8 + 2 * (256 // 4 + 4)
 
 
 def test_greedy_allocation_matches_brute_force_when_tensors_are_the_same_size():
