@@ -18,6 +18,7 @@ import torch
 
 import cli
 from checkpoint import load_frozen, save_frozen
+from compress import compress_activations
 from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
@@ -40,7 +41,9 @@ def default_save_path(args, qconfig):
     out = f"_out{qconfig.out_bits}" if qconfig.out_bits else ""
     edges = f"_fl{qconfig.first_last_bits}" if qconfig.first_last_bits else ""
     lsq = "_lsq" if getattr(args, "learn_scales", False) else ""
-    name = f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}{edges}_{granularity}{lsq}.pt"
+    ca = cli.compression_from(args) if getattr(args, "ca_bits", None) else None
+    tag = "" if ca is None else f"_{ca.tag()}"
+    name = f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}{edges}_{granularity}{lsq}{tag}.pt"
     return cli.trial_path(args, os.path.join("runs", "qat", name))
 
 
@@ -86,6 +89,7 @@ def main():
                    "(default: runs/qat/<dataset>_<model>_W<w>A<a>_<pt|pc>.pt)")
     p.add_argument("--learn-scales", action="store_true",
                    help="LSQ: learn every weight and activation step size with the weights (Esser et al. 2019)")
+    cli.add_compression(p)
     p.add_argument("--eval", default=None, metavar="PATH",
                    help="only evaluate a frozen QAT model saved earlier (no training)")
     args, device = cli.start(p)
@@ -109,8 +113,12 @@ def main():
     set_phase(qmodel, "qat")
     if args.learn_scales:                  # LSQ: S from 2 mean|v| / sqrt(Q_P), then trained
         learn_scales(qmodel, train, device, 1 if args.dry_run else args.calib_batches)
+    ca = cli.compression_from(args)
+    if ca is not None:                     # the same QAT; what backward needs is kept in ca.bits
+        compress_activations(qmodel, ca, batch_index=lambda: train.last_index)
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT{' with LSQ step sizes' if args.learn_scales else ''} "
-          f"for {epochs} epochs ({args.optimizer}, lr {lr:g}); "
+          f"for {epochs} epochs ({args.optimizer}, lr {lr:g}"
+          f"{'' if ca is None else f'; saved activations in {ca.bits} bits, {ca.describe()}'}); "
           f"float32 {fp32_acc:.2f}%, before QAT (fake-quant) {evaluate(qmodel, test, device):.2f}%")
 
     # 2) fine-tune the float shadow weights through the fake quantizers
@@ -142,7 +150,7 @@ def main():
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
                      "epochs": epochs, "lr": lr, "optimizer": args.optimizer, "learn_scales": args.learn_scales,
-                     "fp32_acc": round(fp32_acc, 2),
+                     "fp32_acc": round(fp32_acc, 2), **cli.compression_fields(ca),
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,
                      **report}, args.result_json, qconfig)
 

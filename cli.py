@@ -173,6 +173,15 @@ def add_compression(p):
                         "default: float32, as PyTorch does")
     p.add_argument("--ca-group-size", type=int, default=GROUP_SIZE, help="values per range group of a sample")
     p.add_argument("--ca-per-tensor", action="store_true", help="one range per saved tensor instead of per group")
+    p.add_argument("--ca-initial-bits", type=int, default=None,
+                   help="ActNN's --ibits: each sample of a saved tensor gets its own width, allocated "
+                        "greedily from this many bits down to an average of --ca-bits (default: --ca-bits, "
+                        "every sample alike)")
+    p.add_argument("--ca-per-layer", action="store_true",
+                   help="ActNN's --perlayer: share the average of --ca-bits among the layers too (from "
+                        "the previous step's ranges)")
+    p.add_argument("--ca-use-gradient", action="store_true",
+                   help="ActNN's --usegradient: weight the allocation by each sample's output-gradient norm")
 
 
 def compression_from(args):
@@ -180,13 +189,20 @@ def compression_from(args):
     if args.ca_bits is None:
         return None
     from compress import CompressConfig
-    return CompressConfig(bits=args.ca_bits, group_size=args.ca_group_size, per_group=not args.ca_per_tensor)
+    return CompressConfig(bits=args.ca_bits, group_size=args.ca_group_size, per_group=not args.ca_per_tensor,
+                          initial_bits=args.ca_initial_bits, per_layer=args.ca_per_layer,
+                          use_gradient=args.ca_use_gradient)
 
 
 def compression_fields(ca):
     """The RESULT fields of a compression setting (none for float32 saved activations, so that
     plain runs keep the RESULT they always had)."""
-    return {} if ca is None else {"ca_bits": ca.bits, "ca_group_size": ca.group_size, "ca_per_group": ca.per_group}
+    if ca is None:
+        return {}
+    fields = {"ca_bits": ca.bits, "ca_group_size": ca.group_size, "ca_per_group": ca.per_group}
+    if ca.mixed:        # the mixed-precision fields only where they are used (earlier RESULTs stay alike)
+        fields.update(ca_initial_bits=ca.initial_bits, ca_per_layer=ca.per_layer, ca_use_gradient=ca.use_gradient)
+    return fields
 
 
 def add_qconfig(p, only=None, **defaults):

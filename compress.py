@@ -42,20 +42,61 @@ def _bf16_toward(x, up):
 
 def pack(codes, bits):
     """Codes (uint8, each < 2^bits) -> a uint8 bit stream: code i's bit j is stream bit
-    i * bits + j, 8 stream bits per byte, lowest first (whole codes per byte at 1, 2, 4, 8 bits;
-    codes straddle bytes at 3, 5, 6, 7, as ActNN's per-layer allocation needs)."""
+    i * bits + j, 8 stream bits per byte, lowest first. At 1, 2, 4, 8 bits a byte holds
+    8 / bits whole codes, code k of a byte at bit k * bits; at 3, 5, 6, 7 codes straddle bytes
+    (the same stream order, built bit by bit)."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        codes = torch.cat([codes, codes.new_zeros((-codes.numel()) % per_byte)]).reshape(-1, per_byte)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (codes << shifts).sum(1, dtype=torch.uint8)          # the fields do not overlap: sum = or
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
-    stream = ((codes.reshape(-1, 1).to(torch.uint8) >> shifts) & 1).flatten()          # (n * bits,)
+    stream = ((codes.reshape(-1, 1) >> shifts) & 1).flatten()                            # (n * bits,)
     stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
     return (stream << torch.arange(8, dtype=torch.uint8, device=codes.device)).sum(1, dtype=torch.uint8)
 
 
 def unpack(packed, bits, n=None):
     """The inverse of pack: the first n codes (default: all the stream holds) as uint8."""
+    n = packed.numel() * 8 // bits if n is None else n
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.reshape(-1, 1) >> shifts) & (2 ** bits - 1)).flatten()[:n]
     stream = ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).flatten()
-    n = stream.numel() // bits if n is None else n
     weights = (1 << torch.arange(bits, device=packed.device)).to(torch.uint8)
     return (stream[:n * bits].reshape(n, bits) * weights).sum(1, dtype=torch.uint8)
+
+
+def _row_bytes(row_bits, values_per_row):
+    """Bytes of each row's codes (a row of per-group codes is whole bytes: groups of 8 values
+    or more, or the row padded to them) and where each row starts in the stream."""
+    nbytes = (row_bits.long() * values_per_row + 7) // 8
+    return nbytes, torch.cumsum(nbytes, 0) - nbytes
+
+
+def pack_rows(codes, row_bits):
+    """Codes (N, L) with row i at row_bits[i] bits -> one stream, row after row (each row
+    packed by pack at its own width): ActNN's per-sample precision."""
+    nbytes, starts = _row_bytes(row_bits, codes.shape[1])
+    out = codes.new_zeros(int(nbytes.sum()), dtype=torch.uint8)
+    for b in row_bits.unique().tolist():
+        rows = (row_bits == b).nonzero().flatten()
+        block = pack(codes[rows], b).reshape(len(rows), -1)                      # (rows, bytes per row)
+        where = starts[rows].view(-1, 1) + torch.arange(block.shape[1], device=codes.device)
+        out[where.flatten()] = block.flatten()
+    return out
+
+
+def unpack_rows(packed, row_bits, values_per_row):
+    """The inverse of pack_rows: (N, values_per_row) uint8."""
+    nbytes, starts = _row_bytes(row_bits, values_per_row)
+    codes = packed.new_zeros(len(row_bits), values_per_row)
+    for b in row_bits.unique().tolist():
+        rows = (row_bits == b).nonzero().flatten()
+        where = starts[rows].view(-1, 1) + torch.arange(int(nbytes[rows[0]]), device=packed.device)
+        codes[rows] = unpack(packed[where.flatten()], b).reshape(len(rows), -1)[:, :values_per_row]
+    return codes
 
 
 @dataclass
@@ -66,12 +107,23 @@ class Compressed:
     step: torch.Tensor          # bfloat16, (N, groups, 1)
     shape: torch.Size
     dtype: torch.dtype
-    bits: int
+    bits: int                   # the width of every code, or the largest of row_bits
     group_size: int             # values per group (per-tensor: the numel)
+    row_bits: torch.Tensor = None   # uint8 (N,): each sample's own width (mixed precision), or None
+
+    def tensors(self):
+        """What is held: codes, minima, steps (and the per-sample widths)."""
+        return [self.packed, self.minimum, self.step] + ([] if self.row_bits is None else [self.row_bits])
+
+    def with_tensors(self, tensors):
+        """The same description holding `tensors` (as tensors() lists them)."""
+        packed, minimum, step, *rest = tensors
+        return Compressed(packed, minimum, step, self.shape, self.dtype, self.bits, self.group_size,
+                          rest[0] if rest else None)
 
     def nbytes(self):
-        """The bytes held: codes, minima and steps."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.minimum, self.step))
+        """The bytes held: codes, minima and steps (and the per-sample widths)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def _groups(x, group_size, per_group):
@@ -87,34 +139,50 @@ def _groups(x, group_size, per_group):
 
 def check_settings(bits, group_size):
     """The one check of a compression setting (flags and direct calls alike)."""
-    if bits not in BITS:
+    if torch.is_tensor(bits):
+        if bits.numel() and (int(bits.min()) < BITS[0] or int(bits.max()) > BITS[-1]):
+            raise IntsimError(f"per-sample bits must lie in {BITS[0]}..{BITS[-1]}")
+    elif bits not in BITS:
         raise IntsimError(f"--ca-bits {bits}: use one of {BITS[0]}..{BITS[-1]}")
     if group_size < 1:
         raise IntsimError(f"--ca-group-size {group_size}: use a positive number")
 
 
 def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
-    """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased)."""
+    """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased).
+    `bits` may be a tensor (N,) of per-sample widths (per-group only): ActNN's mixed precision."""
     check_settings(bits, group_size)
     if x.dim() == 0 or x.numel() == 0:
         raise IntsimError(f"cannot compress a tensor of shape {tuple(x.shape)}: it needs a batch dimension")
+    row_bits = None
+    if torch.is_tensor(bits):
+        if not per_group or bits.shape != (x.shape[0],):
+            raise IntsimError(f"per-sample bits need per-group ranges and one width per sample "
+                              f"({x.shape[0]}), not {tuple(bits.shape)}")
+        row_bits = bits.to(device=x.device, dtype=torch.uint8)
     g, size = _groups(x, group_size, per_group)
-    levels = 2 ** bits - 1                                                 # B
+    widths = torch.full((1,), float(bits), device=g.device) if row_bits is None else row_bits.float()
+    levels = (2 ** widths - 1).view(-1, 1, 1)                             # B (per sample, or one for all)
     lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise IntsimError("cannot compress activations with inf or NaN in them (the forward pass diverged)")
     minimum = _bf16_toward(lo, up=False)                                   # m_G <= min x
     step = _bf16_toward(((hi - minimum) / levels).clamp_min(TINY_RANGE), up=True)   # m_G + B s_G >= max x
     u = torch.rand(g.shape, generator=generator, device=g.device)        # a generator on x's device
-    codes = torch.floor((g - minimum) / step + u).clamp_(0, levels).to(torch.uint8)
-    return Compressed(pack(codes, bits), minimum.to(PARAM_DTYPE), step.to(PARAM_DTYPE), x.shape, x.dtype,
-                      bits, size)
+    codes = torch.minimum(torch.floor((g - minimum) / step + u).clamp_(min=0), levels).to(torch.uint8)
+    packed = pack(codes, bits) if row_bits is None else pack_rows(codes.reshape(len(codes), -1), row_bits)
+    return Compressed(packed, minimum.to(PARAM_DTYPE), step.to(PARAM_DTYPE), x.shape, x.dtype,
+                      bits if row_bits is None else int(row_bits.max()), size, row_bits)
 
 
 def decompress(c):
     """Compressed -> the tensor m_G + s_G q, shape and dtype of the original."""
     n_groups = c.minimum.shape[0] * c.minimum.shape[1]
-    codes = unpack(c.packed, c.bits, n_groups * c.group_size).reshape(*c.minimum.shape[:2], c.group_size)
+    if c.row_bits is None:
+        codes = unpack(c.packed, c.bits, n_groups * c.group_size)
+    else:
+        codes = unpack_rows(c.packed, c.row_bits, c.minimum.shape[1] * c.group_size)
+    codes = codes.reshape(*c.minimum.shape[:2], c.group_size)
     values = c.minimum.float() + c.step.float() * codes.float()
     rows = values.reshape(c.minimum.shape[0], -1)
     per_row = c.shape.numel() // rows.shape[0]
@@ -128,27 +196,173 @@ def decompress(c):
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """How saved activations are held: `bits` per value, ranges per group of `group_size`
-    values of a sample (ActNN's per-group) or one per tensor."""
+    """How saved activations are held: `bits` per value (the average, with mixed precision),
+    ranges per group of `group_size` values of a sample (ActNN's per-group) or one per tensor.
+
+    Mixed precision, as ActNN's pre-release (GACT-ICML quantize/qscheme.py) does it:
+    initial_bits (its --ibits) > bits gives every sample of a saved tensor its own width, from
+    initial_bits down, allocated greedily so the tensor averages `bits`; per_layer (--perlayer)
+    first shares the average among the layers (and samples) by the same greedy rule, from the
+    previous step's ranges; use_gradient (--usegradient) weights each sample's sensitivity by
+    its output gradient's squared norm, remembered per training sample from the last time it
+    was seen (the default weight, without it, is 1)."""
     bits: int = 2
     group_size: int = GROUP_SIZE
     per_group: bool = True
+    initial_bits: int = None        # default: bits (every sample at `bits`)
+    per_layer: bool = False
+    use_gradient: bool = False
 
     def __post_init__(self):
         check_settings(self.bits, self.group_size)
+        if self.initial_bits is None:
+            object.__setattr__(self, "initial_bits", self.bits)
+        if self.initial_bits not in BITS or self.initial_bits < self.bits:
+            raise IntsimError(f"--ca-initial-bits {self.initial_bits}: use {self.bits}..{BITS[-1]} "
+                              f"(at least --ca-bits {self.bits})")
+        if self.initial_bits > self.bits and not self.per_group:
+            raise IntsimError("--ca-initial-bits gives each sample its own width within its groups: "
+                              "drop --ca-per-tensor")
+        if self.use_gradient and not self.mixed:
+            raise IntsimError("--ca-use-gradient weights the bit allocation: use it with --ca-initial-bits "
+                              "above --ca-bits or with --ca-per-layer")
+
+    @property
+    def mixed(self):
+        """Whether widths are allocated (per sample or per layer) rather than all `bits`."""
+        return self.initial_bits > self.bits or self.per_layer
+
+    def tag(self):
+        """A short name for file stems: ca2, ca2pt, ca2ib8, ca2ib8pl, ca2ib8plg, ..."""
+        return (f"ca{self.bits}" + ("" if self.per_group else "pt")
+                + (f"ib{self.initial_bits}" if self.initial_bits > self.bits else "")
+                + ("pl" if self.per_layer else "") + ("g" if self.use_gradient else "")
+                + ("" if self.group_size == GROUP_SIZE else f"gs{self.group_size}"))
+
+    def describe(self):
+        """In words, for a script's first line."""
+        return ", ".join([f"groups of {self.group_size}" if self.per_group else "per tensor"]
+                         + ([f"per-sample widths from {self.initial_bits} bits"] if self.initial_bits > self.bits else [])
+                         + (["shared among the layers"] if self.per_layer else [])
+                         + (["gradient-weighted"] if self.use_gradient else []))
+
+    def compress(self, x, bits=None):
+        return compress(x, self.bits if bits is None else bits, self.group_size, self.per_group)
+
+
+def sample_sensitivity(x, cfg):
+    """Each sample's C_i = sum over its groups of (values / 4) R_G^2 (the variance stochastic
+    rounding adds at step 1 per range unit; see quantization_variance): (N,) float64."""
+    g, size = _groups(x, cfg.group_size, cfg.per_group)
+    r = g.amax(dim=2) - g.amin(dim=2)                                       # (N, groups)
+    c = (size / 4) * (r.double() ** 2).sum(1)
+    return c if cfg.per_group else c.expand(x.shape[0])
+
+
+class BitAllocator:
+    """The shared state of one network's mixed precision (CompressConfig.mixed): what each
+    layer saw in its last forward, its allocated average, and the gradient weights."""
+    GRADIENT_EMA = 0.5          # ActNN's QScheme.set_scale: scale = 0.5 scale + 0.5 |dL/dy_i|^2
+
+    def __init__(self, cfg, batch_index=None):
+        self.cfg = cfg
+        self.batch_index = batch_index      # () -> the dataset indices of the batch in training, or None
+        self.seen = {}                      # site -> (C (N,), values per sample) of its last forward
+        self.layer_bits = {}                # site -> average bits from the last per-layer allocation
+        self.scales = {}                    # site -> |dL/dy_i|^2 per dataset sample (or one number)
+
+    def _indices(self):
+        idx = None if self.batch_index is None else self.batch_index()
+        return None if idx is None else torch.as_tensor(idx, dtype=torch.long).cpu()
+
+    def _weights(self, site, n):
+        """The gradient weight of each of the n samples (ones without --ca-use-gradient, or
+        before any backward); samples never seen get the mean of those seen (ActNN's get_scale)."""
+        s = self.scales.get(site)
+        if not self.cfg.use_gradient or s is None:
+            return torch.ones(n, dtype=torch.float64)
+        idx = self._indices()
+        if s.dim() == 0 or idx is None or len(idx) != n:
+            return s.expand(n).double()
+        w = s[idx.clamp_max(len(s) - 1)] * (idx < len(s))
+        seen = w > 0
+        fill = w[seen].mean() if seen.any() else torch.tensor(1.0, dtype=torch.float64)
+        return torch.where(seen, w, fill + 1e-9).double()
+
+    def bits_for(self, site, x):
+        """The width of each sample of x (a tensor (N,)) or of the whole tensor (an int)."""
+        cfg = self.cfg
+        if cfg.per_layer and site in self.seen:     # a new forward pass began: share the budget anew
+            self.reallocate()
+        c = sample_sensitivity(x, cfg) * self._weights(site, x.shape[0])
+        self.seen[site] = (c, x[0].numel())
+        average = self.layer_bits.get(site, cfg.bits)
+        if cfg.initial_bits > cfg.bits:
+            return allocate_bits(c, [x[0].numel()] * x.shape[0], average, cfg.initial_bits)
+        return int(average)
+
+    def reallocate(self):
+        """ActNN's allocate_perlayer: with per-sample widths, one greedy allocation over every
+        (layer, sample), each layer then getting its samples' mean; without, one width per layer
+        from 8 bits, C summed over the samples."""
+        cfg, sites = self.cfg, list(self.seen)
+        if cfg.initial_bits > cfg.bits:
+            c = torch.cat([self.seen[s][0] for s in sites])
+            sizes = torch.cat([torch.full((len(self.seen[s][0]),), float(self.seen[s][1])) for s in sites])
+            bits = allocate_bits(c, sizes, cfg.bits, cfg.initial_bits).double()
+            counts = [len(self.seen[s][0]) for s in sites]
+            self.layer_bits = {s: b.mean().item() for s, b in zip(sites, bits.split(counts))}
+        else:
+            c = torch.stack([self.seen[s][0].sum() for s in sites])
+            sizes = [self.seen[s][1] * len(self.seen[s][0]) for s in sites]
+            bits = allocate_bits(c, sizes, cfg.bits, BITS[-1])      # ActNN starts every layer at 8 here
+            self.layer_bits = {s: int(b) for s, b in zip(sites, bits)}
+        self.seen = {}
+
+    def observe(self, site, g):
+        """Backward: remember each sample's |dL/dy_i|^2 for the next allocation."""
+        norms = (g.detach().reshape(g.shape[0], -1).double() ** 2).sum(1).cpu()
+        idx, a = self._indices(), self.GRADIENT_EMA
+        if idx is None or len(idx) != len(norms):       # no sample identity: one number per layer
+            old = self.scales.get(site)
+            new = norms.mean()
+            self.scales[site] = new if old is None or old.dim() else a * old + (1 - a) * new
+            return
+        s = self.scales.get(site)
+        if s is None or s.dim() == 0:
+            s = torch.zeros(0, dtype=torch.float64)
+        if len(s) <= int(idx.max()):
+            s = torch.cat([s, s.new_zeros(int(idx.max()) + 1 - len(s))])
+        s[idx] = torch.where(s[idx] > 0, a * s[idx] + (1 - a) * norms, norms)
+        self.scales[site] = s
+
+
+class Site:
+    """One layer's compression: the config and, with mixed precision, the network's allocator."""
+
+    def __init__(self, cfg, allocator=None):
+        self.cfg, self.allocator = cfg, allocator
 
     def compress(self, x):
-        return compress(x, self.bits, self.group_size, self.per_group)
+        bits = None if self.allocator is None else self.allocator.bits_for(self, x)
+        return self.cfg.compress(x, bits)
+
+    def observe(self, g):
+        if self.allocator is not None and self.cfg.use_gradient:
+            self.allocator.observe(self, g)
 
 
-def _save(ctx, c, *others):
-    ctx.save_for_backward(c.packed, c.minimum, c.step, *others)
-    ctx.meta = (c.shape, c.dtype, c.bits, c.group_size)
+def save_compressed(ctx, c, *others):
+    """save_for_backward of a Compressed (its packed tensors) and of `others` as they are."""
+    held = c.tensors()
+    ctx.save_for_backward(*held, *others)
+    ctx.held = (c.with_tensors([None] * len(held)), len(held))     # the description, not the data
 
 
-def _load(ctx):
-    packed, minimum, step, *others = ctx.saved_tensors
-    return decompress(Compressed(packed, minimum, step, *ctx.meta)), others
+def load_compressed(ctx):
+    """The inverse of save_compressed: (the decompressed tensor, [the others])."""
+    (skeleton, k), saved = ctx.held, ctx.saved_tensors
+    return decompress(skeleton.with_tensors(saved[:k])), saved[k:]
 
 
 class CompressedLinearConv(torch.autograd.Function):
@@ -156,14 +370,15 @@ class CompressedLinearConv(torch.autograd.Function):
     dL/dx needs only W; dL/dW is computed from the decompressed x^."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, kwargs, cfg):
-        ctx.kwargs, ctx.has_bias = kwargs, bias is not None
-        _save(ctx, cfg.compress(x), weight)
+    def forward(ctx, x, weight, bias, kwargs, site):
+        ctx.kwargs, ctx.has_bias, ctx.site = kwargs, bias is not None, site
+        save_compressed(ctx, site.compress(x), weight)
         return (F.conv2d if weight.dim() == 4 else F.linear)(x, weight, bias, **kwargs)
 
     @staticmethod
     def backward(ctx, g):
-        x, (weight,) = _load(ctx)
+        x, (weight,) = load_compressed(ctx)
+        ctx.site.observe(g)
         gx = gw = gb = None
         if weight.dim() == 4:
             if ctx.needs_input_grad[0]:
@@ -228,7 +443,9 @@ class CompressedMaxPool2d(torch.autograd.Function):
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         (kh, kw), (dh, dw), width = kernel, dilation, x.shape[-1]
         oh, ow = _window_starts(y.shape[-2], y.shape[-1], stride, padding, x.device)
-        local = ((idx // width - oh) // dh) * kw + (idx % width - ow) // dw         # 0 .. kh kw - 1
+        row = idx // width
+        dy, dx = row - oh, idx - row * width - ow                                   # offsets in the window
+        local = (dy if dh == 1 else dy // dh) * kw + (dx if dw == 1 else dx // dw)  # 0 .. kh kw - 1
         bits = _code_bits(kh * kw)
         ctx.save_for_backward(pack(local.flatten().to(torch.uint8), bits))
         ctx.geometry = (x.shape, y.shape, kernel, stride, padding, dilation, bits)
@@ -252,18 +469,25 @@ class CompressedBatchNorm2d(torch.autograd.Function):
     dL/dbeta = sum g, dL/dx = (g' - mean(g') - x^ mean(g' x^)) / sigma_B with g' = g gamma."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, cfg):
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
-        mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, site):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)     # one pass for both
         std = torch.sqrt(var + eps)
+        xhat = (x - mean) / std
         ctx.affine = weight is not None
         gamma = weight if weight is not None else torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-        _save(ctx, cfg.compress((x - mean) / std), std, gamma)
+        y = torch.addcmul(bias.view(1, -1, 1, 1), xhat, gamma.view(1, -1, 1, 1)) if ctx.affine else xhat.clone()
+        if running_mean is not None:        # nn.BatchNorm2d's update: the variance unbiased, over N H W values
+            n = x.numel() // x.shape[1]
+            running_mean.mul_(1 - momentum).add_(mean.flatten(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.flatten() * (n / max(n - 1, 1)), alpha=momentum)
+        ctx.site = site
+        save_compressed(ctx, site.compress(xhat), std, gamma)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        xhat, (std, gamma) = _load(ctx)
+        xhat, (std, gamma) = load_compressed(ctx)
+        ctx.site.observe(g)
         dims = (0, 2, 3)
         gn = g * gamma.view(1, -1, 1, 1)
         gx = (gn - gn.mean(dims, keepdim=True) - xhat * (gn * xhat).mean(dims, keepdim=True)) / std
@@ -328,19 +552,27 @@ COMPRESSED = {nn.Conv2d: CAConv2d, nn.Linear: CALinear, nn.BatchNorm2d: CABatchN
               nn.MaxPool2d: CAMaxPool2d}
 
 
-def compress_activations(model, cfg=None):
+def compress_activations(model, cfg=None, batch_index=None):
     """ActNN's QModule(model) for any network: every nn.Conv2d, nn.Linear, nn.BatchNorm2d,
     nn.ReLU and nn.MaxPool2d, in place, becomes its compressed twin (the same parameters,
     buffers and state_dict keys; the forward is unchanged; training saves compressed inputs).
-    Returns the model. Functional calls (F.relu in a forward) are not swapped: they save their
-    tensors in full, which saved_bytes shows."""
+    Returns the model. A converted network (model.convert: QAT) works the same: its QLayers keep
+    their inputs compressed and its activation quantizers their masks (1 bit) and LSQ step-size
+    gradients. Functional calls (F.relu in a forward) are not swapped: they save their tensors
+    in full, which saved_bytes shows. With cfg.use_gradient, `batch_index()` returns the
+    dataset indices of the batch being trained (data.Batches.last_index), so that each sample's
+    gradient weight follows it across epochs; without it the weight is one number per layer."""
     cfg = cfg or CompressConfig()
+    allocator = BitAllocator(cfg, batch_index) if cfg.mixed else None
+    # intsim's own layers take a Site where they save for backward (module.QLayer's fn, the
+    # activation quantizers' fake-quant); weight quantizers save weight-sized masks: left alone
+    weights = {id(m.w_quantizer) for m in model.modules() if getattr(m, "w_quantizer", None) is not None}
     for m in model.modules():
         twin = COMPRESSED.get(type(m))
         if twin is not None:
             m.__class__ = twin
-        if isinstance(m, tuple(COMPRESSED.values())):
-            m.ca = cfg
+        if isinstance(m, tuple(COMPRESSED.values())) or (hasattr(m, "ca") and id(m) not in weights):
+            m.ca = Site(cfg, allocator)
     return model
 
 
@@ -372,16 +604,26 @@ def quantization_variance(sensitivity, bits):
 
 
 def allocate_bits(sensitivities, sizes, average_bits, initial_bits=8, min_bits=1):
-    """ActNN's greedy allocation: from `initial_bits` everywhere, take one bit at a time from the
-    tensor where it adds the least variance per bit of storage saved, until the average over
-    all stored values (weighted by `sizes`) is at most `average_bits`. Returns the bits of each."""
-    bits = [initial_bits] * len(sizes)
-    budget = average_bits * sum(sizes)
-    while sum(b * n for b, n in zip(bits, sizes)) > budget:
-        cost = [(quantization_variance(c, b - 1) - quantization_variance(c, b)) / n if b > min_bits else math.inf
-                for c, b, n in zip(sensitivities, bits, sizes)]
-        i = min(range(len(bits)), key=cost.__getitem__)
-        if cost[i] == math.inf:
-            raise IntsimError(f"an average of {average_bits} bits is below {min_bits} bit per value: raise --ca-bits")
-        bits[i] -= 1
-    return bits
+    """ActNN's greedy allocation (its calc_precision): from `initial_bits` everywhere, take one
+    bit at a time from the tensor where it adds the least variance per bit of storage saved,
+    until the average over all stored values (weighted by `sizes`) is at most `average_bits`.
+    Returns the bits of each, a long tensor.
+
+    A tensor's variance added by its k-th removed bit only grows with k, so the greedy order is
+    the sorted order of all (tensor, bit) removal costs: one sort instead of a loop per bit."""
+    c = torch.as_tensor(sensitivities, dtype=torch.float64).flatten().cpu()
+    n = torch.as_tensor(sizes, dtype=torch.float64).flatten().cpu().expand(len(c))
+    steps = initial_bits - min_bits
+    excess = (initial_bits - average_bits) * n.sum().item()      # stored bits over the budget
+    bits = torch.full((len(c),), initial_bits, dtype=torch.long)
+    if excess <= 0 or len(c) == 0:
+        return bits
+    if steps * n.sum().item() < excess - 1e-9:
+        raise IntsimError(f"an average of {average_bits} bits is below {min_bits} bit per value: raise --ca-bits")
+    b = torch.arange(initial_bits, min_bits, -1, dtype=torch.float64)          # the width before each removal
+    added = 1 / (2 ** (b - 1) - 1) ** 2 - 1 / (2 ** b - 1) ** 2                # variance per unit C, b -> b - 1
+    cost = (c.view(-1, 1) * added.view(1, -1) / n.view(-1, 1)).flatten()       # (tensor, removal) item-major
+    order = torch.sort(cost, stable=True).indices                               # ties: lower index first
+    removed = n.repeat_interleave(steps)[order].cumsum(0)
+    k = int(torch.searchsorted(removed, torch.tensor([excess - 1e-9], dtype=torch.float64)).item()) + 1
+    return bits - torch.bincount(order[:k] // steps, minlength=len(c))

@@ -245,12 +245,14 @@ def random_crop_flip(x, generator):
 
 class Batches:
     """Iterate over (x, y) batches of in-memory tensors; reshuffled each pass when shuffle is set
-    (the order depends only on the seed). `augment(x, generator)` transforms each batch."""
+    (the order depends only on the seed). `augment(x, generator)` transforms each batch.
+    `last_index` holds the dataset indices of the batch last yielded (ActNN's per-sample state)."""
 
     def __init__(self, x, y, batch_size, shuffle=False, seed=0, augment=None):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment = shuffle, augment
         self.generator = torch.Generator().manual_seed(seed)
+        self.last_index = None
 
     def __len__(self):
         return (len(self.x) + self.batch_size - 1) // self.batch_size
@@ -260,6 +262,7 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size]
+            self.last_index = idx
             x = self.x[idx]
             if self.augment is not None:
                 x = self.augment(x, self.generator)

@@ -33,6 +33,7 @@ BATCH_SIZE = 128            # train.py's batch
 PASSES = 20                 # compressed backward passes of the one batch (Overall Var)
 BATCHES = 20                # batches for the exact gradient's sampling variance
 REPEATS = 5                 # timed training steps per path; the fastest counts
+WARMUP_PASSES = 2           # mixed precision: passes before measuring (per-layer and gradient state)
 DRY_RUN = dict(batch_size=16, passes=3, batches=3, repeats=1)
 
 
@@ -108,9 +109,12 @@ def main():
     xb, yb = x_train[batches[0]].to(device), y_train[batches[0]].to(device)
 
     exact = copy.deepcopy(model).train()
-    packed = compress_activations(copy.deepcopy(model), ca).train()
-    print(f"{args.model} on {args.dataset}, batch {args.batch_size}: {ca.bits}-bit saved activations "
-          f"({f'groups of {ca.group_size}' if ca.per_group else 'per tensor'}) vs float32", flush=True)
+    packed = compress_activations(copy.deepcopy(model), ca, batch_index=lambda: batches[0]).train()
+    print(f"{args.model} on {args.dataset}, batch {args.batch_size}: {ca.bits}-bit{' (average)' if ca.mixed else ''} "
+          f"saved activations ({ca.describe()}) vs float32", flush=True)
+    if ca.mixed:        # the allocation uses the last pass's ranges (and gradients): measure it settled
+        for _ in range(WARMUP_PASSES):
+            backward_pass(packed, xb, yb)
 
     # 1. memory
     float_bytes, ca_bytes = saved_bytes(exact, xb), saved_bytes(packed, xb)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress import CompressedLinearConv
 from errors import IntsimError
 from frozen import FloatLayer, IntConv
 from function import INT32_MAX, INT_MAX_BITS, Grid, fake_quantize, round_half_away, scale_zero_point
@@ -67,6 +68,7 @@ class QLayer(nn.Module):
         self.unfolded = bn is not None and not fold_bn and w_quantizer is not None
         self.bias_bits, self.single_rounding, self.legacy_kernels = bias_bits, single_rounding, legacy_kernels
         self.bn_stats = "running"        # or "batch": QAT training with BN in the graph
+        self.ca = None                   # compress.Site: training keeps fn's input compressed (ActNN)
 
     def extra_repr(self):
         parts = ["float" if self.w_quantizer is None else "quantized weights"]
@@ -75,6 +77,8 @@ class QLayer(nn.Module):
         return ", ".join(parts)
 
     def fn(self, x, w, b=None):
+        if self.ca is not None and self.training and torch.is_grad_enabled():
+            return CompressedLinearConv.apply(x, w, b, self.fn_kwargs, self.ca)
         return (F.conv2d if self.is_conv else F.linear)(x, w, b, **self.fn_kwargs)
 
     def folded_weight_bias(self):

@@ -36,6 +36,7 @@ class Quantizer(nn.Module):
         self.enabled = False          # fake-quantize in forward
         self.observe = "never"        # when the observer records: one of OBSERVE
         self.rounding = "nearest"     # how `integers` rounds (weights at freeze; function.ROUNDINGS)
+        self.ca = None                # compress.Site: training keeps what backward needs compressed
 
     def extra_repr(self):
         g = self.grid
@@ -73,8 +74,9 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         scale = self._learned_scale() if self.learned else self.scale
+        site = self.ca if self.ca is not None and self.training and torch.is_grad_enabled() else None
         return fake_quantize(x, self._shaped(scale, x), self._shaped(self.zero_point, x),
-                             self.grid.qmin, self.grid.qmax)
+                             self.grid.qmin, self.grid.qmax, site)
 
     @torch.no_grad()
     def update(self):

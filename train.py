@@ -89,7 +89,7 @@ def main():
     resume_dir = args.resume_dir or cli.trial_path(args, RESUME_DIR)
     ca = cli.compression_from(args)
     # a run with compressed activations is a different run: its own checkpoint and resume file
-    stem = f"{args.dataset}_{args.model}" + ("" if ca is None else f"_ca{ca.bits}{'' if ca.per_group else 'pt'}")
+    stem = f"{args.dataset}_{args.model}" + ("" if ca is None else f"_{ca.tag()}")
     path = os.path.join(ckpt_dir, f"{stem}.pt")
     resume_path = os.path.join(resume_dir, f"{stem}.resume.pt")
     replaced = existing_checkpoint(path, args.overwrite or (args.dry_run and args.ckpt_dir is None))
@@ -109,14 +109,14 @@ def main():
                       num_classes=info.num_classes)
     model = build_model(cfg).to(device)
     if ca is not None:              # the same network; training keeps its saved activations packed
-        compress_activations(model, ca)
+        compress_activations(model, ca, batch_index=lambda: train_batches.last_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = epochs * (max_batches or len(train_batches))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
     print(f"{args.model} on {args.dataset}: {sum(p.numel() for p in model.parameters())} parameters, "
           f"{len(x_train)} training images, device {device}"
           + ("" if ca is None else f"; activations saved for backward in {ca.bits} bits "
-                                   f"({f'groups of {ca.group_size}' if ca.per_group else 'per tensor'})"))
+                                   f"({ca.describe()})"))
 
     first_epoch, earlier_minutes = 1, 0.0
     run_flags = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

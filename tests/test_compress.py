@@ -211,3 +211,159 @@ def test_allocation_keeps_the_budget_and_gives_sensitive_tensors_more_bits():
     assert bits[0] > bits[1] >= bits[2]        # equal sensitivity: the larger tensor gives up more bits
     with pytest.raises(IntsimError, match="below 1 bit"):
         allocate_bits([1.0, 1.0], [1, 1], average_bits=0.5)
+
+
+# ----------------------------------------------------------------------------- ActNN's mixed precision
+
+def loop_greedy(c, sizes, average_bits, initial_bits=8, min_bits=1):
+    """The allocation as ActNN's calc_precision states it, one bit at a time (the reference for
+    allocate_bits' one-sort version)."""
+    from compress import quantization_variance
+    bits = [initial_bits] * len(c)
+    while sum(b * n for b, n in zip(bits, sizes)) > average_bits * sum(sizes):
+        cost = [(quantization_variance(ci, b - 1) - quantization_variance(ci, b)) / n if b > min_bits
+                else float("inf") for ci, b, n in zip(c, bits, sizes)]
+        i = min(range(len(bits)), key=cost.__getitem__)
+        bits[i] -= 1
+    return bits
+
+
+def test_allocation_by_one_sort_is_the_bit_by_bit_greedy():
+    from compress import allocate_bits
+    g = torch.Generator().manual_seed(3)
+    for trial in range(100):
+        k = int(torch.randint(1, 9, (1,), generator=g))
+        c = (torch.rand(k, generator=g) * 10 ** torch.randint(-2, 4, (k,), generator=g)).tolist()
+        sizes = torch.randint(1, 60, (k,), generator=g).tolist()
+        average = 1 + 7 * torch.rand(1, generator=g).item()
+        initial = int(torch.randint(max(2, int(average) + 1), 9, (1,), generator=g)) if average < 8 else 8
+        assert allocate_bits(c, sizes, average, initial).tolist() == loop_greedy(c, sizes, average, initial), \
+            (c, sizes, average, initial)
+
+
+@pytest.mark.parametrize("widths", [[1, 2, 3, 8, 2], [4, 4, 4, 4, 4], [7, 1, 5, 6, 3]])
+def test_rows_packed_at_their_own_widths_come_back(widths):
+    from compress import pack_rows, unpack_rows
+    g = torch.Generator().manual_seed(sum(widths))
+    row_bits = torch.tensor(widths, dtype=torch.uint8)
+    codes = torch.stack([torch.randint(0, 2 ** b, (512,), generator=g, dtype=torch.uint8) for b in widths])
+    packed = pack_rows(codes, row_bits)
+    assert packed.numel() == sum(512 * b // 8 for b in widths)        # each row its own bits, nothing more
+    assert torch.equal(unpack_rows(packed, row_bits, 512), codes)
+    # row 0 first, in pack's own layout
+    assert torch.equal(packed[:512 * widths[0] // 8], pack(codes[0], widths[0]))
+
+
+def test_per_sample_widths_are_unbiased_and_as_fine_as_their_bits():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 512, generator=g)
+    widths = torch.tensor([1, 2, 8])
+    draws, mean = 2000, torch.zeros_like(x)
+    for _ in range(draws):
+        c = compress(x, widths, generator=g)
+        y = decompress(c)
+        mean += y / draws
+    assert c.row_bits.tolist() == [1, 2, 8]
+    assert c.nbytes() == 512 * (1 + 2 + 8) // 8 + 2 * 3 * 2 * 2 + 3      # codes, bf16 min/step per group, widths
+    steps = c.step.float().amax(dim=(1, 2))                                # per sample: coarser at fewer bits
+    assert steps[0] > steps[1] > steps[2]
+    assert ((y - x).abs().amax(1) <= steps * (1 + 1e-6)).all()
+    # a draw's spread is at most s / 2 per value: the mean of 2000 within 5 sd of x
+    assert ((mean - x).abs() <= 5 * steps.view(-1, 1) / 2 / draws ** 0.5 + 1e-5).all()
+
+
+def test_per_sample_allocation_gives_the_wider_sample_more_bits_and_keeps_the_average():
+    from compress import BitAllocator, CompressConfig, Site
+    cfg = CompressConfig(bits=2, initial_bits=8)
+    site = Site(cfg, BitAllocator(cfg))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 1024, generator=g) * torch.tensor([[0.01], [1.0], [1.0], [100.0]])
+    bits = site.allocator.bits_for(site, x)
+    assert bits.float().mean().item() <= 2 and bits.sum().item() == 8     # the budget, used in full
+    assert bits[3] > bits[1] == bits[2] >= bits[0]
+    # C_i = sum over the sample's 4 groups of (256 / 4) R_G^2, by hand, then the bit-by-bit greedy
+    c = [sum(64 * (grp.max() - grp.min()).item() ** 2 for grp in row.split(256)) for row in x]
+    assert bits.tolist() == loop_greedy(c, [1024] * 4, 2)
+    assert site.compress(x).row_bits.tolist() == bits.tolist()
+
+
+def test_gradient_weights_follow_each_sample_by_its_dataset_index():
+    """--ca-use-gradient: two samples with the same range; the one whose output gradient was
+    larger (remembered under its dataset index) gets more bits the next time it is seen."""
+    from compress import BitAllocator, CompressConfig, Site
+    cfg = CompressConfig(bits=2, initial_bits=8, use_gradient=True)
+    index = {"now": torch.tensor([10, 11])}
+    site = Site(cfg, BitAllocator(cfg, batch_index=lambda: index["now"]))
+    x = torch.stack([torch.linspace(-1, 1, 512)] * 2)
+    assert site.allocator.bits_for(site, x).tolist() == [2, 2]            # no gradient seen yet: alike
+    site.observe(torch.stack([torch.full((512,), 0.01), torch.full((512,), 10.0)]))
+    index["now"] = torch.tensor([11, 10])                                  # the same samples, the other order
+    bits = site.allocator.bits_for(site, x).tolist()
+    assert bits[0] > bits[1] and sum(bits) == 4
+
+
+def test_per_layer_allocation_moves_bits_to_the_sensitive_layer_after_one_pass():
+    from compress import CompressConfig, compress_activations
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    with torch.no_grad():
+        net[0].weight.mul_(1000)                        # layer 1's input: a thousand times the range
+    compress_activations(net, CompressConfig(bits=2, initial_bits=8, per_layer=True))
+    x = torch.randn(8, 256)
+    net(x).sum().backward()                             # the first pass: every layer at the average
+    first, second = net[0].ca, net[1].ca
+    assert first.allocator is second.allocator and first.allocator.layer_bits == {}
+    net(x).sum().backward()                             # the second: shared by the last pass's ranges
+    bits = first.allocator.layer_bits
+    assert bits[second] > bits[first] and (bits[first] + bits[second]) / 2 == pytest.approx(2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bits=4, initial_bits=2), "at least --ca-bits"),
+    (dict(bits=2, initial_bits=8, per_group=False), "drop --ca-per-tensor"),
+    (dict(bits=2, use_gradient=True), "--ca-use-gradient"),
+])
+def test_bad_mixed_precision_settings_name_the_flag(kwargs, message):
+    from compress import CompressConfig
+    with pytest.raises(IntsimError, match=message):
+        CompressConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- QAT's converted layers
+
+def converted_cnn(learn=False):
+    from config import QConfig
+    from model import ModelConfig, build_model, calibrate, convert, learn_scales, set_phase
+    torch.manual_seed(0)
+    float_net = build_model(ModelConfig("cnn", 1, 28, 10))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    q = convert(float_net, QConfig(w_bits=4, a_bits=4, per_channel=True))
+    calibrate(q, [(x, y)], "cpu", 1)
+    set_phase(q, "qat")
+    if learn:
+        learn_scales(q, [(x, y)], "cpu", 1)
+    return q.train(), x, y
+
+
+def qat_grads(model, x, y):
+    import torch.nn.functional as F
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_qat_with_8_bit_saved_activations_gives_qats_gradients_and_saves_less(learn):
+    import copy
+    from compress import CompressConfig, compress_activations, saved_bytes
+    exact, x, y = converted_cnn(learn)
+    packed = compress_activations(copy.deepcopy(exact), CompressConfig(bits=8))
+    out_exact, g_exact = qat_grads(exact, x, y)
+    out_packed, g_packed = qat_grads(packed, x, y)
+    assert torch.equal(out_exact, out_packed)                 # the forward is QAT's own
+    assert g_exact.keys() == g_packed.keys() and any("scale" in n for n in g_exact) == learn
+    for name in g_exact:
+        err = (g_packed[name] - g_exact[name]).norm() / g_exact[name].norm()
+        assert err < 0.05, (name, err.item())
+    assert saved_bytes(packed, x) < saved_bytes(exact, x) / 3

@@ -33,6 +33,15 @@ def test_train_with_2_bit_compressed_activations_dry_run(data_dir, tmp_path, run
     assert r["test_images"] == 1000
 
 
+def test_qat_dry_run_with_2_bit_saved_activations_freezes_an_integer_model(data_dir, tmp_path, run, result_of):
+    save = tmp_path / "qat_ca2.pt"
+    r = result_of(run("QAT.py", "--model", "cnn_bn", "--w-bits", 4, "--a-bits", 4, "--per-channel", "--ca-bits", 2,
+                      "--ca-initial-bits", 8, "--ca-per-layer", "--ca-use-gradient", "--save", save, "--dry-run",
+                      "--device", "cpu", "--data-dir", data_dir))
+    assert (r["ca_bits"], r["ca_initial_bits"], r["ca_per_layer"], r["ca_use_gradient"]) == (2, 8, True, True)
+    assert save.exists() and r["int_acc"] > 30         # 2 batches of QAT from the float checkpoint
+
+
 def test_memory_dry_run_measures_saved_bytes_time_and_variance(data_dir, run, result_of):
     r = result_of(run("memory.py", "--model", "cnn_bn", "--ca-bits", 2, "--dry-run", "--device", "cpu",
                       "--data-dir", data_dir))
