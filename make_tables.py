@@ -16,7 +16,7 @@ import sys
 from checkpoint import write_text
 from cli import parser, unwritable
 from config import QCONFIG_FIELDS
-from tables import CUSTOM, TABLES, render_reruns
+from tables import CUSTOM, TABLES, is_compressed, render_reruns
 from targets import render_targets
 
 FILES = ("README.md", "RESULTS.md")
@@ -37,7 +37,7 @@ def load_results(folder):
             sys.exit(f"error: {path} is not a readable RESULT file ({type(e).__name__}): re-run its command")
         if not isinstance(r, dict) or not {"script", "command"} <= set(r):
             sys.exit(f"error: {path} is not a RESULT file (no script and command): remove it or re-run its command")
-        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run")]
+        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run", "memory")]
         if missing:
             sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")
         rows.append(r)
@@ -73,6 +73,9 @@ def render(name, results, reruns=()):
         return render_targets(results)
     if name == "reruns":
         return render_reruns(reruns)
+    if name == "compressed":                 # the one table that shows compressed-activation runs
+        return CUSTOM[name](results)
+    results = [r for r in results if not is_compressed(r)]
     if name in CUSTOM:
         return CUSTOM[name](results)
     return render_spec(*TABLES[name], results)

@@ -4,6 +4,8 @@ which columns. `make_tables.py` renders them; the targets are in targets.py.
 Every result carries its whole QConfig (the RESULT line of every script), so a table selects on
 it directly: a PTQ row with the default ranges, rounding and bias is `plain`.
 """
+from config import QCONFIG_FIELDS
+
 
 def pct(v):
     return f"{v:.2f}"
@@ -567,3 +569,96 @@ def render_reruns(reports):
         lines.append(f"| {r['label']} | {r['code']} | {against} | {len(r['compared'])} | "
                      f"{len(r['compared']) - len(r['differ'])} | {len(r['differ'])} | {what} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- compressed activations (issue 17)
+
+def is_compressed(r):
+    """A run of compressed activations (memory.py, or train/QAT with --ca-bits): a table family
+    of its own, kept out of the quantization tables."""
+    return r["script"] == "memory" or "ca_bits" in r
+
+
+def ca_tag(r):
+    """The CompressConfig.tag of a run's compression fields (ca2, ca2pt, ca2ib8plg, ...)."""
+    from compress import CompressConfig
+    return CompressConfig(bits=r["ca_bits"], group_size=r["ca_group_size"], per_group=r["ca_per_group"],
+                          initial_bits=r.get("ca_initial_bits"), per_layer=r.get("ca_per_layer", False),
+                          use_gradient=r.get("ca_use_gradient", False)).tag()
+
+
+# ActNN's CIFAR-10 rows (Chen et al. 2021, preact ResNet-56, 200 epochs): config, intsim's flags,
+# the paper's Overall Var and top-1 (full precision 92.78)
+ACTNN_ROWS = [("4-bit, per-tensor", "ca4pt", "--ca-bits 4 --ca-per-tensor", (0.0118, 93.10)),
+              ("2-bit, per-tensor", "ca2pt", "--ca-bits 2 --ca-per-tensor", (0.2969, 91.58)),
+              ("2-bit, per-group", "ca2", "--ca-bits 2", (0.0314, 93.07)),
+              ("2-bit, ibits 8, per-group", "ca2ib8g", "--ca-bits 2 --ca-initial-bits 8 --ca-use-gradient",
+               (0.0061, 92.87)),
+              ("2-bit, ibits 8, per-group, no gradient", "ca2ib8", "--ca-bits 2 --ca-initial-bits 8", (0.0335, 92.67)),
+              ("2-bit, ibits 8, per-group, per-layer", "ca2ib8plg",
+               "--ca-bits 2 --ca-initial-bits 8 --ca-per-layer --ca-use-gradient", (0.0026, 92.91)),
+              ("2-bit, ibits 8, per-group, per-layer, no gradient", "ca2ib8pl",
+               "--ca-bits 2 --ca-initial-bits 8 --ca-per-layer", (0.0198, 93.24)),
+              ("1-bit, per-group", "ca1", "--ca-bits 1", None)]
+ACTNN_FULL_PRECISION = 92.78
+
+
+def compressed_run(results, script, model, tag):
+    """The run of one (script, network, config); memory.py: the one with the most passes."""
+    rows = [r for r in results if r["script"] == script and r["model"] == model and r["dataset"] == "fashion-mnist"
+            and "ca_bits" in r and ca_tag(r) == tag]
+    return max(rows, key=lambda r: r.get("passes", 0), default=None)
+
+
+def render_compressed(results):
+    """Per network, ActNN's rows: memory.py's gradient variance, bias, bytes and step time (one
+    batch of the float checkpoint), and, where the network was trained with the config, its
+    test accuracy against the float run of the same recipe."""
+    out = []
+    for model in ("cnn_bn", "resnet18"):
+        float_run = find(results, script="train", model=model, dataset="fashion-mnist", ca_bits=None)
+        mem = [compressed_run(results, "memory", model, tag) for _, tag, _, _ in ACTNN_ROWS]
+        if not any(mem):
+            continue
+        first = next(m for m in mem if m)
+        fp = float_run[0]["fp32_acc"] if float_run else None
+        lines = [f"**{model}** (memory.py: batch {first['batch_size']}, {first['passes']} compressed passes, "
+                 f"{first['batches']} batches for the sampling variance, {first['threads']} thread(s), {first['device']})", "",
+                 "| config | flags | Overall Var | minibatch var | bias % (noise floor %) | test acc. | - full precision "
+                 "| saved bytes / image | vs float32 | step time | training min | ActNN Var / top-1 |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        minutes = f"{float_run[0]['minutes']:.1f}" if float_run else "-"
+        lines.append(f"| full precision | | 0 | {first['sample_var']:.4g} | 0 | {pct(fp) if fp else '-'} | | "
+                     f"{first['saved_bytes_per_image']['float32']:,.0f} | 1.00x | 1.00x | {minutes} | "
+                     f"- / {ACTNN_FULL_PRECISION:.2f} |")
+        for (label, tag, flags, paper), m in zip(ACTNN_ROWS, mem):
+            t = compressed_run(results, "train", model, tag)
+            acc = (pct(t["fp32_acc"]), f"{t['fp32_acc'] - fp:+.2f}" if fp else "-", f"{t['minutes']:.1f}") if t else ("-",) * 3
+            stats = ((f"{m['overall_var']:.4g}", f"{m['sample_var']:.4g}",
+                      f"{100 * m['bias_rel']:.2f} ({100 * m['noise_floor_rel']:.2f})",
+                      f"{m['saved_bytes_per_image']['compressed']:,.0f}", f"{m['memory_ratio']:.2f}x",
+                      f"{m['step_time_ratio']:.2f}x") if m else ("-",) * 6)
+            ref = f"{paper[0]:.4f} / {paper[1]:.2f}" if paper else "-"
+            lines.append(f"| {label} | `{flags}` | {stats[0]} | {stats[1]} | {stats[2]} | {acc[0]} | {acc[1]} | "
+                         f"{stats[3]} | {stats[4]} | {stats[5]} | {acc[2]} | {ref} |")
+        out.append("\n".join(lines))
+    qat = [r for r in results if r["script"] == "QAT" and r["dataset"] == "fashion-mnist" and "ca_bits" in r]
+    if qat:
+        lines = ["**QAT with compressed activations** (the same QAT run, its saved activations compressed)", "",
+                 "| model | W/A bits | saved activations | QAT fake-quant | integer | - plain QAT | minutes | command |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(qat, key=lambda r: (r["model"], r["command"])):
+            plain_runs = [p for p in results if p["script"] == "QAT" and "ca_bits" not in p and "tflite" not in p
+                          and p["model"] == r["model"] and p["dataset"] == r["dataset"]
+                          and all(p.get(k) == r.get(k) for k in QCONFIG_FIELDS)
+                          and bool(p.get("learn_scales")) == bool(r.get("learn_scales")) and "evaluated_from" not in p
+                          and p["epochs"] == r["epochs"]]
+            base = f"{r['int_acc'] - plain_runs[0]['int_acc']:+.2f} (plain {pct(plain_runs[0]['int_acc'])})" \
+                if plain_runs else "-"
+            lines.append(f"| {r['model']} | {bits(r)} {granularity(r)} | {ca_tag(r)} | {pct(r['qat_fakequant_acc'])} | "
+                         f"{pct(r['int_acc'])} | {base} | {r['minutes']:.1f} | {cmd(r)} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) if out else "_(no results yet)_"
+
+
+CUSTOM["compressed"] = render_compressed

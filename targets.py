@@ -3,12 +3,14 @@ RESULTS.md. (Acceptance criteria of the issues that set them, kept apart from th
 import itertools
 
 from tables import (ADAROUND_W4A8_TOL, _low_bit_cell, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
-                    granularity, imagenet_agreement, kernel, observer_name, pct, plain)
+                    granularity, imagenet_agreement, kernel, observer_name, pct, plain,
+                    QCONFIG_FIELDS, ca_tag, compressed_run, is_compressed)
 
 
 def check_targets(results):
     """(target, run, measured, met) rows: each issue's targets checked against the results."""
-    rows = []
+    rows, everything = [], results
+    results = [r for r in results if not is_compressed(r)]      # compression has targets of its own
     ptq = [r for r in results if plain(r)]
     qat = [r for r in results if r["script"] == "QAT"]
     for r in find(results, script="train"):
@@ -90,6 +92,7 @@ def check_targets(results):
                          r["qat_train_ratio"] <= 2.5))
     rows += tflite_targets(results)
     rows += low_bit_targets(results)
+    rows += compression_targets(everything)
     return rows
 
 
@@ -168,3 +171,41 @@ def render_targets(results):
     lines = ["| target | run | measured | met |", "|---|---|---|---|"]
     lines += [f"| {t} | {run} | {m} | {'yes' if ok else '**no**'} |" for t, run, m, ok in rows]
     return "\n".join(lines)
+
+
+def compression_targets(results):
+    """Issue 17: compressed activations (ActNN)."""
+    rows = []
+    float_train = {r["model"]: r for r in find(results, script="train", dataset="fashion-mnist", ca_bits=None)}
+    run = lambda script, model, tag: compressed_run(results, script, model, tag)
+    t = run("train", "cnn_bn", "ca2")
+    if t and "cnn_bn" in float_train:
+        d = t["fp32_acc"] - float_train["cnn_bn"]["fp32_acc"]
+        rows.append(("2-bit per-group training within 0.3 of the float32 run", f"cnn_bn, {t['epochs']} epochs",
+                     f"{d:+.2f}", d >= -0.3))
+    for model in ("cnn_bn", "resnet18"):
+        pg, pt = run("memory", model, "ca2"), run("memory", model, "ca2pt")
+        if pg and pt:
+            rows.append(("2-bit Overall Var per-group at least 5x below per-tensor", model,
+                         f"{pt['overall_var'] / pg['overall_var']:.1f}x", pt["overall_var"] >= 5 * pg["overall_var"]))
+        if pg:
+            rows.append(("2-bit per-group training step <= 2x a float32 step on CPU (goal)",
+                         f"{model}, batch {pg['batch_size']}, {pg['threads']} thread(s)",
+                         f"{pg['step_time_ratio']:.2f}x", pg["step_time_ratio"] <= 2.0))
+        if pg and model == "resnet18":
+            rows.append(("ResNet18 saved activations at 2 bits at least 10x below float32", f"batch {pg['batch_size']}",
+                         f"{pg['memory_ratio']:.2f}x", pg["memory_ratio"] >= 10.0))
+    r18 = run("train", "resnet18", "ca2")
+    if r18 and "resnet18" in float_train:
+        d = r18["fp32_acc"] - float_train["resnet18"]["fp32_acc"]
+        rows.append(("ResNet18 trained with 2-bit per-group within 0.5 of float32", f"{r18['epochs']} epochs",
+                     f"{d:+.2f}", d >= -0.5))
+    for r in (r for r in results if r["script"] == "QAT" and "ca_bits" in r and ca_tag(r) == "ca2"):
+        plain = [p for p in results if p["script"] == "QAT" and "ca_bits" not in p and "tflite" not in p
+                 and "evaluated_from" not in p and p["model"] == r["model"] and p["epochs"] == r["epochs"]
+                 and all(p.get(k) == r.get(k) for k in QCONFIG_FIELDS) and bool(p.get("learn_scales")) == bool(r.get("learn_scales"))]
+        if plain and r["w_bits"] == r["a_bits"] == 4:
+            d = r["int_acc"] - plain[0]["int_acc"]
+            rows.append(("QAT W4A4 with 2-bit saved activations within 0.3 of plain QAT W4A4",
+                         f"{r['model']} {granularity(r)}", f"{d:+.2f}", d >= -0.3))
+    return rows

@@ -100,3 +100,28 @@ def test_help_shows_defaults_of_valued_flags_but_not_of_switches():
     text = " ".join(p.format_help().split())
     assert "iterations (default: 7)" in text and "quantize before BN (default" not in text
     assert text.count("(default") == 2 and isinstance(p, argparse.ArgumentParser)
+
+
+def _memory_row(**change):
+    return {"script": "memory", "command": "python memory.py", "dataset": "fashion-mnist", "model": "cnn_bn",
+            "batch_size": 128, "passes": 20, "batches": 20, "threads": 1, "device": "cpu", "ca_bits": 2,
+            "ca_group_size": 256, "ca_per_group": True, "overall_var": 0.5, "sample_var": 1.0, "bias_rel": 0.01,
+            "noise_floor_rel": 0.01, "saved_bytes_per_image": {"float32": 400000.0, "compressed": 20000.0},
+            "memory_ratio": 20.0, "step_time_ratio": 1.5, **change}
+
+
+def test_compressed_runs_have_their_own_table_and_stay_out_of_the_float_ones():
+    import make_tables
+    import targets
+    train = {"script": "train", "command": "python train.py --model cnn_bn", "dataset": "fashion-mnist",
+             "model": "cnn_bn", "epochs": 15, "fp32_acc": 92.00, "minutes": 16.0}
+    rows = [train, {**train, "fp32_acc": 91.80, "minutes": 20.0, "ca_bits": 2, "ca_group_size": 256,
+                    "ca_per_group": True, "command": "python train.py --model cnn_bn --ca-bits 2"},
+            _memory_row(), _memory_row(ca_per_group=False, overall_var=2.0)]
+    assert "91.80" not in make_tables.render("train", rows)        # the float table: the float run only
+    lines = make_tables.render("compressed", rows).splitlines()
+    per_group = _cells(next(x for x in lines if x.startswith("| 2-bit, per-group |")))
+    assert per_group[2:11] == ["0.5", "1", "1.00 (1.00)", "91.80", "-0.20", "20,000", "20.00x", "1.50x", "20.0"]
+    met = {t: ok for t, _, _, ok in targets.check_targets(rows)}
+    assert met["2-bit per-group training within 0.3 of the float32 run"]
+    assert not met["2-bit Overall Var per-group at least 5x below per-tensor"]      # 4x only
