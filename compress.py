@@ -169,7 +169,8 @@ def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
     minimum = _bf16_toward(lo, up=False)                                   # m_G <= min x
     step = _bf16_toward(((hi - minimum) / levels).clamp_min(TINY_RANGE), up=True)   # m_G + B s_G >= max x
     u = torch.rand(g.shape, generator=generator, device=g.device)        # a generator on x's device
-    codes = torch.minimum(torch.floor((g - minimum) / step + u).clamp_(min=0), levels).to(torch.uint8)
+    # (x - m_G) / s_G + u >= 0 (m_G <= x), so the cast to uint8, which truncates, is the floor
+    codes = torch.minimum(torch.addcmul(u, g - minimum, 1 / step), levels).to(torch.uint8)
     packed = pack(codes, bits) if row_bits is None else pack_rows(codes.reshape(len(codes), -1), row_bits)
     return Compressed(packed, minimum.to(PARAM_DTYPE), step.to(PARAM_DTYPE), x.shape, x.dtype,
                       bits if row_bits is None else int(row_bits.max()), size, row_bits)

@@ -574,9 +574,24 @@ def render_reruns(reports):
 # ----------------------------------------------------------------------------- compressed activations (issue 17)
 
 def is_compressed(r):
-    """A run of compressed activations (memory.py, or train/QAT with --ca-bits): a table family
-    of its own, kept out of the quantization tables."""
-    return r["script"] == "memory" or "ca_bits" in r
+    """A run of compressed activations (memory.py, or train/QAT with --ca-bits) or a fine-tune
+    (train.py --init-from, the float control of a compressed one): a table family of its own,
+    kept out of the float and quantization tables."""
+    return r["script"] == "memory" or "ca_bits" in r or "init_from" in r
+
+
+def train_baseline(results, t):
+    """The float32-activation run of the same schedule as training run t (the same start, epochs
+    and learning rate): the float recipe's run, or the fine-tune from the same checkpoint."""
+    rows = [r for r in results if r["script"] == "train" and "ca_bits" not in r and r["model"] == t["model"]
+            and r["dataset"] == t["dataset"] and r.get("init_from") == t.get("init_from")
+            and r["epochs"] == t["epochs"] and r["lr"] == t["lr"]]
+    return rows[0] if rows else None
+
+
+def schedule(t):
+    return (f"fine-tuned {t['epochs']} epoch(s) at lr {t['lr']:g} from {t['init_from']}" if t.get("init_from")
+            else f"from scratch, {t['epochs']} epochs at lr {t['lr']:g}")
 
 
 def ca_tag(r):
@@ -616,24 +631,31 @@ def render_compressed(results):
     test accuracy against the float run of the same recipe."""
     out = []
     for model in ("cnn_bn", "resnet18"):
-        float_run = find(results, script="train", model=model, dataset="fashion-mnist", ca_bits=None)
         mem = [compressed_run(results, "memory", model, tag) for _, tag, _, _ in ACTNN_ROWS]
-        if not any(mem):
+        trained = [compressed_run(results, "train", model, tag) for _, tag, _, _ in ACTNN_ROWS]
+        if not any(mem + trained):
             continue
-        first = next(m for m in mem if m)
-        fp = float_run[0]["fp32_acc"] if float_run else None
-        lines = [f"**{model}** (memory.py: batch {first['batch_size']}, {first['passes']} compressed passes, "
-                 f"{first['batches']} batches for the sampling variance, {first['threads']} thread(s), {first['device']})", "",
+        first = next((m for m in mem if m), None)
+        some = next((t for t in trained if t), None)
+        base = train_baseline(results, some) if some else None
+        scratch = find(results, script="train", model=model, dataset="fashion-mnist", ca_bits=None, init_from=None)
+        base = base or (scratch[0] if scratch else None)
+        setup = (f"memory.py: batch {first['batch_size']}, {first['passes']} compressed passes, {first['batches']} "
+                 f"batches for the sampling variance, {first['threads']} thread(s), {first['device']}" if first else "")
+        setup += ("; " if setup and base else "") + (f"training: {schedule(base)}" if base else "")
+        lines = [f"**{model}** ({setup})", "",
                  "| config | flags | Overall Var | minibatch var | bias % (noise floor %) | test acc. | - full precision "
                  "| saved bytes / image | vs float32 | step time | training min | ActNN Var / top-1 |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        minutes = f"{float_run[0]['minutes']:.1f}" if float_run else "-"
-        lines.append(f"| full precision | | 0 | {first['sample_var']:.4g} | 0 | {pct(fp) if fp else '-'} | | "
-                     f"{first['saved_bytes_per_image']['float32']:,.0f} | 1.00x | 1.00x | {minutes} | "
-                     f"- / {ACTNN_FULL_PRECISION:.2f} |")
-        for (label, tag, flags, paper), m in zip(ACTNN_ROWS, mem):
-            t = compressed_run(results, "train", model, tag)
-            acc = (pct(t["fp32_acc"]), f"{t['fp32_acc'] - fp:+.2f}" if fp else "-", f"{t['minutes']:.1f}") if t else ("-",) * 3
+        fp_bytes = f"{first['saved_bytes_per_image']['float32']:,.0f}" if first else "-"
+        lines.append(f"| full precision | | 0 | {first['sample_var']:.4g} | 0 | " if first else "| full precision | | 0 | - | 0 | ")
+        lines[-1] += (f"{pct(base['fp32_acc']) if base else '-'} | | {fp_bytes} | 1.00x | 1.00x | "
+                      f"{base['minutes']:.1f} | - / {ACTNN_FULL_PRECISION:.2f} |" if base else
+                      f"- | | {fp_bytes} | 1.00x | 1.00x | - | - / {ACTNN_FULL_PRECISION:.2f} |")
+        for (label, tag, flags, paper), m, t in zip(ACTNN_ROWS, mem, trained):
+            b = train_baseline(results, t) if t else None
+            acc = ((pct(t["fp32_acc"]), f"{t['fp32_acc'] - b['fp32_acc']:+.2f}" if b else "-", f"{t['minutes']:.1f}")
+                   if t else ("-",) * 3)
             stats = ((f"{m['overall_var']:.4g}", f"{m['sample_var']:.4g}",
                       f"{100 * m['bias_rel']:.2f} ({100 * m['noise_floor_rel']:.2f})",
                       f"{m['saved_bytes_per_image']['compressed']:,.0f}", f"{m['memory_ratio']:.2f}x",

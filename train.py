@@ -14,7 +14,7 @@ import time
 import torch
 
 import cli
-from checkpoint import save_checkpoint, torch_save
+from checkpoint import load_checkpoint, save_checkpoint, torch_save
 from compress import compress_activations
 from data import Batches, dataset_info, load_split, random_crop_flip
 from engine import evaluate, fingerprint, train_one_epoch
@@ -77,6 +77,9 @@ def main():
                                                     f"with --dry-run {cli.DRY_RUN_DIR}/{cli.DEFAULT_CKPT_DIR})")
     p.add_argument("--resume-dir", default=None, help=f"where the per-epoch resume state is kept (default: "
                                                       f"{RESUME_DIR}; with --dry-run under {cli.DRY_RUN_DIR})")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from this float checkpoint's weights (a fine-tune; default: the seeded "
+                        "initialisation); its checkpoint is saved as <dataset>_<model>[_ca...]_finetuned.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue from <resume-dir>/<dataset>_<model>.resume.pt (same flags)")
     cli.add_compression(p)
@@ -89,7 +92,8 @@ def main():
     resume_dir = args.resume_dir or cli.trial_path(args, RESUME_DIR)
     ca = cli.compression_from(args)
     # a run with compressed activations is a different run: its own checkpoint and resume file
-    stem = f"{args.dataset}_{args.model}" + ("" if ca is None else f"_{ca.tag()}")
+    stem = (f"{args.dataset}_{args.model}" + ("" if ca is None else f"_{ca.tag()}")
+            + ("_finetuned" if args.init_from else ""))
     path = os.path.join(ckpt_dir, f"{stem}.pt")
     resume_path = os.path.join(resume_dir, f"{stem}.resume.pt")
     replaced = existing_checkpoint(path, args.overwrite or (args.dry_run and args.ckpt_dir is None))
@@ -108,6 +112,8 @@ def main():
     cfg = ModelConfig(arch=args.model, in_channels=info.in_channels, image_size=info.image_size,
                       num_classes=info.num_classes)
     model = build_model(cfg).to(device)
+    if args.init_from:          # the float network a fine-tune starts from (same data set and network)
+        model.load_state_dict(load_checkpoint(args.init_from, args.dataset, args.model)[0].state_dict())
     if ca is not None:              # the same network; training keeps its saved activations packed
         compress_activations(model, ca, batch_index=lambda: train_batches.last_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -120,7 +126,7 @@ def main():
 
     first_epoch, earlier_minutes = 1, 0.0
     run_flags = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                 **cli.compression_fields(ca)}
+                 **cli.compression_fields(ca), **({"init_from": args.init_from} if args.init_from else {})}
     if args.resume:
         state = read_resume(resume_path, device, run_flags)
         model.load_state_dict(state["model"])
@@ -151,6 +157,7 @@ def main():
     cli.emit_result({"script": "train", "dataset": args.dataset, "model": args.model, "epochs": epochs,
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
                      "ckpt": path, "seed": args.seed, **cli.compression_fields(ca),
+                     **({"init_from": args.init_from} if args.init_from else {}),
                      "weights_sha": fingerprint(torch.cat([v.flatten().float() for v in model.state_dict().values()]))}, args.result_json)
 
 
