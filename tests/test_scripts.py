@@ -224,3 +224,13 @@ def test_resnet18_checkpoint_is_stored_in_half_precision(tmp_path):
     w = dict(loaded.named_parameters())["conv1.weight"]
     assert ckpt["half"] and w.dtype == torch.float32
     assert torch.equal(w, model.conv1.weight.detach().half().float())
+
+
+def test_train_init_from_fine_tunes_the_float_checkpoint(data_dir, tmp_path, run, result_of, one_line_error):
+    """Two batches at a tiny learning rate from the float checkpoint keep its accuracy (from the
+    seeded initialisation they would score near chance); another network's checkpoint is refused."""
+    common = ["--model", "cnn_bn", "--dry-run", "--data-dir", data_dir, "--ckpt-dir", tmp_path, "--lr", "1e-7"]
+    r = result_of(run("train.py", *common, "--ca-bits", 2, "--init-from", "ckpt/fashion-mnist_cnn_bn.pt"))
+    assert r["fp32_acc"] > 85 and r["init_from"] == "ckpt/fashion-mnist_cnn_bn.pt"
+    assert (tmp_path / "fashion-mnist_cnn_bn_ca2_finetuned.pt").exists()
+    one_line_error(run("train.py", *common, "--init-from", "ckpt/fashion-mnist_cnn.pt"), "cnn", "cnn_bn")
