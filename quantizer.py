@@ -121,14 +121,17 @@ class Quantizer(nn.Module):
     def learn_scale(self, init=None, grad_scale=1.0):
         """From now on S is a parameter, trained by gradient descent (LSQ's gradient, see
         function.fake_quantize, times `grad_scale`); the observer no longer moves it. `init`:
-        its first value (LSQ's 2 mean|v| / sqrt(Q_P), see lsq_init), else the current S. A zero
-        point is recomputed for the new S from the observed minimum and then kept."""
+        its first value (LSQ's 2 mean|v| / sqrt(Q_P), see lsq_init), else the current S. The
+        zero point is the one of the observed range (as calibration sets it) and then kept: the
+        new S scales the representable range [S (QMIN - Z), S (QMAX - Z)] about real zero in the
+        observed range's proportions. (Placing Z so that the observed minimum stays representable
+        would, for an S smaller than the range needs, push Z to QMAX on a tensor of both signs,
+        a conv's output before a residual add, and clip away everything above zero.)"""
         s = self.scale if init is None else torch.as_tensor(init, dtype=torch.float32).reshape(-1)
         s = s.detach().clone().to(self.scale.device)             # (C,) or (1,): one S per tensor
         if not self.grid.symmetric and self.observer.has_data():
-            lo = self.observer.range()[0].clamp(max=0).to(s.device).double()
-            z = torch.clamp(round_half_away(self.grid.qmin - lo / s.double()), self.grid.qmin, self.grid.qmax)
-            self.zero_point.copy_(z.to(torch.int64).expand_as(self.zero_point))
+            _, z = scale_zero_point(*self.observer.range(), self.grid)
+            self.zero_point.copy_(z.to(self.zero_point.device).expand_as(self.zero_point))
         elif self.grid.symmetric:
             self.zero_point.zero_()
         del self._buffers["scale"]

@@ -4,6 +4,7 @@ learned scales frozen into integers, and which layers the edge bits change."""
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +116,22 @@ def test_first_last_bits_change_exactly_two_layers(trained_like):
     assert differ == [True] + [False] * (len(differ) - 2) + [True]
     quants = activation_quantizers(edges)
     assert quants[0].grid.bits == 8 and quants[-1].grid.bits == 8 and {q.grid.bits for q in quants[1:-1]} == {4}
+
+
+def test_a_small_learned_step_keeps_both_signs_of_an_asymmetric_tensor():
+    """A conv's output before a residual add has both signs: a 4-bit unsigned grid observed on
+    [-9, 6] has Z = 9 (round(15 * 9 / 15)); an LSQ step 3x smaller than the range needs keeps
+    Z = 9, so the grid still holds positive values (a Z placed to keep -9 representable would
+    be 27, clamped to 15: nothing above zero left)."""
+    from function import Grid
+    grid = Grid(4, signed=False)
+    q = Quantizer(grid, make_observer("minmax", grid))
+    q.observe, q.enabled = "always", False
+    q(torch.tensor([-9.0, 6.0, 0.5]))
+    q.update()
+    assert int(q.zero_point) == 9
+    q.learn_scale(torch.tensor([1.0 / 3]))
+    q.enabled = True
+    assert int(q.zero_point) == 9
+    y = q(torch.tensor([-9.0, -1.0, 1.0, 6.0])).detach()
+    assert y.tolist() == pytest.approx([-3.0, -1.0, 1.0, 2.0])       # clipped at -9 S and at 6 S, both signs kept
