@@ -625,6 +625,16 @@ def compressed_run(results, script, model, tag):
     return max(rows, key=lambda r: r.get("passes", 0), default=None)
 
 
+def plain_qat(results, r):
+    """The QAT run that a compressed-activation QAT run r repeats with float32 saved activations
+    (the same QConfig, LSQ or not, epochs), or None."""
+    rows = [p for p in results if p["script"] == "QAT" and "ca_bits" not in p and "tflite" not in p
+            and "evaluated_from" not in p and p["model"] == r["model"] and p["dataset"] == r["dataset"]
+            and p["epochs"] == r["epochs"] and all(p.get(k) == r.get(k) for k in QCONFIG_FIELDS)
+            and bool(p.get("learn_scales")) == bool(r.get("learn_scales"))]
+    return rows[0] if rows else None
+
+
 def render_compressed(results):
     """Per network, ActNN's rows: memory.py's gradient variance, bias, bytes and step time (one
     batch of the float checkpoint), and, where the network was trained with the config, its
@@ -670,13 +680,8 @@ def render_compressed(results):
                  "| model | W/A bits | saved activations | QAT fake-quant | integer | - plain QAT | minutes | command |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(qat, key=lambda r: (r["model"], r["command"])):
-            plain_runs = [p for p in results if p["script"] == "QAT" and "ca_bits" not in p and "tflite" not in p
-                          and p["model"] == r["model"] and p["dataset"] == r["dataset"]
-                          and all(p.get(k) == r.get(k) for k in QCONFIG_FIELDS)
-                          and bool(p.get("learn_scales")) == bool(r.get("learn_scales")) and "evaluated_from" not in p
-                          and p["epochs"] == r["epochs"]]
-            base = f"{r['int_acc'] - plain_runs[0]['int_acc']:+.2f} (plain {pct(plain_runs[0]['int_acc'])})" \
-                if plain_runs else "-"
+            p = plain_qat(results, r)
+            base = f"{r['int_acc'] - p['int_acc']:+.2f} (plain {pct(p['int_acc'])})" if p else "-"
             lines.append(f"| {r['model']} | {bits(r)} {granularity(r)} | {ca_tag(r)} | {pct(r['qat_fakequant_acc'])} | "
                          f"{pct(r['int_acc'])} | {base} | {r['minutes']:.1f} | {cmd(r)} |")
         out.append("\n".join(lines))

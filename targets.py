@@ -4,7 +4,8 @@ import itertools
 
 from tables import (ADAROUND_W4A8_TOL, _low_bit_cell, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
                     granularity, imagenet_agreement, kernel, observer_name, pct, plain,
-                    QCONFIG_FIELDS, ca_tag, compressed_run, is_compressed, schedule, train_baseline)
+                    ca_tag, compressed_run, is_compressed, plain_qat, schedule,
+                    train_baseline)
 
 
 def check_targets(results):
@@ -198,11 +199,9 @@ def compression_targets(results):
             rows.append(("ResNet18 saved activations at 2 bits at least 10x below float32", f"batch {pg['batch_size']}",
                          f"{pg['memory_ratio']:.2f}x", pg["memory_ratio"] >= 10.0))
     for r in (r for r in results if r["script"] == "QAT" and "ca_bits" in r and ca_tag(r) == "ca2"):
-        plain = [p for p in results if p["script"] == "QAT" and "ca_bits" not in p and "tflite" not in p
-                 and "evaluated_from" not in p and p["model"] == r["model"] and p["epochs"] == r["epochs"]
-                 and all(p.get(k) == r.get(k) for k in QCONFIG_FIELDS) and bool(p.get("learn_scales")) == bool(r.get("learn_scales"))]
+        plain = plain_qat(results, r)
         if plain and r["w_bits"] == r["a_bits"] == 4:
-            d = r["int_acc"] - plain[0]["int_acc"]
+            d = r["int_acc"] - plain["int_acc"]
             rows.append(("QAT W4A4 with 2-bit saved activations within 0.3 of plain QAT W4A4",
                          f"{r['model']} {granularity(r)}", f"{d:+.2f}", d >= -0.3))
     return rows
