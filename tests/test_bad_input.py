@@ -265,7 +265,8 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
 
 
 def test_ctrl_c_is_one_line(data_dir, tmp_path, untouched):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--dry-run", "--data-dir", data_dir,
+    # a full run, not --dry-run: its two batches could end before the signal lands on a loaded machine
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data_dir,
                              "--ckpt-dir", tmp_path, "--resume-dir", tmp_path], cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for line in proc.stderr:                 # the first progress line: training has started
