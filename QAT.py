@@ -41,7 +41,7 @@ def default_save_path(args, qconfig):
     out = f"_out{qconfig.out_bits}" if qconfig.out_bits else ""
     edges = f"_fl{qconfig.first_last_bits}" if qconfig.first_last_bits else ""
     lsq = "_lsq" if getattr(args, "learn_scales", False) else ""
-    ca = cli.compression_from(args) if getattr(args, "ca_bits", None) else None
+    ca = cli.compression_from(args) if hasattr(args, "ca_bits") else None
     tag = "" if ca is None else f"_{ca.tag()}"
     name = f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}{edges}_{granularity}{lsq}{tag}.pt"
     return cli.trial_path(args, os.path.join("runs", "qat", name))

@@ -68,11 +68,12 @@ def _require(ckpt, path, keys, hint):
         raise IntsimError(f"{path} lacks {', '.join(missing)}: it is incomplete or not intsim's; {hint}")
 
 
-def load_checkpoint(path, dataset, arch):
-    """Load a float checkpoint written by train.py and check that it is the one asked for."""
+def load_checkpoint(path, dataset, arch, flag="--ckpt"):
+    """Load a float checkpoint written by train.py and check that it is the one asked for
+    (`flag`: the option that named it, for the messages)."""
     from model import ModelConfig, build_model
     ckpt = _read(path, "checkpoint", f"train it with `python train.py --dataset {dataset} --model {arch}` "
-                                     f"or pass --ckpt")
+                                     f"or pass another {flag}")
     if not isinstance(ckpt, dict) or "model_config" not in ckpt:
         raise IntsimError(f"{path} is not an intsim checkpoint (no model_config); use one saved by train.py")
     if ckpt.get("frozen"):
@@ -82,7 +83,7 @@ def load_checkpoint(path, dataset, arch):
     got = (ckpt["model_config"].get("arch"), ckpt["dataset"])
     if got != (arch, dataset):
         raise IntsimError(f"{path} holds model {got[0]!r} trained on {got[1]!r}, not {arch!r} on "
-                          f"{dataset!r}: pass the matching --model/--dataset or another --ckpt")
+                          f"{dataset!r}: pass the matching --model/--dataset or another {flag}")
     try:
         cfg = ModelConfig(**ckpt["model_config"])
     except TypeError as e:

@@ -148,24 +148,32 @@ def check_settings(bits, group_size):
         raise IntsimError(f"--ca-group-size {group_size}: use a positive number")
 
 
-def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None):
-    """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased).
-    `bits` may be a tensor (N,) of per-sample widths (per-group only): ActNN's mixed precision."""
-    check_settings(bits, group_size)
+def group_ranges(x, group_size=GROUP_SIZE, per_group=True):
+    """x (N, ...) -> (groups (N, G, size) float32, size, min (N, G, 1), max (N, G, 1)): what
+    compress encodes, and what ActNN's bit allocation reads (computed once for both)."""
     if x.dim() == 0 or x.numel() == 0:
         raise IntsimError(f"cannot compress a tensor of shape {tuple(x.shape)}: it needs a batch dimension")
+    g, size = _groups(x, group_size, per_group)
+    lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise IntsimError("cannot compress activations with inf or NaN in them (the forward pass diverged)")
+    return g, size, lo, hi
+
+
+def compress(x, bits, group_size=GROUP_SIZE, per_group=True, generator=None, ranges=None):
+    """x (N, ...) float -> Compressed at `bits` per value, stochastically rounded (unbiased).
+    `bits` may be a tensor (N,) of per-sample widths (per-group only): ActNN's mixed precision.
+    `ranges`: group_ranges(x, group_size, per_group) when the caller already has them."""
+    check_settings(bits, group_size)
+    g, size, lo, hi = ranges if ranges is not None else group_ranges(x, group_size, per_group)
     row_bits = None
     if torch.is_tensor(bits):
         if not per_group or bits.shape != (x.shape[0],):
             raise IntsimError(f"per-sample bits need per-group ranges and one width per sample "
                               f"({x.shape[0]}), not {tuple(bits.shape)}")
         row_bits = bits.to(device=x.device, dtype=torch.uint8)
-    g, size = _groups(x, group_size, per_group)
     widths = torch.full((1,), float(bits), device=g.device) if row_bits is None else row_bits.float()
     levels = (2 ** widths - 1).view(-1, 1, 1)                             # B (per sample, or one for all)
-    lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise IntsimError("cannot compress activations with inf or NaN in them (the forward pass diverged)")
     minimum = _bf16_toward(lo, up=False)                                   # m_G <= min x
     step = _bf16_toward(((hi - minimum) / levels).clamp_min(TINY_RANGE), up=True)   # m_G + B s_G >= max x
     u = torch.rand(g.shape, generator=generator, device=g.device)        # a generator on x's device
@@ -247,17 +255,20 @@ class CompressConfig:
                          + (["shared among the layers"] if self.per_layer else [])
                          + (["gradient-weighted"] if self.use_gradient else []))
 
-    def compress(self, x, bits=None):
-        return compress(x, self.bits if bits is None else bits, self.group_size, self.per_group)
+    def ranges(self, x):
+        return group_ranges(x, self.group_size, self.per_group)
+
+    def compress(self, x, bits=None, ranges=None):
+        return compress(x, self.bits if bits is None else bits, self.group_size, self.per_group, ranges=ranges)
 
 
-def sample_sensitivity(x, cfg):
-    """Each sample's C_i = sum over its groups of (values / 4) R_G^2 (the variance stochastic
-    rounding adds at step 1 per range unit; see quantization_variance): (N,) float64."""
-    g, size = _groups(x, cfg.group_size, cfg.per_group)
-    r = g.amax(dim=2) - g.amin(dim=2)                                       # (N, groups)
-    c = (size / 4) * (r.double() ** 2).sum(1)
-    return c if cfg.per_group else c.expand(x.shape[0])
+def sample_sensitivity(ranges, n):
+    """Each of the n samples' C_i = sum over its groups of (values / 4) R_G^2 (the variance
+    stochastic rounding adds at step 1 per range unit; see quantization_variance), from
+    group_ranges: (n,) float64 (per-tensor: the one range's, for every sample)."""
+    _, size, lo, hi = ranges
+    c = (size / 4) * ((hi - lo).double().squeeze(2) ** 2).sum(1)
+    return c.expand(n)
 
 
 class BitAllocator:
@@ -290,12 +301,14 @@ class BitAllocator:
         fill = w[seen].mean() if seen.any() else torch.tensor(1.0, dtype=torch.float64)
         return torch.where(seen, w, fill + 1e-9).double()
 
-    def bits_for(self, site, x):
-        """The width of each sample of x (a tensor (N,)) or of the whole tensor (an int)."""
+    def bits_for(self, site, x, ranges=None):
+        """The width of each sample of x (a tensor (N,)) or of the whole tensor (an int);
+        `ranges`: x's group_ranges, when the caller has them."""
         cfg = self.cfg
         if cfg.per_layer and site in self.seen:     # a new forward pass began: share the budget anew
             self.reallocate()
-        c = sample_sensitivity(x, cfg) * self._weights(site, x.shape[0])
+        ranges = ranges if ranges is not None else cfg.ranges(x)
+        c = sample_sensitivity(ranges, x.shape[0]) * self._weights(site, x.shape[0])
         self.seen[site] = (c, x[0].numel())
         average = self.layer_bits.get(site, cfg.bits)
         if cfg.initial_bits > cfg.bits:
@@ -345,8 +358,10 @@ class Site:
         self.cfg, self.allocator = cfg, allocator
 
     def compress(self, x):
-        bits = None if self.allocator is None else self.allocator.bits_for(self, x)
-        return self.cfg.compress(x, bits)
+        if self.allocator is None:
+            return self.cfg.compress(x)
+        ranges = self.cfg.ranges(x)             # one pass over the groups for the widths and the codes
+        return self.cfg.compress(x, self.allocator.bits_for(self, x, ranges), ranges)
 
     def observe(self, g):
         if self.allocator is not None and self.cfg.use_gradient:

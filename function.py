@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress import load_compressed, pack, save_compressed, unpack
 from errors import IntsimError
 
 MIN_BITS, MAX_BITS = 2, 16         # bit widths for weights and activations (fake-quant)
@@ -213,7 +214,6 @@ class _FakeQuantize(torch.autograd.Function):
         if site is None:
             ctx.save_for_backward(inside, dyds)
         else:
-            from compress import pack, save_compressed
             mask = pack(inside.flatten(), 1)
             ctx.shape, ctx.has_dyds = x.shape, dyds is not None
             if dyds is None:
@@ -227,7 +227,6 @@ class _FakeQuantize(torch.autograd.Function):
         if ctx.site is None:
             inside, dyds = ctx.saved_tensors
         else:
-            from compress import load_compressed, unpack
             dyds, (mask,) = load_compressed(ctx) if ctx.has_dyds else (None, ctx.saved_tensors)
             inside = unpack(mask, 1, ctx.shape.numel()).reshape(ctx.shape).bool()
         grad_scale = None if dyds is None else (grad * dyds).sum_to_size(ctx.scale_shape)

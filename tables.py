@@ -658,10 +658,10 @@ def render_compressed(results):
                  "| saved bytes / image | vs float32 | step time | training min | ActNN Var / top-1 |",
                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         fp_bytes = f"{first['saved_bytes_per_image']['float32']:,.0f}" if first else "-"
-        lines.append(f"| full precision | | 0 | {first['sample_var']:.4g} | 0 | " if first else "| full precision | | 0 | - | 0 | ")
-        lines[-1] += (f"{pct(base['fp32_acc']) if base else '-'} | | {fp_bytes} | 1.00x | 1.00x | "
-                      f"{base['minutes']:.1f} | - / {ACTNN_FULL_PRECISION:.2f} |" if base else
-                      f"- | | {fp_bytes} | 1.00x | 1.00x | - | - / {ACTNN_FULL_PRECISION:.2f} |")
+        sample_var = f"{first['sample_var']:.4g}" if first else "-"
+        acc, minutes = (pct(base["fp32_acc"]), f"{base['minutes']:.1f}") if base else ("-", "-")
+        lines.append(f"| full precision | | 0 | {sample_var} | 0 | {acc} | | {fp_bytes} | 1.00x | 1.00x | {minutes} | "
+                     f"- / {ACTNN_FULL_PRECISION:.2f} |")
         for (label, tag, flags, paper), m, t in zip(ACTNN_ROWS, mem, trained):
             b = train_baseline(results, t) if t else None
             acc = ((pct(t["fp32_acc"]), f"{t['fp32_acc'] - b['fp32_acc']:+.2f}" if b else "-", f"{t['minutes']:.1f}")

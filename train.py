@@ -113,7 +113,7 @@ def main():
                       num_classes=info.num_classes)
     model = build_model(cfg).to(device)
     if args.init_from:          # the float network a fine-tune starts from (same data set and network)
-        model.load_state_dict(load_checkpoint(args.init_from, args.dataset, args.model)[0].state_dict())
+        model.load_state_dict(load_checkpoint(args.init_from, args.dataset, args.model, "--init-from")[0].state_dict())
     if ca is not None:              # the same network; training keeps its saved activations packed
         compress_activations(model, ca, batch_index=lambda: train_batches.last_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
