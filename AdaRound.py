@@ -145,8 +145,7 @@ def main(method=ADAROUND, doc=__doc__):
     p.add_argument("--plot", default=None, help=f"histogram of h(V) (default: results/figures/{method.name}_h_<...>.png)")
     p.add_argument("--plot-layer", type=int, default=1, help="which quantized layer (0-based) to plot h(V) for")
     args, device = cli.start(p)
-    if args.dry_run:
-        args.num_calib, args.iters = DRY_RUN_CALIB, DRY_RUN_ITERS
+    cli.cap_for_dry_run(args, num_calib=DRY_RUN_CALIB, iters=DRY_RUN_ITERS)
     schedule = functools.partial(beta_at, warm_start=args.warm_start, beta_start=args.beta_start,
                                  beta_end=args.beta_end)
     qconfig = cli.qconfig_from(args)

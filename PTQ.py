@@ -58,9 +58,9 @@ def main():
     qmodel = convert(model, qconfig).to(device)
     n = 0
     if not qconfig.float_activations:
-        batches = DRY_RUN_CALIB if args.dry_run else args.calib_batches
-        calib = calibration_set(x_train, y_train, batches * args.batch_size, args.seed)
-        n = calibrate(qmodel, Batches(*calib, args.batch_size), device, batches)
+        cli.cap_for_dry_run(args, calib_batches=DRY_RUN_CALIB)
+        calib = calibration_set(x_train, y_train, args.calib_batches * args.batch_size, args.seed)
+        n = calibrate(qmodel, Batches(*calib, args.batch_size), device, args.calib_batches)
     frozen = freeze(qmodel, generator=torch.Generator().manual_seed(args.seed))   # seeds stochastic rounding
     report = evaluate_frozen(frozen, test, device)
 

@@ -58,7 +58,8 @@ def main():
     qmodel = convert(model, qconfig).to(device)
     calibrate(qmodel, calib, device, NUM_CALIB_BATCHES)
     frozen = freeze(qmodel)
-    repeats = 1 if args.dry_run else args.repeats
+    cli.cap_for_dry_run(args, repeats=1, train_batches=2)
+    repeats = args.repeats
 
     def timed(mode):
         net = model if mode == "float32" else set_mode(frozen, "reals" if mode == "fakequant" else "int")
@@ -73,7 +74,7 @@ def main():
         print(f"{mode:10s} {s:7.3f} s   {n / s:8.0f} images/s   {s / seconds['float32']:.2f}x float32")
 
     train = {}
-    steps = 2 if args.dry_run else args.train_batches
+    steps = args.train_batches
     if steps:
         # The same batches, the same optimizer, from the same float weights: float vs QAT steps.
         qat = convert(model, dataclasses.replace(qconfig, a_observer="ema")).to(device)

@@ -312,6 +312,14 @@ def start(p):
     return args, device_from(args.device)
 
 
+def cap_for_dry_run(args, **caps):
+    """--dry-run: each named size (iterations, images, draws) capped at its dry-run value; a
+    smaller one typed on the command line is kept, as --test-limit is."""
+    if args.dry_run:
+        for name, cap in caps.items():
+            setattr(args, name, min(cap, getattr(args, name)))
+
+
 def test_limit(args, dry_run_images):
     """How many test images to score: --test-limit, capped at `dry_run_images` with --dry-run."""
     if args.dry_run:

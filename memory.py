@@ -92,9 +92,7 @@ def main():
     ca = cli.compression_from(args)
     if ca is None:
         raise IntsimError("memory.py compares compressed activations with float32 ones: pass --ca-bits (1..8)")
-    if args.dry_run:
-        for k, v in DRY_RUN.items():
-            setattr(args, k, v)
+    cli.cap_for_dry_run(args, **DRY_RUN)
     if args.passes < 2 or args.batches < 2:
         raise IntsimError("--passes and --batches: at least 2 (a variance needs two samples)")
     if args.init == "random":

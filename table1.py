@@ -129,8 +129,8 @@ def main():
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     p.add_argument("--plot", default=None, help="scatter plot PNG (default: results/figures/table1_<dataset>_<model>.png)")
     args, device = cli.start(p)
-    draws = DRY_RUN_DRAWS if args.dry_run else args.draws
-    n_hessian = DRY_RUN_HESSIAN if args.dry_run else args.hessian_images
+    cli.cap_for_dry_run(args, draws=DRY_RUN_DRAWS, hessian_images=DRY_RUN_HESSIAN)
+    draws, n_hessian = args.draws, args.hessian_images
     all_config = dataclasses.replace(cli.qconfig_from(args), a_bits=FLOAT_BITS)    # weights only
     model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))

@@ -377,6 +377,7 @@ EDGE_MARK = "ᶠ"                  # first and last layer (and input, logits) at
 LOW_BIT_ROWS = [("nearest (PTQ)", "nearest", {}), ("AdaRound", "adaround", {}), ("BRECQ", "brecq", {}),
                 ("QAT", "qat", {}), ("QAT + LSQ", "qat_lsq", {}),
                 # variants, shown where they were run: BRECQ's code searches an Lp (p = 2.4) weight range
+                ("nearest, Lp 2.4 weight range", "nearest", {"w_observer": "lp", "lp_p": 2.4}),
                 ("AdaRound, Lp 2.4 weight range", "adaround", {"w_observer": "lp", "lp_p": 2.4}),
                 ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp", "lp_p": 2.4}),
                 ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2})]
@@ -400,22 +401,28 @@ def _low_bit_candidates(rows, method, w, a, variant=None):
     return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r]
 
 
+NOT_APPLICABLE = "n/a"
+
+
 def _low_bit_cell(rows, method, w, a, variant=None):
     """Accuracy (integer where there is an integer path): with 4-bit activations the run with
     8-bit first/last layers when there is one (BRECQ's and LSQ's setting), else the plain one;
-    among equals the one with the most iterations."""
+    among equals the one trained longest (iterations, or QAT's epochs). QAT.py builds integer
+    models only: no A32 cell."""
+    if method in ("qat", "qat_lsq") and a == 32:
+        return NOT_APPLICABLE, None
     found = _low_bit_candidates(rows, method, w, a, variant)
     if not found and method == "nearest":                    # the reconstructions score nearest first
         found = [{**r, "int_acc": r["nearest"]["int_acc"]} if "int_acc" in r["nearest"] else
                  {**r, "fakequant_acc": r["nearest"]["fakequant_acc"]}
-                 for m in ("adaround", "brecq") for r in _low_bit_candidates(rows, m, w, a)]
+                 for m in ("adaround", "brecq") for r in _low_bit_candidates(rows, m, w, a, variant)]
         found = [{k: v for k, v in r.items() if k not in ("iters", "minutes")} for r in found]
     if not found:
         return "-", None
     edges = [r for r in found if r.get("first_last_bits")]
     plain_rows = [r for r in found if not r.get("first_last_bits")]
     pick = (edges or plain_rows) if a <= 4 else (plain_rows or edges)
-    r = max(pick, key=lambda r: r.get("iters", 0))
+    r = max(pick, key=lambda r: (r.get("iters", 0), r.get("epochs", 0)))
     return pct(r["int_acc"] if "int_acc" in r else r["fakequant_acc"]) + (EDGE_MARK if r.get("first_last_bits") else ""), r
 
 
@@ -444,7 +451,8 @@ def render_low_bits(results):
         out.append("\n".join(lines))
     return "\n\n".join(out) + (f"\n\n{EDGE_MARK}: first and last layer, the input and the logits at 8 bits "
                                  f"(`--first-last-bits 8`). Integer accuracy wherever the model runs in integers "
-                                 f"(activations of at most 8 bits), fake-quant at A32.")
+                                 f"(activations of at most 8 bits), fake-quant at A32. {NOT_APPLICABLE}: QAT.py "
+                                 f"trains with quantized activations only; -: not run.")
 
 
 BASE_LRS = (1e-2, 1e-3)            # the seed's two AdaRound learning rates

@@ -6,8 +6,14 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-import torch
+# Every test and every script a test starts runs torch on one thread, set before torch is imported:
+# float sums then come out the same on any number of cores (the golden results compare them
+# exactly), and pytest-xdist's workers, one per core (`-n auto`), do not oversubscribe the CPU.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

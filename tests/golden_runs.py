@@ -67,10 +67,10 @@ def machine():
     """What floating-point results depend on besides the code: the torch build and the CPU's
     vector instructions (they pick the float kernels, whose rounding differs)."""
     return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
-            "threads": torch.get_num_threads()}
+            "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))}
 
 
-SAME_MACHINE_KEYS = ("torch", "cpu", "cpu_flags")
+SAME_MACHINE_KEYS = ("torch", "cpu", "cpu_flags", "threads")     # threads: 1, set by conftest.py
 
 
 def same_machine(recorded):

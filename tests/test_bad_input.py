@@ -28,7 +28,8 @@ from model import ModelConfig, build_model, calibrate, convert, freeze
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = os.path.join(ROOT, "ckpt", "fashion-mnist_cnn.pt")
-SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "imagenet-1300"}
+# runs/dry-run is the scratch folder of every --dry-run (tests on other pytest-xdist workers write there)
+SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "imagenet-1300", "dry-run"}
 
 
 def snapshot():
@@ -266,15 +267,23 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
 
 def test_ctrl_c_is_one_line(data_dir, tmp_path, untouched):
     # a full run, not --dry-run: its two batches could end before the signal lands on a loaded machine
+    # SIGINT back to its default in the child: a shell's background job (pytest ... &) ignores it, the
+    # child would inherit that, Python would install no KeyboardInterrupt handler, and the run would not stop
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data_dir,
                              "--ckpt-dir", tmp_path, "--resume-dir", tmp_path], cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:                 # the first progress line: training has started
         if "[0/" in line:
             break
     proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read().strip()
-    assert proc.wait(timeout=60) == cli.EXIT_INTERRUPTED, err
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("train.py still ran 120 s after Ctrl-C")
+    err = err.strip()
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
     assert len(err.splitlines()) == 1 and err.startswith("interrupted:") and "--resume" in err, err
     assert not (tmp_path / "fashion-mnist_cnn.pt").exists()
 

@@ -93,7 +93,8 @@ def check_table1_cnn_bn(r):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(RUNS))
+# an _eval run scores the model its group's run saved: both on one pytest-xdist worker (--dist loadgroup)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(group(n))) for n in RUNS])
 def test_script_reproduces_its_golden_result(name, golden_tmp, data_dir):
     r = result(name, golden_tmp, data_dir)
     check = globals().get(f"check_{name}")

@@ -131,18 +131,20 @@ def test_split_then_ptq_on_imagenet_folders_with_random_weights(tmp_path, run, r
 @pytest.mark.slow
 def test_every_script_runs_resnet18_on_fashion_mnist(data_dir, tmp_path, run, result_of):
     """train.py -> PTQ.py, QAT.py, AdaRound.py and table1.py (Table 1) on a ResNet18, with
-    --dry-run sizes: the same generic conversion, no ResNet-specific code in any script."""
+    --dry-run sizes cut further (100 test images, 5 AdaRound iterations on 32 images, 2 Table 1 draws):
+    the same generic conversion, no ResNet-specific code in any script."""
     common = ["--model", "resnet18", "--dry-run", "--data-dir", data_dir]
     r = result_of(run("train.py", *common, "--ckpt-dir", tmp_path, "--resume-dir", tmp_path))
     ckpt = tmp_path / "fashion-mnist_resnet18.pt"
     assert r["model"] == "resnet18" and ckpt.stat().st_size < 25e6           # float16 storage
-    common += ["--ckpt", ckpt, "--test-limit", 200]              # --dry-run's 1000, fewer
+    common += ["--ckpt", ckpt, "--test-limit", 100]              # --dry-run's 1000, fewer
     r = result_of(run("PTQ.py", *common, "--per-channel"))
-    assert r["model"] == "resnet18" and r["test_images"] == 200 and "int_acc" in r
+    assert r["model"] == "resnet18" and r["test_images"] == 100 and "int_acc" in r
     r = result_of(run("QAT.py", *common, "--epochs", 1, "--save", tmp_path / "qat.pt"))
     assert r["model"] == "resnet18" and "int_acc" in r
-    r = result_of(run("AdaRound.py", *common, "--a-bits", 8, "--save", tmp_path / "ada.pt",
-                      "--plot", tmp_path / "h.png"))
+    r = result_of(run("AdaRound.py", *common, "--a-bits", 8, "--iters", 5, "--num-calib", 32,
+                      "--save", tmp_path / "ada.pt", "--plot", tmp_path / "h.png"))
     assert len(r["layers"]) == 21 and "int_acc" in r                        # every conv and the fc
-    r = result_of(run("table1.py", *common, "--plot", tmp_path / "t1.png"))
-    assert r["model"] == "resnet18" and r["draws"] == 3 and (tmp_path / "t1.png").exists()
+    assert (r["iters"], r["num_calib"]) == (5, 32)                          # smaller than --dry-run's: kept
+    r = result_of(run("table1.py", *common, "--draws", 2, "--hessian-images", 64, "--plot", tmp_path / "t1.png"))
+    assert r["model"] == "resnet18" and r["draws"] == 2 and (tmp_path / "t1.png").exists()
