@@ -10,6 +10,7 @@ batch min/max (Jacob et al. 2018, sec. 3.1); BN runs with batch statistics, corr
 quantized weights are the running-statistics fold (Krishnamoorthi 2018, sec. 3.2.2), for
 --bn-batch-stats-epochs, after which it uses its running statistics.
 """
+import copy
 import dataclasses
 import os
 import time
@@ -18,12 +19,12 @@ import torch
 
 import cli
 from checkpoint import load_frozen, save_frozen
-from compress import compress_activations
+from compress import compress_activations, saved_bytes
 from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
 from errors import IntsimError
-from model import bn_use_running_stats, calibrate, convert, fix_ranges, freeze, learn_scales, set_phase
+from model import LSQ_INITS, bn_use_running_stats, calibrate, convert, fix_ranges, freeze, learn_scales, set_phase
 
 EPOCHS = 3
 LR = {"sgd": 1e-3, "adam": 1e-4}   # peak learning rate per optimizer (cosine decay to 0)
@@ -41,6 +42,7 @@ def default_save_path(args, qconfig):
     out = f"_out{qconfig.out_bits}" if qconfig.out_bits else ""
     edges = f"_fl{qconfig.first_last_bits}" if qconfig.first_last_bits else ""
     lsq = "_lsq" if getattr(args, "learn_scales", False) else ""
+    lsq += "_range" if lsq and getattr(args, "lsq_init", "mean") == "range" else ""
     ca = cli.compression_from(args) if hasattr(args, "ca_bits") else None
     tag = "" if ca is None else f"_{ca.tag()}"
     name = f"{args.dataset}_{args.model}_W{qconfig.w_bits}A{qconfig.a_bits}{out}{edges}_{granularity}{lsq}{tag}.pt"
@@ -68,6 +70,14 @@ def evaluate_saved(args, device):
                      "evaluated_from": args.eval, **report}, args.result_json, qconfig)
 
 
+def saved_per_image(qmodel, x):
+    """Bytes autograd keeps for backward per image of x, at QAT's start (BN on batch statistics),
+    counted on a copy with the random state put back: a training forward moves BN's statistics
+    and the activation ranges, and compressing draws random numbers."""
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        return round(saved_bytes(copy.deepcopy(qmodel).train(), x) / len(x))
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
@@ -89,6 +99,9 @@ def main():
                    "(default: runs/qat/<dataset>_<model>_W<w>A<a>_<pt|pc>.pt)")
     p.add_argument("--learn-scales", action="store_true",
                    help="LSQ: learn every weight and activation step size with the weights (Esser et al. 2019)")
+    p.add_argument("--lsq-init", choices=LSQ_INITS, default="mean",
+                   help="--learn-scales' first step sizes: LSQ's 2 mean|v| / sqrt(Q_P), or the S of the calibrated "
+                        "ranges (at 8 bits LSQ's is several times coarser)")
     cli.add_compression(p)
     p.add_argument("--eval", default=None, metavar="PATH",
                    help="only evaluate a frozen QAT model saved earlier (no training)")
@@ -111,11 +124,17 @@ def main():
     qmodel = convert(model, qconfig).to(device)
     calibrate(qmodel, train, device, 1 if args.dry_run else args.calib_batches)
     set_phase(qmodel, "qat")
-    if args.learn_scales:                  # LSQ: S from 2 mean|v| / sqrt(Q_P), then trained
-        learn_scales(qmodel, train, device, 1 if args.dry_run else args.calib_batches)
+    if args.learn_scales:                  # LSQ: S from --lsq-init, then trained
+        learn_scales(qmodel, train, device, 1 if args.dry_run else args.calib_batches, args.lsq_init)
     ca = cli.compression_from(args)
+    saved = {}
     if ca is not None:                     # the same QAT; what backward needs is kept in ca.bits
+        batch = x_train[:args.batch_size].to(device)
+        saved["saved_bytes_per_image_fp32"] = saved_per_image(qmodel, batch)
         compress_activations(qmodel, ca, batch_index=lambda: train.last_index)
+        saved["saved_bytes_per_image"] = saved_per_image(qmodel, batch)
+        print(f"saved for backward on a batch of {len(batch)}: {saved['saved_bytes_per_image']:,} bytes per image "
+              f"({saved['saved_bytes_per_image_fp32']:,} in float32)")
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT{' with LSQ step sizes' if args.learn_scales else ''} "
           f"for {epochs} epochs ({args.optimizer}, lr {lr:g}"
           f"{'' if ca is None else f'; saved activations in {ca.bits} bits, {ca.describe()}'}); "
@@ -150,7 +169,8 @@ def main():
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
                      "epochs": epochs, "lr": lr, "optimizer": args.optimizer, "learn_scales": args.learn_scales,
-                     "fp32_acc": round(fp32_acc, 2), **cli.compression_fields(ca),
+                     **({"lsq_init": args.lsq_init} if args.learn_scales else {}),
+                     "fp32_acc": round(fp32_acc, 2), **cli.compression_fields(ca), **saved,
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,
                      **report}, args.result_json, qconfig)
 

@@ -367,18 +367,56 @@ class Site:
         if self.allocator is not None and self.cfg.use_gradient:
             self.allocator.observe(self, g)
 
+    def second(self):
+        """The site of a second tensor the same layer saves (its own widths and gradient weights)."""
+        if getattr(self, "_second", None) is None:
+            self._second = Site(self.cfg, self.allocator)
+        return self._second
+
 
 def save_compressed(ctx, c, *others):
-    """save_for_backward of a Compressed (its packed tensors) and of `others` as they are."""
-    held = c.tensors()
-    ctx.save_for_backward(*held, *others)
-    ctx.held = (c.with_tensors([None] * len(held)), len(held))     # the description, not the data
+    """save_for_backward of a Compressed (its packed tensors), or of a tuple of them, and of
+    `others` as they are."""
+    cs = c if isinstance(c, tuple) else (c,)
+    held = [one.tensors() for one in cs]
+    ctx.save_for_backward(*(t for h in held for t in h), *others)
+    # the descriptions, not the data
+    ctx.held = ([one.with_tensors([None] * len(h)) for one, h in zip(cs, held)], [len(h) for h in held],
+                isinstance(c, tuple))
 
 
 def load_compressed(ctx):
-    """The inverse of save_compressed: (the decompressed tensor, [the others])."""
-    (skeleton, k), saved = ctx.held, ctx.saved_tensors
-    return decompress(skeleton.with_tensors(saved[:k])), saved[k:]
+    """The inverse of save_compressed: (the decompressed tensor, or a tuple of them; [the others])."""
+    (skeletons, counts, many), saved = ctx.held, ctx.saved_tensors
+    out, k = [], 0
+    for skeleton, n in zip(skeletons, counts):
+        out.append(decompress(skeleton.with_tensors(saved[k:k + n])))
+        k += n
+    return (tuple(out) if many else out[0]), saved[k:]
+
+
+def _layer(x, weight, bias, kwargs):
+    """conv2d (a 4-d weight, with kwargs' stride, padding, ...) or linear."""
+    return (F.conv2d if weight.dim() == 4 else F.linear)(x, weight, bias, **kwargs)
+
+
+def _grad_input(x_shape, weight, g, kwargs):
+    """dL/dx of y = layer(x, W) given g = dL/dy."""
+    if weight.dim() == 4:
+        return torch.nn.grad.conv2d_input(x_shape, weight, g, **kwargs)
+    return (g.reshape(-1, g.shape[-1]) @ weight).reshape(x_shape)
+
+
+def _grad_weight(x, w_shape, g, kwargs):
+    """dL/dW of y = layer(x, W) given g = dL/dy."""
+    if len(w_shape) == 4:
+        return torch.nn.grad.conv2d_weight(x, w_shape, g, **kwargs)
+    return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])        # (out, rows) @ (rows, in)
+
+
+def _channel_dims(y):
+    """The dimensions a per-channel statistic sums over: (N, H, W) of a conv output, N of a linear one."""
+    return (0, 2, 3) if y.dim() == 4 else (0,)
 
 
 class CompressedLinearConv(torch.autograd.Function):
@@ -389,29 +427,76 @@ class CompressedLinearConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kwargs, site):
         ctx.kwargs, ctx.has_bias, ctx.site = kwargs, bias is not None, site
         save_compressed(ctx, site.compress(x), weight)
-        return (F.conv2d if weight.dim() == 4 else F.linear)(x, weight, bias, **kwargs)
+        return _layer(x, weight, bias, kwargs)
 
     @staticmethod
     def backward(ctx, g):
         x, (weight,) = load_compressed(ctx)
         ctx.site.observe(g)
-        gx = gw = gb = None
-        if weight.dim() == 4:
-            if ctx.needs_input_grad[0]:
-                gx = torch.nn.grad.conv2d_input(x.shape, weight, g, **ctx.kwargs)
-            if ctx.needs_input_grad[1]:
-                gw = torch.nn.grad.conv2d_weight(x, weight.shape, g, **ctx.kwargs)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                gb = g.sum((0, 2, 3))
-        else:
-            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])      # (rows, out), (rows, in)
-            if ctx.needs_input_grad[0]:
-                gx = (g2 @ weight).reshape(x.shape)
-            if ctx.needs_input_grad[1]:
-                gw = g2.t() @ x2
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                gb = g2.sum(0)
+        gx = _grad_input(x.shape, weight, g, ctx.kwargs) if ctx.needs_input_grad[0] else None
+        gw = _grad_weight(x, weight.shape, g, ctx.kwargs) if ctx.needs_input_grad[1] else None
+        gb = g.sum(_channel_dims(g)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None
+
+
+class CompressedConvBNFold(torch.autograd.Function):
+    """QAT's conv + BN with batch statistics (module.QLayer.conv_bn_batch_stats, the two-pass
+    fold), keeping what backward needs compressed: per output channel,
+
+        y_f = layer(x, W) + b                           pass 1: for mu_B, sigma_B and y^
+        sigma_B = sqrt(var_B + eps),  y^ = (y_f - mu_B) / sigma_B
+        out = layer(x, W_q) c + beta + (b - mu_B) gamma / sigma_B,      c = sigma / sigma_B
+
+    with W_q = Q(W gamma / sigma) computed outside (autograd takes dL/dW_q back through the
+    weight quantizer) and sigma the running one (a constant). Autograd would keep x, y_f and
+    layer(x, W_q) in float32; this keeps x and y^, each rounded on its own (as train.py's conv
+    and BatchNorm keep their inputs), so dL/dW = grad_W(x^, dL/dy_f(y^)) is a product of two
+    independent unbiased estimates: unbiased (up to the sigma_B path: dL/dc below is read from
+    x^ as well, a correlation of one value of x^ with a sum over all of them, relative size about
+    1 / (values per channel); the tests' 300-pass means do not resolve it). dL/dc needs no
+    layer(x, W_q): sum g layer(x, W_q) = sum over W_q of W_q dL/dW_q at c = 1.
+    `sites`: (x's, y^'s) compress.Site."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_q, gamma, beta, sigma, eps, kwargs, sites):
+        y_f = _layer(x, weight, bias, kwargs)
+        dims = _channel_dims(y_f)
+        mean, var = y_f.mean(dims), y_f.var(dims, unbiased=False)        # as the uncompressed fold: the same out
+        sigma_b = torch.sqrt(var + eps)
+        shape = (-1,) + (1,) * (x.dim() - 2)                    # broadcast along the output's channels
+        y_hat = (y_f - mean.view(shape)) / sigma_b.view(shape)
+        del y_f
+        out = _layer(x, w_q, None, kwargs)
+        out.mul_((sigma / sigma_b).view(shape)).add_((beta + (bias - mean) * gamma / sigma_b).view(shape))
+        ctx.kwargs, ctx.sites, ctx.x_shape = kwargs, sites, x.shape
+        save_compressed(ctx, (sites[0].compress(x), sites[1].compress(y_hat)), weight, bias, w_q, gamma, sigma,
+                        mean, sigma_b)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, g, _g_mean, _g_var):
+        (x, y_hat), (weight, bias, w_q, gamma, sigma, mean, sigma_b) = load_compressed(ctx)
+        for site in ctx.sites:
+            site.observe(g)
+        kwargs, dims = ctx.kwargs, _channel_dims(g)
+        shape = (-1,) + (1,) * (g.dim() - 2)
+        c = sigma / sigma_b
+        s_g = g.sum(dims)                                                   # dL/dbeta
+        g_wq1 = _grad_weight(x, w_q.shape, g, kwargs)                       # dL/dW_q at c = 1
+        g_c = (g_wq1 * w_q).flatten(1).sum(1)                               # dL/dc
+        g_wq = g_wq1 * c.view((-1,) + (1,) * (w_q.dim() - 1))
+        g_gamma = s_g * (bias - mean) / sigma_b
+        g_mean = -s_g * gamma / sigma_b
+        g_sigma_b = -g_c * sigma / sigma_b ** 2 - s_g * (bias - mean) * gamma / sigma_b ** 2
+        g_var = g_sigma_b / (2 * sigma_b)
+        m = g.numel() // g.shape[1]                                         # values per channel
+        # dL/dy_f through mu_B and var_B = mean((y_f - mu_B)^2), with y_f - mu_B = sigma_B y^
+        g_yf = (g_mean / m).view(shape) + (2 * g_var * sigma_b / m).view(shape) * y_hat
+        g_x = _grad_input(ctx.x_shape, w_q, g * c.view(shape), kwargs) + _grad_input(ctx.x_shape, weight, g_yf, kwargs)
+        g_w = _grad_weight(x, weight.shape, g_yf, kwargs)
+        g_b = s_g * gamma / sigma_b + g_mean            # through the output's bias and mu_B: zero, BN removes b
+        return g_x, g_w, g_b, g_wq, g_gamma, s_g, None, None, None, None
 
 
 def _pack_bool(mask):

@@ -447,17 +447,25 @@ def set_phase(qmodel, phase):
     return qmodel
 
 
-def learn_scales(qmodel, batches, device, num_batches):
+LSQ_INITS = ("mean", "range")
+
+
+def learn_scales(qmodel, batches, device, num_batches, init="mean"):
     """LSQ (Esser et al. 2019): every weight and activation step size S becomes a parameter,
-    started at 2 mean|v| / sqrt(Q_P) and trained with its gradient scaled by 1 / sqrt(N Q_P)
-    (learn_weight_scales, then learn_activation_scales on what reaches each quantizer with the
-    weights' new S). Call after calibrate: the observed ranges give the zero points."""
-    learn_weight_scales(qmodel)
-    return learn_activation_scales(qmodel, batches, device, num_batches)
+    trained with its gradient scaled by 1 / sqrt(N Q_P) (learn_weight_scales, then
+    learn_activation_scales on what reaches each quantizer with the weights' new S). `init`:
+    "mean" starts S at LSQ's 2 mean|v| / sqrt(Q_P); "range" at the S of the observed range
+    (calibration's for activations, the weight observer's for weights). At 8 bits LSQ's rule
+    gives a coarser step than the range (min/max: S = range / 255, LSQ: mean|v| / 8). Call
+    after calibrate: the observed ranges give the zero points."""
+    if init not in LSQ_INITS:
+        raise IntsimError(f"LSQ's first step sizes come from one of {', '.join(LSQ_INITS)}, not '{init}'")
+    learn_weight_scales(qmodel, init)
+    return learn_activation_scales(qmodel, batches, device, num_batches, init)
 
 
 @torch.no_grad()
-def learn_weight_scales(qmodel):
+def learn_weight_scales(qmodel, init="mean"):
     """LSQ step sizes for the weights: from the folded weights, per channel where the weights
     are (N: one channel's weights), else one S for the tensor (N: all its weights)."""
     for _, layer in qlayers(qmodel):
@@ -465,16 +473,20 @@ def learn_weight_scales(qmodel):
         if q is None or q.learned:
             continue
         w = layer.weight_bias()[0].detach()
-        if q.observer.per_channel:
-            init = torch.stack([lsq_init(c, q.grid) for c in w])
-            q.learn_scale(init, lsq_grad_scale(w[0].numel(), q.grid))
+        if init == "range":                      # the weight observer's S of the weights as they are
+            q.fit(w)
+            per_channel = q.observer.per_channel     # else the one S, repeated per channel in the buffer
+            q.learn_scale(q.scale if per_channel else q.scale[:1],
+                          lsq_grad_scale(w[0].numel() if per_channel else w.numel(), q.grid))
+        elif q.observer.per_channel:
+            q.learn_scale(torch.stack([lsq_init(c, q.grid) for c in w]), lsq_grad_scale(w[0].numel(), q.grid))
         else:
             q.learn_scale(lsq_init(w, q.grid), lsq_grad_scale(w.numel(), q.grid))
     return qmodel
 
 
 @torch.no_grad()
-def learn_activation_scales(qmodel, batches, device, num_batches):
+def learn_activation_scales(qmodel, batches, device, num_batches, init="mean"):
     """LSQ step sizes for the activations: from what reaches each activation quantizer on
     `num_batches` batches, in the current phase (N: the features of one image)."""
     quantizers = [q for q in activation_quantizers(qmodel) if not q.learned]
@@ -498,8 +510,8 @@ def learn_activation_scales(qmodel, batches, device, num_batches):
     for q, (total, count, features) in sums.items():
         if count == 0:
             raise IntsimError(f"{q.name}: no values reached it while initialising its step size")
-        init = max(lsq_step(total / count, q.grid), FLOAT32_TINY)       # an all-zero tensor: any S
-        q.learn_scale(torch.tensor([init]), lsq_grad_scale(features, q.grid))
+        first = None if init == "range" else torch.tensor([max(lsq_step(total / count, q.grid), FLOAT32_TINY)])
+        q.learn_scale(first, lsq_grad_scale(features, q.grid))       # max: an all-zero tensor takes any S
     return qmodel
 
 

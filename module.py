@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressedLinearConv
+from compress import CompressedConvBNFold, CompressedLinearConv
 from errors import IntsimError
 from frozen import FloatLayer, IntConv
 from function import INT32_MAX, INT_MAX_BITS, Grid, fake_quantize, round_half_away, scale_zero_point
@@ -115,24 +115,32 @@ class QLayer(nn.Module):
              what BN with batch statistics computes:
                 conv(x, Q(W')) sigma / sigma_B + beta + (b - mu_B) gamma / sigma_B
                   = gamma (conv(x, W) + b - mu_B) / sigma_B + beta      when Q is the identity.
-        Gradients flow through both passes (mu_B and sigma_B depend on W, as in BN)."""
+        Gradients flow through both passes (mu_B and sigma_B depend on W, as in BN). With
+        compressed activations (self.ca) both passes are one compress.CompressedConvBNFold, which
+        keeps x and the normalised pass-1 output compressed, where autograd would keep x and both
+        passes' outputs in float32."""
         bn, w = self.bn, self.layer.weight
         b = self.layer.bias if self.layer.bias is not None else torch.zeros_like(bn.running_mean)
-        y_float = self.fn(x, w, b)                                              # pass 1
-        dims = [0, 2, 3] if y_float.dim() == 4 else [0]
-        mean, var = y_float.mean(dims), y_float.var(dims, unbiased=False)
         sigma = torch.sqrt(bn.running_var + bn.eps)                             # before this batch
+        w_fold = w * along(bn.weight / sigma, w, 0)
+        quantize = self.w_quantizer if self.w_quantizer is not None else (lambda t: t)
+        if self.ca is not None and torch.is_grad_enabled():
+            y, mean, var = CompressedConvBNFold.apply(x, w, b, quantize(w_fold), bn.weight, bn.bias, sigma, bn.eps,
+                                                      self.fn_kwargs, (self.ca, self.ca.second()))
+        else:
+            y_float = self.fn(x, w, b)                                          # pass 1
+            dims = [0, 2, 3] if y_float.dim() == 4 else [0]
+            mean, var = y_float.mean(dims), y_float.var(dims, unbiased=False)
+            sigma_b = torch.sqrt(var + bn.eps)
+            y = self.fn(x, quantize(w_fold)) * along(sigma / sigma_b, y_float, 1)   # pass 2
+            y = y + along(bn.bias + (b - mean) * bn.weight / sigma_b, y_float, 1)
         with torch.no_grad():                                                   # BN's own update
-            n = y_float.numel() / y_float.shape[1]
+            n = y.numel() / y.shape[1]
             bn.num_batches_tracked += 1
             momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             bn.running_mean.lerp_(mean, momentum)
             bn.running_var.lerp_(var * n / (n - 1), momentum)                   # unbiased, as BN keeps it
-        sigma_b = torch.sqrt(var + bn.eps)
-        w_fold = w * along(bn.weight / sigma, w, 0)
-        quantize = self.w_quantizer if self.w_quantizer is not None else (lambda t: t)
-        y = self.fn(x, quantize(w_fold)) * along(sigma / sigma_b, y_float, 1)   # pass 2
-        return y + along(bn.bias + (b - mean) * bn.weight / sigma_b, y_float, 1)
+        return y
 
     def tflite_prepare(self, inp, s_w):
         """How LiteRT's Prepare derives this layer's rescale (kernel_util.cc), for the scheme the

@@ -163,7 +163,8 @@ TABLES = {
                        r.get("first_last_bits") or 0, r.get("learn_scales", False), r["per_channel"],
                        r["single_rounding"]),
             [("model", lambda r: r["model"]), ("W/A bits", bits),
-             ("weights", granularity), ("step sizes", lambda r: "LSQ" if r.get("learn_scales") else "ranges"),
+             ("weights", granularity), ("step sizes", lambda r: ("LSQ from ranges" if r.get("lsq_init") == "range" else "LSQ")
+                                            if r.get("learn_scales") else "ranges"),
              ("rescale", kernel), ("float32", lambda r: pct(r["fp32_acc"])),
              ("QAT fake-quant", lambda r: pct(r["qat_fakequant_acc"])), ("integer", lambda r: pct(r["int_acc"])),
              ("int - fp32", delta), ("int - QAT fake-quant", lambda r: f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}"),
@@ -380,8 +381,10 @@ LOW_BIT_ROWS = [("nearest (PTQ)", "nearest", {}), ("AdaRound", "adaround", {}), 
                 ("nearest, Lp 2.4 weight range", "nearest", {"w_observer": "lp", "lp_p": 2.4}),
                 ("AdaRound, Lp 2.4 weight range", "adaround", {"w_observer": "lp", "lp_p": 2.4}),
                 ("BRECQ, Lp 2.4 weight range", "brecq", {"w_observer": "lp", "lp_p": 2.4}),
-                ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2})]
-VARIANT_DEFAULTS = {"w_observer": "minmax", "lp_p": None, "layers_per_group": 1}     # lp_p None: any
+                ("BRECQ, 2 layers per unit", "brecq", {"layers_per_group": 2}),
+                ("QAT + LSQ, S from the calibrated range", "qat_lsq", {"lsq_init": "range"})]
+VARIANT_DEFAULTS = {"w_observer": "minmax", "lp_p": None, "layers_per_group": 1,      # lp_p None: any
+                    "lsq_init": "mean"}
 RECONSTRUCTION_LR = 1e-3            # AdaRound.LR, the scripts' default
 
 
@@ -398,7 +401,8 @@ def _low_bit_candidates(rows, method, w, a, variant=None):
         return [r for r in rows if r.get("method") == method and r["a_observer"] == "minmax"
                 and r["lr"] == RECONSTRUCTION_LR]
     lsq = method == "qat_lsq"
-    return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r]
+    return [r for r in rows if r["script"] == "QAT" and bool(r.get("learn_scales")) == lsq and "tflite" not in r
+            and not is_compressed(r) and (not lsq or r.get("lsq_init", "mean") == want["lsq_init"])]
 
 
 NOT_APPLICABLE = "n/a"
@@ -685,12 +689,16 @@ def render_compressed(results):
     qat = [r for r in results if r["script"] == "QAT" and r["dataset"] == "fashion-mnist" and "ca_bits" in r]
     if qat:
         lines = ["**QAT with compressed activations** (the same QAT run, its saved activations compressed)", "",
-                 "| model | W/A bits | saved activations | QAT fake-quant | integer | - plain QAT | minutes | command |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| model | W/A bits | saved activations | saved bytes / image (float32) | QAT fake-quant | integer | "
+                 "- plain QAT | minutes | command |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(qat, key=lambda r: (r["model"], r["command"])):
             p = plain_qat(results, r)
             base = f"{r['int_acc'] - p['int_acc']:+.2f} (plain {pct(p['int_acc'])})" if p else "-"
-            lines.append(f"| {r['model']} | {bits(r)} {granularity(r)} | {ca_tag(r)} | {pct(r['qat_fakequant_acc'])} | "
+            held = (f"{r['saved_bytes_per_image']:,} ({r['saved_bytes_per_image_fp32']:,}, "
+                    f"{r['saved_bytes_per_image_fp32'] / r['saved_bytes_per_image']:.1f}x)"
+                    if "saved_bytes_per_image" in r else "-")
+            lines.append(f"| {r['model']} | {bits(r)} {granularity(r)} | {ca_tag(r)} | {held} | {pct(r['qat_fakequant_acc'])} | "
                          f"{pct(r['int_acc'])} | {base} | {r['minutes']:.1f} | {cmd(r)} |")
         out.append("\n".join(lines))
     return "\n\n".join(out) if out else "_(no results yet)_"

@@ -32,11 +32,11 @@ def check_targets(results):
                          f"{r['int_fq_same_class']:.2f}%, max diff {r['int_fq_max_diff']}",
                          r["int_fq_same_class"] >= 99.0))
     for r in qat:
+        lsq = ", LSQ" if r.get("learn_scales") else ""
+        label = f"{r['model']} {bits(r)} {granularity(r)}{lsq}, {r['epochs']} epochs, {kernel(r)} rounding"
         if r["w_bits"] == r["a_bits"] == 4:
-            rows.append(("QAT W4A4 integer within 1.0 of float32",
-                         f"{r['model']} {bits(r)} {granularity(r)}, {kernel(r)} rounding", delta(r),
+            rows.append(("QAT W4A4 integer within 1.0 of float32", label, delta(r),
                          abs(r["int_acc"] - r["fp32_acc"]) <= 1.0))
-        label = f"{r['model']} {bits(r)} {granularity(r)}, {kernel(r)} rounding"
         if r["w_bits"] == r["a_bits"] == 8:
             for p in find(ptq, model=r["model"], w_bits=8, a_bits=8, per_channel=r["per_channel"],
                           single_rounding=r["single_rounding"]):
@@ -130,11 +130,13 @@ def low_bit_targets(results):
                 rows.append(("BRECQ ResNet18 W4A4 (8-bit first/last) within 1.0 of float32", f"{b['iters']} it./unit",
                              f"{_acc(b) - b['fp32_acc']:+.2f}", b["fp32_acc"] - _acc(b) <= 1.0))
         # W4A4 within 0.5 is the small CNNs' target; W2A4 within 3 the goal on every network
-        for w, tol in ((4, 0.5), (2, 3.0)) if model != "resnet18" else ((2, 3.0),):
-            q = _low_bit_run(results, "qat_lsq", model, w, 4)
+        for (w, tol), (init, variant) in itertools.product(
+                ((4, 0.5), (2, 3.0)) if model != "resnet18" else ((2, 3.0),),
+                (("", None), (", S from the calibrated range", {"lsq_init": "range"}))):
+            q = _low_bit_run(results, "qat_lsq", model, w, 4, variant)
             if q and q.get("first_last_bits") == 8:
                 label = model if "epochs" not in q else f"{model}, {q['epochs']} epoch(s)"
-                rows.append((f"QAT+LSQ W{w}A4 (8-bit first/last) within {tol} of float32", label,
+                rows.append((f"QAT+LSQ W{w}A4 (8-bit first/last) within {tol} of float32{init}", label,
                              f"{_acc(q) - q['fp32_acc']:+.2f}", q["fp32_acc"] - _acc(q) <= tol))
     for r in find(results, method="brecq", model="cnn_bn", dataset="fashion-mnist"):
         if r["iters"] == 20000 and r["num_calib"] == 1024 and r.get("threads", 0) >= 2:

@@ -1,6 +1,7 @@
 """LSQ's learned step sizes (Esser et al. 2019, arXiv 1902.08153) and --first-last-bits:
 the step-size gradient against the paper's closed form, its initialisation and gradient scale,
 learned scales frozen into integers, and which layers the edge bits change."""
+import copy
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from config import QConfig
+from errors import IntsimError
 from frozen import Quantize, output_integers, set_mode
 from function import activation_grid, fake_quantize, integers_of, weight_grid
 from model import (activation_quantizers, calibrate, convert, freeze, learn_activation_scales, learn_scales,
@@ -65,6 +67,34 @@ def test_learn_scales_starts_every_step_size_at_lsq_init(trained_like):
         for q, v in inputs.items():
             assert q.learned and math.isclose(q.scale.item(), 2 * v.abs().mean().item() / math.sqrt(q.grid.qmax),
                                               rel_tol=1e-5)
+
+
+def test_lsq_init_range_starts_at_the_calibrated_step_sizes(trained_like):
+    """--lsq-init range: every S starts where calibration (activations) and the weight observer
+    (the folded weights, per channel or one per tensor) put it; at 8 bits LSQ's own rule starts the
+    input's step several times coarser (the reason for the option)."""
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(4)) * 3
+    for per_channel in (False, True):
+        qmodel = convert(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=8, per_channel=per_channel))
+        calibrate(qmodel, [(x, None)], "cpu", 1)
+        set_phase(qmodel, "fakequant")
+        calibrated = [q.qparams()[0].clone() for q in activation_quantizers(qmodel)]
+        weights = []
+        for _, layer in qlayers(qmodel):
+            w = layer.weight_bias()[0].detach()
+            r = w.abs().flatten(1).amax(1) if per_channel else w.abs().max().reshape(1)
+            weights.append(r / 7)                          # symmetric min/max: S = max|w| / Q_P
+        mean_init = learn_scales(copy.deepcopy(qmodel), [(x, None)], "cpu", 1)
+        learn_scales(qmodel, [(x, None)], "cpu", 1, init="range")
+        for q, s in zip(activation_quantizers(qmodel), calibrated):
+            assert q.learned and torch.allclose(q.scale.detach(), s)
+        for (_, layer), want in zip(qlayers(qmodel), weights):
+            q = layer.w_quantizer
+            assert q.learned and q.scale.shape == want.shape and torch.allclose(q.scale.detach(), want)
+        lsq_input = activation_quantizers(mean_init)[0].scale.item()
+        assert lsq_input > 3 * calibrated[0].item()        # LSQ's 2 mean|v| / sqrt(255) on inputs in [0, 3)
+    with pytest.raises(IntsimError, match="lsq"):
+        learn_scales(qmodel, [(x, None)], "cpu", 1, init="lsq")
 
 
 def test_learned_scales_freeze_into_the_integer_model(trained_like):

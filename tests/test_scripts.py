@@ -40,6 +40,16 @@ def test_qat_dry_run_with_2_bit_saved_activations_freezes_an_integer_model(data_
                       "--device", "cpu", "--data-dir", data_dir))
     assert (r["ca_bits"], r["ca_initial_bits"], r["ca_per_layer"], r["ca_use_gradient"]) == (2, 8, True, True)
     assert save.exists() and r["int_acc"] > 30         # 2 batches of QAT from the float checkpoint
+    # BN on batch statistics (QAT's start): the two-pass fold's tensors are compressed too
+    assert r["saved_bytes_per_image_fp32"] > 20 * r["saved_bytes_per_image"]
+
+
+def test_qat_dry_run_with_lsq_step_sizes_from_the_calibrated_range(data_dir, tmp_path, run, result_of):
+    r = result_of(run("QAT.py", "--model", "cnn", "--w-bits", 4, "--a-bits", 4, "--per-channel", "--first-last-bits", 8,
+                      "--learn-scales", "--lsq-init", "range", "--save", tmp_path / "lsq.pt", "--dry-run",
+                      "--device", "cpu", "--data-dir", data_dir))
+    assert (r["learn_scales"], r["lsq_init"], r["first_last_bits"]) == (True, "range", 8)
+    assert r["int_acc"] > 80 and abs(r["int_acc"] - r["fakequant_acc"]) < 2    # the learned S frozen into integers
 
 
 def test_memory_dry_run_measures_saved_bytes_time_and_variance(data_dir, run, result_of):
