@@ -473,15 +473,13 @@ def learn_weight_scales(qmodel, init="mean"):
         if q is None or q.learned:
             continue
         w = layer.weight_bias()[0].detach()
+        per_channel = q.observer.per_channel
         if init == "range":                      # the weight observer's S of the weights as they are
             q.fit(w)
-            per_channel = q.observer.per_channel     # else the one S, repeated per channel in the buffer
-            q.learn_scale(q.scale if per_channel else q.scale[:1],
-                          lsq_grad_scale(w[0].numel() if per_channel else w.numel(), q.grid))
-        elif q.observer.per_channel:
-            q.learn_scale(torch.stack([lsq_init(c, q.grid) for c in w]), lsq_grad_scale(w[0].numel(), q.grid))
+            first = q.scale if per_channel else q.scale[:1]     # per-tensor: one S, repeated in the buffer
         else:
-            q.learn_scale(lsq_init(w, q.grid), lsq_grad_scale(w.numel(), q.grid))
+            first = torch.stack([lsq_init(c, q.grid) for c in w]) if per_channel else lsq_init(w, q.grid)
+        q.learn_scale(first, lsq_grad_scale(w[0].numel() if per_channel else w.numel(), q.grid))
     return qmodel
 
 
