@@ -503,13 +503,15 @@ def _pack_bool(mask):
     return pack(mask.flatten().to(torch.uint8), 1)
 
 
-class CompressedReLU(torch.autograd.Function):
-    """y = max(x, 0); keeps the 1-bit mask y > 0 (exact: ReLU's gradient needs nothing else)."""
+class CompressedClamp(torch.autograd.Function):
+    """y = clamp(x, lo, hi): ReLU (hi None), ReLU6 and Hardtanh; keeps the 1-bit mask
+    lo < x < hi (exact: the gradient passes there and nowhere else, 0 on the bounds as in
+    autograd's own threshold_backward and hardtanh_backward)."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = x.clamp_min(0)
-        ctx.save_for_backward(_pack_bool(y > 0))
+    def forward(ctx, x, lo, hi):
+        y = x.clamp_min(lo) if hi is None else x.clamp(lo, hi)
+        ctx.save_for_backward(_pack_bool(y > lo if hi is None else (x > lo) & (x < hi)))
         ctx.shape = x.shape
         return y
 
@@ -517,7 +519,7 @@ class CompressedReLU(torch.autograd.Function):
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         mask = unpack(packed, 1, ctx.shape.numel()).reshape(ctx.shape)
-        return g * mask.to(g.dtype)
+        return g * mask.to(g.dtype), None, None
 
 
 def _code_bits(values):
@@ -637,7 +639,16 @@ class CABatchNorm2d(nn.BatchNorm2d):
 
 class CAReLU(nn.ReLU):
     def forward(self, x):
-        return CompressedReLU.apply(x) if _training(self) else super().forward(x)
+        return CompressedClamp.apply(x, 0.0, None) if _training(self) else super().forward(x)
+
+
+class CAHardtanh(nn.Hardtanh):
+    def forward(self, x):
+        return CompressedClamp.apply(x, self.min_val, self.max_val) if _training(self) else super().forward(x)
+
+
+class CAReLU6(nn.ReLU6):                # nn.ReLU6 is a Hardtanh(0, 6) (MobileNetV2's activation)
+    forward = CAHardtanh.forward
 
 
 class CAMaxPool2d(nn.MaxPool2d):
@@ -650,13 +661,15 @@ class CAMaxPool2d(nn.MaxPool2d):
 
 
 COMPRESSED = {nn.Conv2d: CAConv2d, nn.Linear: CALinear, nn.BatchNorm2d: CABatchNorm2d, nn.ReLU: CAReLU,
-              nn.MaxPool2d: CAMaxPool2d}
+              nn.Hardtanh: CAHardtanh, nn.ReLU6: CAReLU6, nn.MaxPool2d: CAMaxPool2d}
 
 
 def compress_activations(model, cfg=None, batch_index=None):
     """ActNN's QModule(model) for any network: every nn.Conv2d, nn.Linear, nn.BatchNorm2d,
-    nn.ReLU and nn.MaxPool2d, in place, becomes its compressed twin (the same parameters,
-    buffers and state_dict keys; the forward is unchanged; training saves compressed inputs).
+    nn.ReLU, nn.ReLU6, nn.Hardtanh and nn.MaxPool2d, in place, becomes its compressed twin (the
+    same parameters, buffers and state_dict keys; the forward is unchanged; training saves
+    compressed inputs). Smooth activations (SiLU, GELU, Sigmoid) are left in float32: their
+    gradient is not linear in the saved tensor, so a stochastically rounded one would bias it.
     Returns the model. A converted network (model.convert: QAT) works the same: its QLayers keep
     their inputs compressed and its activation quantizers their masks (1 bit) and LSQ step-size
     gradients. Functional calls (F.relu in a forward) are not swapped: they save their tensors
