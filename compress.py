@@ -414,7 +414,7 @@ def _grad_weight(x, w_shape, g, kwargs):
     return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])        # (out, rows) @ (rows, in)
 
 
-def _channel_dims(y):
+def channel_dims(y):
     """The dimensions a per-channel statistic sums over: (N, H, W) of a conv output, N of a linear one."""
     return (0, 2, 3) if y.dim() == 4 else (0,)
 
@@ -435,7 +435,7 @@ class CompressedLinearConv(torch.autograd.Function):
         ctx.site.observe(g)
         gx = _grad_input(x.shape, weight, g, ctx.kwargs) if ctx.needs_input_grad[0] else None
         gw = _grad_weight(x, weight.shape, g, ctx.kwargs) if ctx.needs_input_grad[1] else None
-        gb = g.sum(_channel_dims(g)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = g.sum(channel_dims(g)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None
 
 
@@ -460,7 +460,7 @@ class CompressedConvBNFold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w_q, gamma, beta, sigma, eps, kwargs, sites):
         y_f = _layer(x, weight, bias, kwargs)
-        dims = _channel_dims(y_f)
+        dims = channel_dims(y_f)
         mean, var = y_f.mean(dims), y_f.var(dims, unbiased=False)        # as the uncompressed fold: the same out
         sigma_b = torch.sqrt(var + eps)
         shape = (-1,) + (1,) * (x.dim() - 2)                    # broadcast along the output's channels
@@ -479,7 +479,7 @@ class CompressedConvBNFold(torch.autograd.Function):
         (x, y_hat), (weight, bias, w_q, gamma, sigma, mean, sigma_b) = load_compressed(ctx)
         for site in ctx.sites:
             site.observe(g)
-        kwargs, dims = ctx.kwargs, _channel_dims(g)
+        kwargs, dims = ctx.kwargs, channel_dims(g)
         shape = (-1,) + (1,) * (g.dim() - 2)
         c = sigma / sigma_b
         s_g = g.sum(dims)                                                   # dL/dbeta

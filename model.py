@@ -486,7 +486,9 @@ def learn_weight_scales(qmodel, init="mean"):
 @torch.no_grad()
 def learn_activation_scales(qmodel, batches, device, num_batches, init="mean"):
     """LSQ step sizes for the activations: from what reaches each activation quantizer on
-    `num_batches` batches, in the current phase (N: the features of one image)."""
+    `num_batches` batches, in the current phase (N: the features of one image). With init
+    "range" S stays the calibrated one and one batch gives N."""
+    num_batches = 1 if init == "range" else num_batches
     quantizers = [q for q in activation_quantizers(qmodel) if not q.learned]
     sums = {q: [0.0, 0, 0] for q in quantizers}            # sum |x|, elements, features per image
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressedConvBNFold, CompressedLinearConv
+from compress import CompressedConvBNFold, CompressedLinearConv, channel_dims
 from errors import IntsimError
 from frozen import FloatLayer, IntConv
 from function import INT32_MAX, INT_MAX_BITS, Grid, fake_quantize, round_half_away, scale_zero_point
@@ -129,7 +129,7 @@ class QLayer(nn.Module):
                                                       self.fn_kwargs, (self.ca, self.ca.second()))
         else:
             y_float = self.fn(x, w, b)                                          # pass 1
-            dims = [0, 2, 3] if y_float.dim() == 4 else [0]
+            dims = channel_dims(y_float)
             mean, var = y_float.mean(dims), y_float.var(dims, unbiased=False)
             sigma_b = torch.sqrt(var + bn.eps)
             y = self.fn(x, quantize(w_fold)) * along(sigma / sigma_b, y_float, 1)   # pass 2

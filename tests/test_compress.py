@@ -91,15 +91,16 @@ from torch import nn  # noqa: E402
 from compress import CompressConfig, compress_activations  # noqa: E402
 
 
-def _grads(module, x, seed):
-    """(dL/dx, dL/dparams) of L = sum(module(x) * r) for a fixed random r, in training mode."""
+def _grads(module, x, seed, params=None):
+    """(dL/dx, dL/dparams) of L = sum(module(x) * r) for a fixed random r, in training mode
+    (`params`: which parameters, default all)."""
     module.train()
     x = x.clone().requires_grad_(True)
     module.zero_grad()
     y = module(x)
     r = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
     (y * r).sum().backward()
-    return [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    return [x.grad.clone()] + [p.grad.clone() for p in (module.parameters() if params is None else params)]
 
 
 LAYERS = {
@@ -403,11 +404,8 @@ def fold_layer(kind, ca=None):
 
 
 def fold_grads(q, x, seed):
-    x = x.clone().requires_grad_(True)
-    q.zero_grad(set_to_none=True)
-    r = torch.randn(q(x).shape, generator=torch.Generator().manual_seed(seed))
-    (q(x) * r).sum().backward()
-    return [x.grad] + [p.grad.clone() for p in (q.layer.weight, q.bn.weight, q.bn.bias)]
+    """_grads of the fold's x, W, gamma and beta (the conv's own bias gets none: BN removes it)."""
+    return _grads(q, x, seed, (q.layer.weight, q.bn.weight, q.bn.bias))
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
