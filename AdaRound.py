@@ -142,13 +142,17 @@ def main(method=ADAROUND, doc=__doc__):
         p.add_argument("--scale-lr", type=float, default=method.scale_lr,
                        help="Adam learning rate of the activation step sizes (cosine to 0; 0: keep the calibrated ones)")
     p.add_argument("--save", default=None, help=f"where to save the model (default: runs/{method.name}/...)")
-    p.add_argument("--plot", default=None, help=f"histogram of h(V) (default: results/figures/{method.name}_h_<...>.png)")
+    p.add_argument("--plot", default=None, help=f"histogram of h(V) (default: figures/{method.name}_h_<...>.png beside "
+                                                f"--result-json, else under runs/)")
     p.add_argument("--plot-layer", type=int, default=1, help="which quantized layer (0-based) to plot h(V) for")
     args, device = cli.start(p)
     cli.cap_for_dry_run(args, num_calib=DRY_RUN_CALIB, iters=DRY_RUN_ITERS)
     schedule = functools.partial(beta_at, warm_start=args.warm_start, beta_start=args.beta_start,
                                  beta_end=args.beta_end)
     qconfig = cli.qconfig_from(args)
+    if method.blocks and "scale_lr" in args.given and qconfig.float_activations:
+        raise IntsimError("--scale-lr learns the activation step sizes, and with --a-bits 32 there are none: "
+                          "quantize the activations (--a-bits 8) or leave --scale-lr out")
     model, cfg, source, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
@@ -189,14 +193,14 @@ def main(method=ADAROUND, doc=__doc__):
     key = "int_acc" if runs_in_integers(frozen) else "fakequant_acc"
     print(f"{method.label} took {minutes:.1f} min")
     print(f"nearest rounding {nearest[key]:6.2f}%  ({key.replace('_acc', '')})")
-    print_frozen_report(fp32_acc, report)
+    print_frozen_report(fp32_acc, report, frozen)
 
     stem = run_name(args, qconfig, method)
     save = args.save or cli.trial_path(args, os.path.join("runs", method.name, f"{stem}.pt"))
-    save_frozen(save, frozen, qconfig, cfg, args.dataset, rounding=method.name, fp32_acc=round(fp32_acc, 2), **report)
+    save_frozen(save, frozen, qconfig, cfg, args.dataset, method.label, rounding=method.name, fp32_acc=round(fp32_acc, 2), **report)
     print(f"saved the {method.label} model to {save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
-    plot = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"{method.name}_h_{stem}.png"))
+    plot = cli.figure_path(args, f"{method.name}_h_{stem}.png")
     plot_h(plot, snapshots, snapshot_layer, args.iters)
     print(f"saved the h(V) histograms of {snapshot_layer} to {plot}")
     blocks = {"loss": args.loss, "layers_per_group": args.layers_per_group,

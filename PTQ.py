@@ -70,7 +70,7 @@ def main():
     integer = runs_in_integers(frozen)
     if integer:
         print_layers(frozen, device)
-    print_frozen_report(fp32_acc, report)
+    print_frozen_report(fp32_acc, report, frozen)
     if args.per_layer and integer:
         report["layer_diff_share"] = layer_agreement(frozen, x_test[:args.per_layer], device)
         print(f"output integers that differ between integer and fake-quant, on {args.per_layer} images:")
@@ -82,7 +82,7 @@ def main():
         for lname, kind, db, worst, acc in report["weight_layers"]:
             print(f"  {lname:20s} {kind:9s} {db:6.1f} dB  {worst:6.1f} dB  {acc:6.2f}%")
     if args.save:
-        save_frozen(args.save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), **report)
+        save_frozen(args.save, frozen, qconfig, cfg, args.dataset, "PTQ", fp32_acc=round(fp32_acc, 2), **report)
         print(f"saved the frozen model to {args.save}")
     report.update(cli.export_if_asked(args, frozen, x_test, device))
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model, "calib_images": n,

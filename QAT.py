@@ -18,7 +18,7 @@ import time
 import torch
 
 import cli
-from checkpoint import load_frozen, save_frozen
+from checkpoint import load_frozen, made_by, save_frozen
 from compress import compress_activations, saved_bytes
 from config import QConfig
 from data import Batches, dataset_info, load_test
@@ -61,12 +61,16 @@ def evaluate_saved(args, device):
                               f"{ckpt['qconfig'][name]}, not {getattr(args, name)}: leave the quantization "
                               f"flags out, they come from the model")
     report = evaluate_frozen(frozen.to(device), test, device)
-    print(f"{args.model} on {args.dataset}, {qconfig.name()}, QAT model from {args.eval}, {len(y_test)} test images")
-    print_frozen_report(ckpt["fp32_acc"], report)
+    script = made_by(ckpt)
+    print(f"{args.model} on {args.dataset}, {qconfig.name()}, {script} model from {args.eval}, {len(y_test)} test images")
+    print_frozen_report(ckpt.get("fp32_acc", float("nan")), report, frozen)
     report.update(cli.export_if_asked(args, frozen, x_test, device))
-    keep = ("epochs", "lr", "optimizer", "fp32_acc", "qat_fakequant_acc")
-    cli.emit_result({"script": "QAT", "dataset": args.dataset, "model": args.model, "test_images": len(y_test),
-                     **{k: ckpt[k] for k in keep}, "learn_scales": ckpt.get("learn_scales", False),
+    # what the saved model says of how it was made (a PTQ or AdaRound model has no QAT schedule)
+    keep = ("epochs", "lr", "optimizer", "fp32_acc", "qat_fakequant_acc", "rounding")
+    # another script's model is scored, not a QAT result: no QAT table counts it ("script": "eval")
+    cli.emit_result({"script": "QAT" if script == "QAT" else "eval", "dataset": args.dataset, "model": args.model,
+                     "test_images": len(y_test), **{k: ckpt[k] for k in keep if k in ckpt},
+                     "learn_scales": ckpt.get("learn_scales", False), **({} if script == "QAT" else {"made_by": script}),
                      "evaluated_from": args.eval, **report}, args.result_json, qconfig)
 
 
@@ -161,9 +165,10 @@ def main():
     # 3) freeze into integers (the same ops PTQ produces) and score both paths
     frozen = freeze(qmodel)
     report = evaluate_frozen(frozen, test, device)
-    print_frozen_report(fp32_acc, report)
+    print_frozen_report(fp32_acc, report, frozen)
     save = args.save or default_save_path(args, qconfig)
-    save_frozen(save, frozen, qconfig, cfg, args.dataset, fp32_acc=round(fp32_acc, 2), epochs=epochs, lr=lr,
+    save_frozen(save, frozen, qconfig, cfg, args.dataset, "QAT", fp32_acc=round(fp32_acc, 2), epochs=epochs,
+                lr=lr,
                 optimizer=args.optimizer, qat_fakequant_acc=round(qat_fq_acc, 2), learn_scales=args.learn_scales)
     print(f"saved the frozen QAT model to {save} (evaluate again: python QAT.py ... --eval {save})")
     report.update(cli.export_if_asked(args, frozen, x_test, device))

@@ -227,11 +227,23 @@ def build_frozen(spec, state_dict):
     return frozen
 
 
-def save_frozen(path, frozen, qconfig, cfg, dataset, **info):
+def save_frozen(path, frozen, qconfig, cfg, dataset, script, **info):
     """A frozen quantized model: its graph of integer ops and their integers, plus what it was
-    made from (QConfig, ModelConfig, data set) and anything in `info` (accuracies)."""
+    made from (QConfig, ModelConfig, data set, the script that made it) and anything in `info`
+    (accuracies, the QAT schedule)."""
     torch_save(path, {"intsim": 2, "frozen": True, "graph": graph_spec(frozen), "state_dict": frozen.state_dict(),
-                      "qconfig": asdict(qconfig), "model_config": asdict(cfg), "dataset": dataset, **info})
+                      "qconfig": asdict(qconfig), "model_config": asdict(cfg), "dataset": dataset, "script": script,
+                      **info})
+
+
+def made_by(ckpt):
+    """The script that saved a frozen model (models saved before it was recorded: QAT's hold
+    its schedule, AdaRound's and BRECQ's their rounding, PTQ's neither)."""
+    if "script" in ckpt:
+        return ckpt["script"]
+    if "epochs" in ckpt:
+        return "QAT"
+    return {"adaround": "AdaRound", "brecq": "BRECQ"}.get(ckpt.get("rounding"), "PTQ")
 
 
 def load_frozen(path, dataset=None, arch=None, single_rounding=None):
@@ -260,6 +272,24 @@ def load_frozen(path, dataset=None, arch=None, single_rounding=None):
             if hasattr(m, "single_rounding"):
                 m.single_rounding = single_rounding
     return frozen, ckpt
+
+
+def read_result(path):
+    """A RESULT file (a script's --result-json): a JSON object holding at least the script and
+    the command that made it. One line naming the file for anything else."""
+    if os.path.isdir(path):
+        raise IntsimError(f"{path} is a folder: name the RESULT .json file in it")
+    if not os.path.isfile(path):
+        raise IntsimError(f"{path} not found: name a RESULT file a script wrote with --result-json (results/*.json)")
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise IntsimError(f"{path} is not a readable RESULT file ({type(e).__name__}): re-run its command") from None
+    if not isinstance(r, dict) or not {"script", "command"} <= set(r):
+        raise IntsimError(f"{path} is not a RESULT file (no script and command): name one a script wrote "
+                          f"with --result-json")
+    return r
 
 
 def write_text(path, text):

@@ -82,16 +82,22 @@ FLAG_CHECKS = {
     "threads": at_least(1), "train_batches": at_least(0), "limit": at_least(1), "parts": at_least(1),
     "bn_batch_stats_epochs": at_least(0), "moving_range_epochs": at_least(0),
     "seed": lambda v: None if 0 <= v <= SEED_MAX else f"must be in 0..{SEED_MAX}",
+    "layers_per_group": at_least(1), "passes": at_least(2), "batches": at_least(2),
     "lr": positive, "weight_decay": non_negative, "reg_weight": non_negative, "beta_start": positive,
-    "beta_end": positive, "warm_start": share,
+    "beta_end": positive, "warm_start": share, "scale_lr": non_negative,
 }
 OUTPUT_FILES = ("result_json", "save", "plot", "export")      # files a script writes
-OUTPUT_DIRS = ("ckpt_dir", "resume_dir")                      # folders it writes into
-INPUT_FILES = ("ckpt", "eval", "tflite_model", "model_path")  # files it reads
+OUTPUT_DIRS = ("ckpt_dir", "resume_dir", "dst")               # folders it writes into
+INPUT_FILES = ("ckpt", "eval", "tflite_model", "model_path", "init_from", "results")   # files it reads
+INPUT_DIRS = ("data_dir", "calib_dir", "src")                 # folders it reads
+
+
+# positional arguments, named in messages as --help names them
+POSITIONALS = {"src": "SRC", "dst": "DST", "results": "RESULTS", "model_path": "MODEL.tflite"}
 
 
 def flag_name(dest):
-    return "--" + dest.replace("_", "-")
+    return POSITIONALS.get(dest) or "--" + dest.replace("_", "-")
 
 
 def unwritable(path, folder=False):
@@ -146,10 +152,22 @@ def check_flags(args):
             if problem is None and getattr(args, "dry_run", False) and committed(value):
                 problem = (f"is in the project's committed {'/'.join(COMMITTED_DIRS)} folders, which --dry-run "
                            f"never writes: leave it out (a trial writes under {DRY_RUN_DIR}/) or name another path")
-        if dest in INPUT_FILES and isinstance(value, str) and os.path.isdir(value):
-            problem = "is a folder: name the file in it"
+        for path in (value if isinstance(value, list) else [value]) if dest in INPUT_FILES + INPUT_DIRS else []:
+            problem = problem or _unreadable(path, folder=dest in INPUT_DIRS)
+            if problem:
+                value = path
         if problem:
             raise IntsimError(f"{flag} {value}: {problem}")
+
+
+def _unreadable(path, folder):
+    """Why an input path named on the command line is the wrong kind (None if it is right or
+    missing: a missing file is the reader's to explain, with what would make it)."""
+    if folder and os.path.isfile(path):
+        return "is a file, not a folder: name the folder that holds the data"
+    if not folder and os.path.isdir(path):
+        return "is a folder: name the file in it"
+    return None
 
 
 def add_common(p):
@@ -268,15 +286,33 @@ def export_if_asked(args, frozen, x_test, device):
     if not getattr(args, "export", None):
         return {}
     from tflite_io import export_and_check
-    from frozen import runs_in_integers
-    if not runs_in_integers(frozen):
-        raise IntsimError("--export needs an integer model: 8-bit (or fewer) integer activations, every layer quantized")
+    from frozen import why_not_integer
+    why = why_not_integer(frozen)
+    if why:
+        raise IntsimError(f"--export needs an integer model; {why}")
     r = export_and_check(frozen, args.export, args.tflite_scheme, x_test[:args.export_check], device)
     for name, key in (("intsim's integer path", "tflite_vs_intsim"), ("that file read back into intsim", "tflite_vs_reimported")):
         a = r[key]
         print(f"{args.export} in LiteRT (reference kernels) vs {name}: {a['images_identical']} of "
               f"{r['tflite_images']} images identical (largest difference {a['max_diff']})")
     return r
+
+
+# flags that need the integer path (what each does with it), refused up front where the bits leave none
+INTEGER_FLAGS = {"export": "writes the integer model as a .tflite file",
+                 "per_layer": "compares the integer path with the fake-quant one, layer by layer"}
+
+
+def require_integer_path(args, qconfig):
+    """A flag of INTEGER_FLAGS typed with bits that give no integer path (float activations, more
+    than 8 bits) would do nothing or fail after the run: refuse it now."""
+    for dest, what in INTEGER_FLAGS.items():
+        if not getattr(args, dest, None) or qconfig.integer_capable:    # (layers left float need --a-bits 32)
+            continue
+        why = ("--a-bits 32 leaves the activations float" if qconfig.float_activations else
+               f"{qconfig.name()} has tensors wider than 8 bits (TFLite's kernels are 8-bit)")
+        raise IntsimError(f"{flag_name(dest)} {what}, and {why}: there is no integer model; use at most 8 bits "
+                          f"everywhere with integer activations, or leave {flag_name(dest)} out")
 
 
 def require_integer_activations(qconfig, script):
@@ -292,11 +328,30 @@ def given_flags(p, argv=None):
             if any(t == opt or t.startswith(opt + "=") for t in argv)}
 
 
+# flags that act only with another one: typed without it they would be ignored in silence
+IMAGENET = ("--dataset imagenet", lambda a: a.dataset == "imagenet")
+COMPRESSED = ("--ca-bits", lambda a: a.ca_bits is not None)
+EXPORTED = ("--export", lambda a: a.export)
+NEEDS = {"lsq_init": ("--learn-scales", lambda a: a.learn_scales), "export_check": EXPORTED,
+         "tflite_scheme": EXPORTED, "weights": IMAGENET, "calib_dir": IMAGENET, "tflite_model": IMAGENET,
+         **{dest: COMPRESSED for dest in ("ca_group_size", "ca_per_tensor", "ca_initial_bits", "ca_per_layer",
+                                          "ca_use_gradient")}}
+
+
+def check_needs(args):
+    for dest in sorted(args.given & set(NEEDS)):
+        needed, present = NEEDS[dest]
+        if not present(args):
+            raise IntsimError(f"{flag_name(dest)} does nothing without {needed}: add {needed}, or leave "
+                              f"{flag_name(dest)} out")
+
+
 def parse(p):
-    """The flags, checked (check_flags), with `given`: the dests typed on the command line."""
+    """The flags, checked (check_flags, check_needs), with `given`: the dests typed on the command line."""
     args = p.parse_args()
     check_flags(args)
     args.given = given_flags(p)
+    check_needs(args)
     return args
 
 
@@ -304,7 +359,7 @@ def start(p):
     """The start of every script's main(): parse and check the flags, seed everything, pick the device."""
     args = parse(p)
     if hasattr(args, "qconfig_fields"):
-        qconfig_from(args)           # a bad combination of bits and options: say so now
+        require_integer_path(args, qconfig_from(args))    # a bad combination of bits and options: say so now
     if getattr(args, "export", None):
         from tflite_io import litert
         litert()                     # ai-edge-litert missing: say so now, not after the run
@@ -360,27 +415,23 @@ def load_float_and_data(args, device, test_limit=None):
 
 def _tflite_float_and_data(args, device, test_limit):
     """--tflite-model: the file's network dequantized into float (tflite_io.import_tflite_float),
-    fed the reals S_in (q - Z_in) of the bytes TFLite's evaluation makes (data.load_imagenet_bytes).
+    fed the reals of what TFLite's evaluation feeds the file's input (data.load_imagenet_bytes,
+    tflite_io.input_reals: S_in (q - Z_in) of a uint8 or int8 input, a float32 one as it is).
     Labels move up by one where the model has a background class at 0 (1001 outputs). The
     results name the network by its file (args.model)."""
-    from tflite_io import import_tflite_float
+    from tflite_io import imagenet_classifier, import_tflite_float, input_reals
     if not os.path.isfile(args.tflite_model):
         raise IntsimError(f"--tflite-model {args.tflite_model} not found (real models: ../shared/models)")
     model, info = import_tflite_float(args.tflite_model)
-    size, s_in, z_in = info["input_shape"][1], info["input"].scale, info["input"].zero_point
+    size, background = imagenet_classifier(args.tflite_model, info)    # before any image is read
 
     def images(folder, limit=None):
         q, labels = load_imagenet_bytes(folder, size, limit=limit)
-        return s_in * (q.float() - z_in.float()), labels
+        return input_reals(q, info).float(), labels
 
     calib, test = images(args.calib_dir), images(args.data_dir, test_limit)
-    with torch.no_grad():
-        outputs = model(test[0][:1]).shape[1]
-    background = outputs - dataset_info("imagenet").num_classes
-    if background not in (0, 1):
-        raise IntsimError(f"{args.tflite_model} has {outputs} outputs: not an ImageNet classifier (1000 or 1001)")
     args.model = os.path.splitext(os.path.basename(args.tflite_model))[0]
-    cfg = ModelConfig(args.model, 3, size, outputs)
+    cfg = ModelConfig(args.model, 3, size, info["output_shape"][-1])
     return (model.to(device), cfg, {"tflite_model": args.tflite_model}, (calib[0], calib[1] + background),
             (test[0], test[1] + background))
 
@@ -420,24 +471,48 @@ def command_line(argv):
     return " ".join(["python", os.path.basename(argv[0])] + args)
 
 
+def figure_path(args, name):
+    """Where a script's figure goes: --plot, else beside --result-json (results/figures/ for a
+    row of the tables), else runs/figures/. A quick look with other settings than a stored row's
+    never writes over the row's figure."""
+    if getattr(args, "plot", None):
+        return args.plot
+    folder = os.path.dirname(args.result_json) if getattr(args, "result_json", None) else "runs"
+    return trial_path(args, os.path.join(folder, "figures", name))
+
+
 def emit_result(result, path=None, qconfig=None):
     """Print the one `RESULT {json}` line (with the command that produced it, and the whole
-    QConfig when there is one) and optionally save the same JSON."""
+    QConfig when there is one) and optionally save the same JSON (saying which stored row it
+    replaces, if it replaces one of the project's)."""
     result = {**(asdict(qconfig) if qconfig is not None else {}), **result, "command": command_line(sys.argv)}
     line = json.dumps(result, sort_keys=True)
     if path:
+        if os.path.isfile(path) and committed(path):
+            try:
+                with open(path) as f:
+                    before = json.load(f).get("command", "?")
+            except (OSError, ValueError, AttributeError):
+                before = "an unreadable result"
+            print(f"replacing {path} (it held the result of `{before}`)", flush=True)
         write_json(path, result)
     print("RESULT " + line, flush=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what is left and how to go on where that depends on the run (its flags,
+    how far it got): raise it from the KeyboardInterrupt, `run` prints it."""
+
+
 def run(main, interrupted="nothing half-written was left: every file is written whole or not at all"):
     """Run a script's main(); a user error becomes one line on stderr and exit status 2, Ctrl-C
-    one line (`interrupted`: what is left and how to go on) and status 130."""
+    one line (`interrupted`, or an Interrupted's own message: what is left and how to go on)
+    and status 130."""
     try:
         main()
     except IntsimError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e if isinstance(e, Interrupted) else interrupted}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

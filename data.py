@@ -6,6 +6,7 @@ Fashion-MNIST and CIFAR-10 are small enough to hold in memory (60k x 1x28x28 flo
 import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,9 +71,13 @@ def _fashion_mnist(data_dir, train, download):
         if os.path.isfile(path) and not os.path.isfile(path[:-3]):
             try:
                 extract_archive(path, raw)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 if os.path.isfile(path[:-3]):
                     os.remove(path[:-3])           # a half-extracted file would pass for the data
+                if isinstance(e, OSError) and e.errno is not None:    # the folder, not the archive
+                    raise IntsimError(f"cannot extract {path} into {raw} ({e.strerror}): copy the folder somewhere "
+                                      f"writable (`mkdir -p data && cp -r {os.path.dirname(raw)} data/`) and "
+                                      f"pass --data-dir there") from None
                 raise IntsimError(f"{path} is corrupt ({type(e).__name__}): copy it again") from None
         if os.path.isfile(path[:-3]):
             _check_idx(path[:-3])
@@ -135,6 +140,9 @@ def imagenet_class_index():
 def imagenet_files(folder):
     """[(wnid, file name)] of the images under `<folder>/<wnid>/`, class folders in order and
     files sorted; one-line errors for a missing folder, a folder that is not a wnid, no images."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise IntsimError(f"ImageNet folder {folder} is a file, not a folder: point it (--data-dir, --calib-dir, "
+                          f"SRC) at a folder of <wnid>/*.JPEG class folders, such as ILSVRC2012's val/")
     if not os.path.isdir(folder):
         raise IntsimError(f"ImageNet folder {folder} not found: point it (--data-dir, --calib-dir) at a folder "
                           f"of <wnid>/*.JPEG class folders, such as ILSVRC2012's val/")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import IntsimError
-from frozen import IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode
+from frozen import (IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode,
+                    why_not_integer)
 from function import integers_of
 from model import qlayers, set_phase
 
@@ -44,7 +45,7 @@ def evaluate_frozen(frozen, batches, device):
     follows the fake-quant float simulation of it (class agreement, output-integer difference)."""
     labels = torch.cat([y for _, y in batches])
     set_mode(frozen, "reals")
-    if not runs_in_integers(frozen):     # float activations or layers left float: fake-quant only
+    if not runs_in_integers(frozen):     # fake-quant only (frozen.why_not_integer says why)
         fq = predict(frozen, batches, device)
         return {"fakequant_acc": round(accuracy(fq, labels), 2), "fq_logits_sha": fingerprint(fq)}
     # In float64 the fake-quant simulation rounds like exact arithmetic; in float32 its rounding
@@ -139,11 +140,11 @@ def weight_layers(qmodel, frozen, batches, labels, device):
     return out
 
 
-def print_frozen_report(fp32_acc, r):
+def print_frozen_report(fp32_acc, r, frozen):
     print(f"float32     {fp32_acc:6.2f}%")
     print(f"fake-quant  {r['fakequant_acc']:6.2f}%")
     if "int_acc" not in r:
-        print("integer     -        (no integer path: activations float or layers left float)")
+        print(f"integer     -        (no integer path: {why_not_integer(frozen)})")
         return
     print(f"integer     {r['int_acc']:6.2f}%   (same class as fake-quant: {r['int_fq_same_class']:.2f}%, "
           f"largest output-integer difference {r['int_fq_max_diff']})")

@@ -536,8 +536,8 @@ def set_mode(frozen, mode):
     """'int' (integer inference) or 'reals' (the frozen integers as reals: fake-quant)."""
     if mode not in ("int", "reals"):
         raise IntsimError(f"unknown mode {mode!r} of a frozen model; use 'int' or 'reals'")
-    if mode == "int" and not runs_in_integers(frozen):
-        raise IntsimError(_why_no_integer_path(frozen))
+    if not frozen_ops(frozen) or (mode == "int" and not runs_in_integers(frozen)):
+        raise IntsimError(why_not_integer(frozen))
     for op in frozen_ops(frozen):
         op.mode = mode
     return frozen
@@ -549,16 +549,37 @@ def runs_in_integers(frozen):
             and all(isinstance(m, FrozenOp) and m.integer for m in graph_modules(frozen)))
 
 
-def _why_no_integer_path(frozen):
-    ops = frozen_ops(frozen)
+def _called(frozen):
+    """(name, module) of each module call in the graph, in order."""
+    return [(n.target, frozen.get_submodule(n.target)) for n in frozen.graph.nodes if n.op == "call_module"]
+
+
+def why_not_integer(frozen):
+    """Why `frozen` has no integer path, naming the first op that stops it (None if it has one)."""
+    if not frozen_ops(frozen):
+        return ("set_mode takes a frozen model: " + ("this one is converted, not frozen: frozen = freeze(qmodel) "
+                "after calibrate, then set_mode(frozen, 'int')" if getattr(frozen, "qconfig", None) is not None
+                else f"a {type(frozen).__name__} has no frozen ops; convert, calibrate and freeze it first"))
+    if runs_in_integers(frozen):
+        return None
     if not isinstance(getattr(frozen, "dequant_out", None), Dequantize):
-        return ("integer inference needs integer activations: with --a-bits 32 the model runs in "
-                "fake-quant only")
-    if any(isinstance(m, FloatLayer) for m in ops):
-        return "integer inference needs every layer quantized (--quantize-layers all)"
-    bits = max(max(getattr(m, "w_bits", 0) or 0, getattr(m, "out_bits", 0) or 0) for m in ops)
-    return (f"integer inference is for up to {INT_MAX_BITS} bits (TFLite's 8-bit kernels): "
-            f"{bits}-bit tensors run in fake-quant only")
+        return "integer inference needs integer activations: with --a-bits 32 the model runs in fake-quant only"
+    called = _called(frozen)
+    for name, m in called:
+        if isinstance(m, FloatLayer):
+            return f"integer inference needs every layer quantized (--quantize-layers all): {name} is float"
+    for name, m in called:
+        w_bits = getattr(m, "w_bits", 0) or 0
+        a_bits = max(getattr(m, "in_bits", 0) or 0, getattr(m, "out_bits", 0) or 0)
+        if isinstance(m, FrozenOp) and max(w_bits, a_bits) > INT_MAX_BITS:
+            what = f"{w_bits}-bit weights" if w_bits > INT_MAX_BITS else f"{a_bits}-bit activations"
+            return (f"integer inference is for up to {INT_MAX_BITS} bits (TFLite's 8-bit kernels): {name} "
+                    f"({type(m).__name__}) has {what}, which run in fake-quant only")
+    for name, m in called:
+        if not (isinstance(m, FrozenOp) and m.integer):
+            return (f"integer inference: {name} ({type(m).__name__}) stayed a float module in the frozen graph, "
+                    f"with no integer form in intsim; the model runs in fake-quant only")
+    return "integer inference: the frozen graph holds an op without an integer form"
 
 
 def output_integers(frozen, logits):

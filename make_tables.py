@@ -13,9 +13,10 @@ import os
 import re
 import sys
 
-from checkpoint import write_text
+from checkpoint import read_result, write_text
 from cli import parser, unwritable
 from config import QCONFIG_FIELDS
+from errors import IntsimError
 from tables import CUSTOM, TABLES, is_compressed, render_reruns
 from targets import render_targets
 
@@ -31,12 +32,9 @@ def load_results(folder):
     rows = []
     for path in paths:
         try:
-            with open(path) as f:
-                r = json.load(f)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {path} is not a readable RESULT file ({type(e).__name__}): re-run its command")
-        if not isinstance(r, dict) or not {"script", "command"} <= set(r):
-            sys.exit(f"error: {path} is not a RESULT file (no script and command): remove it or re-run its command")
+            r = read_result(path)
+        except IntsimError as e:
+            sys.exit(f"error: {e}")
         missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run", "memory")]
         if missing:
             sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")

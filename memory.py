@@ -93,8 +93,6 @@ def main():
     if ca is None:
         raise IntsimError("memory.py compares compressed activations with float32 ones: pass --ca-bits (1..8)")
     cli.cap_for_dry_run(args, **DRY_RUN)
-    if args.passes < 2 or args.batches < 2:
-        raise IntsimError("--passes and --batches: at least 2 (a variance needs two samples)")
     if args.init == "random":
         info = dataset_info(args.dataset)
         torch.manual_seed(args.seed)

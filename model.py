@@ -27,7 +27,8 @@ from torch import fx, nn
 
 from config import QConfig
 from errors import IntsimError
-from frozen import Dequantize, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams, Quantize
+from frozen import (Dequantize, FrozenOp, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams,
+                    Quantize)
 from function import FLOAT32_TINY
 from module import QLayer, QMean
 from observer import WeightObserver, make_observer
@@ -432,7 +433,20 @@ def activation_quantizers(qmodel):
     return [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if _module(qmodel, n, Quantizer)]
 
 
+def require_converted(model, what):
+    """`what` (calibrate, set_phase, freeze) works on a model made by convert: say so in one
+    line for a frozen model, a float one, or anything else."""
+    if isinstance(model, fx.GraphModule) and isinstance(getattr(model, "qconfig", None), QConfig):
+        return
+    frozen = isinstance(model, nn.Module) and any(isinstance(m, FrozenOp) for m in model.modules())
+    raise IntsimError(f"{what} takes a model made by convert(model, qconfig); " + (
+        "this one is frozen already (its ranges and integers are fixed): run it with frozen.set_mode(frozen, "
+        "'int' or 'reals'), or convert the float model again" if frozen else
+        f"this is a {type(model).__name__}: convert it first"))
+
+
 def set_phase(qmodel, phase):
+    require_converted(qmodel, "set_phase")
     if phase not in PHASES:
         raise IntsimError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)} "
                           f"(integer inference: freeze(qmodel), then frozen.set_mode(.., 'int'))")
@@ -532,6 +546,7 @@ def calibrate(qmodel, batches, device, num_batches):
     """Record activation ranges on `num_batches` batches (BN statistics stay as trained: the
     model is in eval mode, so nothing but the observers changes), then set every activation's
     S and Z. Returns the images seen."""
+    require_converted(qmodel, "calibrate")
     qmodel.eval()
     set_phase(qmodel, "calibrate")
     seen = images = 0
@@ -585,9 +600,14 @@ class _Freezer:
         return self.graph.call_module(name, args)
 
     def copy(self, node):
-        """The node as it is (flatten, shapes, and float ops where activations are float)."""
+        """The node as it is (flatten, shapes, and float ops where activations are float); an
+        nn.Flatten becomes torch.flatten, which moves integers as it moves reals."""
         if node.op == "call_module":
-            self.modules[node.target] = self.qmodel.get_submodule(node.target)
+            module = self.qmodel.get_submodule(node.target)
+            if isinstance(module, nn.Flatten):      # as flatten(x, 1) where it is that (what export writes)
+                dims = (module.start_dim,) + (() if module.end_dim == -1 else (module.end_dim,))
+                return self.graph.call_function(torch.flatten, (self.env[node.args[0]], *dims))
+            self.modules[node.target] = module
         return self.graph.node_copy(node, lambda n: self.env[n])
 
     def out_grid(self, node):
@@ -599,6 +619,18 @@ class _Freezer:
         clamps = [n for n in links if op_of(gm, n).role == CLAMP]
         self.absorbed.update(clamps)
         return _qparams(gm.get_submodule(after.target)), [op_of(gm, n) for n in clamps]
+
+    def input(self, node):
+        """The input, quantized at once (TFLite's QUANTIZE) where its activation quantizer sits
+        behind ReLUs or max-pools on the float input: quantization is non-decreasing and maps
+        real 0 to Z, so it commutes with them, and they run on integers after it."""
+        x = self.graph.placeholder(node.name)
+        links = chain(self.qmodel, node)
+        after = _sole_user(links[-1]) if links else None
+        if after is None or op_of(self.qmodel, after).role != QUANT:
+            return x, None
+        q = _qparams(self.qmodel.get_submodule(after.target))
+        return self.emit(after.target, Quantize(q), (x,)), q
 
     def producer(self, node, op):
         out, clamps = self.out_grid(node)
@@ -626,7 +658,7 @@ class _Freezer:
         op = op_of(self.qmodel, node)
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "placeholder":
-            return self.graph.placeholder(node.name), None
+            return self.input(node)
         if op.role == PRODUCER:
             return self.producer(node, op)
         if op.role == QUANT and self.grid[src] is None:     # the input: float -> integers
@@ -664,6 +696,7 @@ def freeze(qmodel, rounding=None, generator=None):
     tensors that feed it and of the activation quantizer after it, and the ReLU/ReLU6 between
     them becomes its act_min/act_max. `rounding` overrides the weight quantizers' rounding (a
     learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding."""
+    require_converted(qmodel, "freeze")
     if rounding is not None:
         for _, layer in qlayers(qmodel):
             if isinstance(layer.w_quantizer, Quantizer):

@@ -73,6 +73,9 @@ class Quantizer(nn.Module):
                 self.update()         # while fake-quantizing, the range follows the tensor (QAT, weights)
         if not self.enabled:
             return x
+        if not bool(self.has_qparams):        # S = 1, Z = 0 would quietly round everything to a few levels
+            raise IntsimError(f"{self.name} has no range yet: calibrate(qmodel, batches, ...) before fake-quantizing "
+                              f"(set_phase 'fakequant' or 'qat' in eval mode)")
         scale = self._learned_scale() if self.learned else self.scale
         site = self.ca if self.ca is not None and self.training and torch.is_grad_enabled() else None
         return fake_quantize(x, self._shaped(scale, x), self._shaped(self.zero_point, x),

@@ -19,11 +19,12 @@ import tempfile
 
 import cli
 from errors import IntsimError
-from checkpoint import write_json
+from checkpoint import read_result, write_json
 
 # not measurements: run times, paths, the command line, the machine
 VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch"}
 SCRIPTS_WITH_PLOT = ("AdaRound.py", "BRECQ.py", "table1.py")
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def volatile(key):
@@ -57,17 +58,18 @@ def code_version():
     """The commit the code was checked out at (+ "modified" when a .py file differs from it;
     results/ and the tables are what a re-run rewrites, not code)."""
     def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
     return head + (" + modified" if git("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip() else "")
 
 
-def rerun(path, tmp, update):
-    """Run the stored command of `path` again; returns (stored, new) results."""
-    with open(path) as f:
-        stored = json.load(f)
-    argv = shlex.split(stored["command"])
-    if argv[0] != "python" or not os.path.isfile(argv[1]):
+def rerun(path, stored, tmp, update):
+    """Run the stored command of `path` (its result `stored`) again; returns the new result."""
+    try:
+        argv = shlex.split(stored["command"])
+    except (AttributeError, ValueError):
+        argv = []
+    if len(argv) < 2 or argv[0] != "python" or not os.path.isfile(os.path.join(ROOT, argv[1])):
         raise IntsimError(f"{path}: cannot re-run {stored['command']!r} (not a script of this project)")
     out = os.path.join(tmp, os.path.basename(path))
     extra = ["--result-json", out]
@@ -75,12 +77,15 @@ def rerun(path, tmp, update):
         if "--plot" in argv:                     # the stored command names the committed figure
             i = argv.index("--plot")
             del argv[i:i + 2]
-        extra += ["--plot", stored["plot"] if update else os.path.join(tmp, os.path.basename(path) + ".png")]
-    proc = subprocess.run([sys.executable, *argv[1:], *extra], capture_output=True, text=True)
+        scratch = os.path.join(tmp, os.path.basename(path) + ".png")
+        extra += ["--plot", stored.get("plot", scratch) if update else scratch]
+    # in the project's root, where the command's relative paths (ckpt/, runs/) were meant
+    proc = subprocess.run([sys.executable, *argv[1:], *extra], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise IntsimError(f"{path}: the command failed: {proc.stderr.strip().splitlines()[-1]}")
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise IntsimError(f"{path}: the command failed: {last}")
     with open(out) as f:
-        return stored, json.load(f)
+        return json.load(f)
 
 
 def main():
@@ -90,12 +95,17 @@ def main():
     p.add_argument("--label", default=None, help="what these rows are, for the report (results/reruns/*.json)")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     args = cli.parse(p)
-    paths = sorted(args.results, key=lambda q: "--eval" in json.load(open(q)).get("command", ""))
+    stored = {path: read_result(path) for path in args.results}       # every file checked before any run
+    for path in args.results if args.update else []:
+        problem = cli.unwritable(path)
+        if problem:
+            raise IntsimError(f"--update {path}: {problem}")
+    paths = sorted(args.results, key=lambda q: "--eval" in str(stored[q]["command"]))
     report = {"label": args.label or " ".join(args.results), "code": code_version(), "compared": [], "differ": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
-            stored, new = rerun(path, tmp, args.update)
-            diff = differences(measured(stored), measured(new))
+            new = rerun(path, stored[path], tmp, args.update)
+            diff = differences(measured(stored[path]), measured(new))
             report["compared"].append(path)
             print(f"{path}: {'same' if not diff else f'{len(diff)} values differ'}", flush=True)
             for key, a, b in diff:

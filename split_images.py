@@ -18,23 +18,38 @@ from data import imagenet_files
 from errors import IntsimError
 
 
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
 def split(src, dst, parts):
-    """Link image k of `src` into dst/part{k mod parts}/<wnid>/; returns the images per part."""
+    """Link image k of `src` into dst/part{k mod parts}/<wnid>/; returns the images per part.
+    Everything is checked before the first link is made."""
     if parts < 2:
         raise IntsimError("--parts must be at least 2 (one to calibrate, one to score)")
-    src = os.path.abspath(src)
-    counts = [0] * parts
+    src, real_dst = os.path.abspath(src), os.path.realpath(dst)
+    real_src = os.path.realpath(src)
+    where = ("is SRC" if real_dst == real_src else "lies inside SRC" if _inside(real_dst, real_src)
+             else "holds SRC" if _inside(real_src, real_dst) else None)
+    if where:            # the parts would be made among the class folders (or SRC among the parts)
+        raise IntsimError(f"DST {dst} {where} {src}: name a folder outside SRC for the parts")
+    files = imagenet_files(src)
+    if len(files) < parts:
+        raise IntsimError(f"{src} holds {len(files)} image(s), fewer than --parts {parts}: every part needs "
+                          f"at least one; lower --parts")
     # sorted by file name across classes (ILSVRC2012's val names are in random class order)
-    for k, (wnid, name) in enumerate(sorted(imagenet_files(src), key=lambda wf: (wf[1], wf[0]))):
-        part = k % parts
-        folder = os.path.join(dst, f"part{part}", wnid)
-        os.makedirs(folder, exist_ok=True)
-        link, target = os.path.join(folder, name), os.path.join(src, wnid, name)
-        if os.path.islink(link) and os.readlink(link) == target:
-            pass                                        # made by an earlier run: keep
-        elif os.path.lexists(link):
-            raise IntsimError(f"{link} exists and is not a link to {target}: use an empty dst folder")
-        else:
+    plan = [(k % parts, wnid, name) for k, (wnid, name) in enumerate(sorted(files, key=lambda wf: (wf[1], wf[0])))]
+    links = [(os.path.join(dst, f"part{part}", wnid, name), os.path.join(src, wnid, name)) for part, wnid, name in plan]
+    for link, target in links:
+        for folder in (os.path.dirname(os.path.dirname(link)), os.path.dirname(link)):
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise IntsimError(f"{folder} exists and is not a folder: use an empty DST folder")
+        if os.path.lexists(link) and not (os.path.islink(link) and os.readlink(link) == target):
+            raise IntsimError(f"{link} exists and is not a link to {target}: use an empty DST folder")
+    counts = [0] * parts
+    for (part, _, _), (link, target) in zip(plan, links):
+        if not os.path.lexists(link):                   # a link an earlier run made is kept
+            os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink(target, link)
         counts[part] += 1
     return counts

@@ -16,7 +16,6 @@
 Saves a scatter plot of both terms against accuracy and ends with `RESULT {json}`.
 """
 import dataclasses
-import os
 
 import numpy as np
 import torch
@@ -127,7 +126,8 @@ def main():
     p.add_argument("--hessian-images", type=int, default=NUM_HESSIAN_IMAGES,
                    help="training images for the gradient and Hessian-vector products")
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
-    p.add_argument("--plot", default=None, help="scatter plot PNG (default: results/figures/table1_<dataset>_<model>.png)")
+    p.add_argument("--plot", default=None, help="scatter plot PNG (default: figures/table1_<dataset>_<model>.png beside "
+                                                "--result-json, else under runs/)")
     args, device = cli.start(p)
     cli.cap_for_dry_run(args, draws=DRY_RUN_DRAWS, hessian_images=DRY_RUN_HESSIAN)
     draws, n_hessian = args.draws, args.hessian_images
@@ -166,7 +166,7 @@ def main():
             for term in ("first", "second", "taylor") for target in ("acc", "dloss")}
     print_table(args, fp32, first_row, first_accs, all_row, all_accs, corr, nearest, terms)
 
-    path = args.plot or cli.trial_path(args, os.path.join("results", "figures", f"table1_{args.dataset}_{args.model}.png"))
+    path = cli.figure_path(args, f"table1_{args.dataset}_{args.model}.png")
     plot(path, terms, nearest, fp32, f"{args.model}: {draws} stochastic roundings of the first layer "
                                      f"(W{args.w_bits} {'per-channel' if args.per_channel else 'per-tensor'})")
     print(f"saved the scatter plot to {path}")

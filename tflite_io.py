@@ -320,8 +320,52 @@ def import_tflite(path):
     fx_graph.output(fx_graph.call_module("dequant_out", (nodes[last],)))
     frozen = fx.GraphModule(modules, fx_graph, class_name="ImportedModel")
     info = {"input_shape": reader.shape(x_index), "input": reader.activation(x_index), "compare_tensor": last,
-            "stopped_before": stopped, "input_type": reader.type_name(int(graph.inputs[0]))}
+            "output_shape": reader.shape(last), "stopped_before": stopped,
+            "input_type": reader.type_name(int(graph.inputs[0]))}
     return frozen, info
+
+
+# What TFLite's ImageNet evaluation feeds a model's input tensor, by its type, from the RGB bytes
+# (tools/evaluation's AddDefaultNormalizationStep): (bytes - mean) * scale.
+EVAL_NORMALIZATION = {"UINT8": (0.0, 1.0), "INT8": (128.0, 1.0), "FLOAT32": (127.5, 1.0 / 127.5)}
+IMAGENET_OUTPUTS = (1000, 1001)      # ImageNet classes, with or without TF-slim's background class at 0
+
+
+def imagenet_classifier(path, info):
+    """(input size, background classes) of an imported model that ImageNet images can be fed to
+    and scored on: a square 3-channel input and 1000 or 1001 outputs; otherwise one line naming
+    what the file takes, before any image is loaded."""
+    shape, out = info["input_shape"], info["output_shape"]
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
+        raise IntsimError(f"{path} takes inputs of shape {list(shape)} (NHWC): intsim feeds it ImageNet images, "
+                          f"which need a square RGB input [1, H, H, 3]; score this model on its own data set")
+    if out[-1] not in IMAGENET_OUTPUTS:
+        raise IntsimError(f"{path} has {out[-1]} outputs: not an ImageNet classifier (1000 or 1001), so its "
+                          f"predictions cannot be scored against ImageNet labels")
+    return shape[1], out[-1] - IMAGENET_OUTPUTS[0]
+
+
+def model_input(images, input_type):
+    """RGB bytes (N, 3, H, W) uint8 as TFLite's evaluation feeds an input tensor of `input_type`:
+    the bytes (UINT8), bytes - 128 (INT8), (bytes - 127.5) / 127.5 in float32 (FLOAT32)."""
+    if input_type not in EVAL_NORMALIZATION:
+        raise IntsimError(f"the model's input is {input_type}: intsim feeds images to UINT8, INT8 or FLOAT32 inputs")
+    mean, scale = EVAL_NORMALIZATION[input_type]
+    if input_type == "UINT8":
+        return images
+    if input_type == "INT8":
+        return (images.to(torch.int16) - int(mean)).to(torch.int8)
+    return (images.float() - mean) * torch.tensor(scale, dtype=torch.float32)
+
+
+def input_reals(images, info):
+    """What the imported model (Quantize first) takes for those images: the reals S (q - Z) of
+    an integer input, in float64 (exact), or a float input as it is (the model's own QUANTIZE,
+    imported as intsim's Quantize, rounds it as LiteRT's reference QUANTIZE does, in float32)."""
+    x = model_input(images, info["input_type"])
+    if x.is_floating_point():
+        return x
+    return info["input"].scale.double() * (x.double() - info["input"].zero_point)
 
 
 def _float_activation(op):

@@ -3,11 +3,13 @@
     python tflite_run.py data/models/mobilenet_v1_0.25_128_quant.tflite --data-dir ../shared/data/imagenet-val-1300/val
 
 The model is imported into intsim's own frozen integer ops (tflite_io.py) and run on ImageNet
-images prepared as TFLite's evaluation does (central 87.5% crop, bilinear resize, RGB bytes).
-The same bytes go through LiteRT's reference kernels (BUILTIN_REF, the bit-exact claim) and its
-default interpreter (XNNPACK, which rounds differently: its distance is reported, not chased).
-Reports top-1 / top-5 of each (1001 outputs, background at 0), how many images give the same
-output integers in intsim and in LiteRT, and images per second of each, in one run.
+images prepared as TFLite's evaluation does (central 87.5% crop, bilinear resize, RGB bytes, fed
+as the input tensor's type takes them: the bytes for uint8, bytes - 128 for int8, (bytes - 127.5)
+/ 127.5 for a float32 input that the model quantizes itself). The same inputs go through LiteRT's
+reference kernels (BUILTIN_REF, the bit-exact claim) and its default interpreter (XNNPACK, which
+rounds differently: its distance is reported, not chased). Reports top-1 / top-5 of each (1000
+outputs, or 1001 with background at 0), how many images give the same output integers in intsim
+and in LiteRT, and images per second of each, in one run.
 """
 import time
 
@@ -16,34 +18,33 @@ import torch
 import cli
 from data import load_imagenet_bytes
 from frozen import output_integers, set_mode
-from tflite_io import agreement, import_tflite, run_litert_integers
+from tflite_io import agreement, imagenet_classifier, import_tflite, input_reals, model_input, run_litert_integers
 
-BACKGROUND_CLASSES = 1          # the TF-slim ImageNet models' output 0 is "background"
 DRY_RUN_IMAGES = 20
 
 
-def topk(logits, labels, k):
-    """Top-k accuracy in %, logits (N, 1001) with the background class first."""
-    best = logits[:, BACKGROUND_CLASSES:].topk(k, dim=1).indices
+def topk(logits, labels, k, background):
+    """Top-k accuracy in %, logits (N, 1000 + background) with the background class first (the
+    TF-slim ImageNet models' output 0)."""
+    best = logits[:, background:].topk(k, dim=1).indices
     return 100.0 * (best == labels[:, None]).any(1).float().mean().item()
 
 
-def run_litert(path, images, compare_tensor, reference):
-    """The integers of `compare_tensor` for each image (N, C) and the seconds it took (one image a
-    call: the models' RESHAPE fixes the batch at 1)."""
+def run_litert(path, info, images, reference):
+    """The integers of the compared tensor for each image (N, C) and the seconds it took (one
+    image a call: the models' RESHAPE fixes the batch at 1)."""
     start = time.time()
-    out = run_litert_integers(path, images.permute(0, 2, 3, 1).numpy(), compare_tensor, reference, batch_size=1)
+    x = model_input(images, info["input_type"]).permute(0, 2, 3, 1).numpy()
+    out = run_litert_integers(path, x, info["compare_tensor"], reference, batch_size=1)
     return torch.from_numpy(out.reshape(len(images), -1)), time.time() - start
 
 
 def run_intsim(frozen, info, images, batch_size):
     """intsim's output integers (N, C) and the seconds the integer path took."""
-    s, z = info["input"].scale.double(), info["input"].zero_point
     set_mode(frozen, "int")
     out, start = [], time.time()
     for i in range(0, len(images), batch_size):
-        x = s * (images[i:i + batch_size].double() - z)      # the bytes as reals: exact in float64
-        out.append(output_integers(frozen, frozen(x)))
+        out.append(output_integers(frozen, frozen(input_reals(images[i:i + batch_size], info))))
     return torch.cat(out), time.time() - start
 
 
@@ -59,22 +60,21 @@ def main():
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     args, _ = cli.start(p)
     frozen, info = import_tflite(args.model_path)
-    _, height, width, _ = info["input_shape"]
+    size, background = imagenet_classifier(args.model_path, info)       # before any image is read
     limit = min(args.limit or DRY_RUN_IMAGES, DRY_RUN_IMAGES) if args.dry_run else args.limit
-    images, labels = load_imagenet_bytes(args.data_dir, height, limit=limit)
-    print(f"{args.model_path}: {len(images)} images {height}x{width}, "
+    images, labels = load_imagenet_bytes(args.data_dir, size, limit=limit)
+    print(f"{args.model_path}: {len(images)} images {size}x{size}, {info['input_type']} input, "
           f"{'stops before ' + info['stopped_before'] if info['stopped_before'] else 'whole model'}", flush=True)
 
-    ref, ref_s = run_litert(args.model_path, images, info["compare_tensor"], reference=True)
-    default, default_s = run_litert(args.model_path, images, info["compare_tensor"], reference=False)
+    ref, ref_s = run_litert(args.model_path, info, images, reference=True)
+    default, default_s = run_litert(args.model_path, info, images, reference=False)
     mine, mine_s = run_intsim(frozen, info, images, args.batch_size)
+    top = {name: {k: round(topk(out, labels, k, background), 2) for k in (1, 5)}
+           for name, out in (("intsim", mine), ("litert_ref", ref), ("litert_default", default))}
     r = {"script": "tflite_run", "dataset": "imagenet", "model": args.model_path.split("/")[-1], "images": len(images),
          "threads": torch.get_num_threads(),
          "stopped_before": info["stopped_before"],
-         "intsim_top1": round(topk(mine, labels, 1), 2), "intsim_top5": round(topk(mine, labels, 5), 2),
-         "litert_ref_top1": round(topk(ref, labels, 1), 2), "litert_ref_top5": round(topk(ref, labels, 5), 2),
-         "litert_default_top1": round(topk(default, labels, 1), 2),
-         "litert_default_top5": round(topk(default, labels, 5), 2),
+         **{f"{name}_top{k}": acc for name, by_k in top.items() for k, acc in by_k.items()},
          "vs_litert_ref": agreement(mine, ref), "litert_default_vs_ref": agreement(default, ref),
          "images_per_s": {"intsim_int": round(len(images) / mine_s, 1), "litert_ref": round(len(images) / ref_s, 1),
                           "litert_default": round(len(images) / default_s, 1)}}

@@ -66,6 +66,17 @@ def read_resume(path, device, flags):
     return state
 
 
+def interrupted_message(resume_path, done):
+    """What Ctrl-C leaves: the resume state of the last completed epoch (and the flags that
+    continue from it), or nothing to resume from."""
+    if done == 0:
+        return "the checkpoint was not written and no epoch was completed: nothing to resume; start again"
+    folder = os.path.dirname(resume_path)
+    where = "" if folder == RESUME_DIR else f" --resume-dir {folder}"
+    return (f"the checkpoint was not written; {resume_path} holds the state after epoch {done} "
+            f"(continue with the same flags and --resume{where})")
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
@@ -137,15 +148,20 @@ def main():
         print(f"resuming after epoch {state['epoch']} ({earlier_minutes:.1f} min so far)")
 
     start = time.time()
-    acc = None
-    for epoch in range(first_epoch, epochs + 1):
-        loss, speed = train_one_epoch(model, train_batches, optimizer, device, epoch, scheduler, max_batches)
-        acc = evaluate(model, test_batches, device)
-        print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s", flush=True)
-        torch_save(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "data_order": train_batches.generator.get_state(),
-                                 "epoch": epoch, "epochs": epochs, "flags": run_flags,
-                                 "minutes": earlier_minutes + (time.time() - start) / 60})
+    acc, done = None, first_epoch - 1
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            loss, speed = train_one_epoch(model, train_batches, optimizer, device, epoch, scheduler, max_batches)
+            acc = evaluate(model, test_batches, device)
+            torch_save(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(),
+                                     "data_order": train_batches.generator.get_state(),
+                                     "epoch": epoch, "epochs": epochs, "flags": run_flags,
+                                     "minutes": earlier_minutes + (time.time() - start) / 60})
+            done = epoch             # what a Ctrl-C from here on can be resumed from; then say so
+            print(f"epoch {epoch}: train loss {loss:.4f}, test accuracy {acc:.2f}%, {speed:.0f} images/s", flush=True)
+    except KeyboardInterrupt:
+        raise cli.Interrupted(interrupted_message(resume_path, done)) from None
     minutes = earlier_minutes + (time.time() - start) / 60
     if acc is None:
         acc = evaluate(model, test_batches, device)
@@ -162,5 +178,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted=f"the checkpoint was not written; {RESUME_DIR}/ holds the state after the last "
-                              f"completed epoch (continue with --resume)")
+    cli.run(main)

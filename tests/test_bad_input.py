@@ -177,7 +177,7 @@ def frozen_cnn(tmp_path, qconfig):
     g = torch.Generator().manual_seed(0)
     calibrate(qmodel, [(torch.randn(16, 1, 28, 28, generator=g), None)], "cpu", 1)
     path = tmp_path / "frozen.pt"
-    save_frozen(str(path), freeze(qmodel), qconfig, cfg, "fashion-mnist", fp32_acc=92.4, epochs=1, lr=1e-3,
+    save_frozen(str(path), freeze(qmodel), qconfig, cfg, "fashion-mnist", "QAT", fp32_acc=92.4, epochs=1, lr=1e-3,
                 optimizer="sgd", qat_fakequant_acc=90.0)
     return path
 
@@ -265,27 +265,61 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     assert path.read_text() == '{"a": 1}\n' and os.listdir(tmp_path) == ["r.json"]
 
 
-def test_ctrl_c_is_one_line(data_dir, tmp_path, untouched):
-    # a full run, not --dry-run: its two batches could end before the signal lands on a loaded machine
+def small_fashion_mnist(data_dir, folder, n):
+    """A Fashion-MNIST of the first n training and test images of the real one, in its own idx
+    files under folder/FashionMNIST/raw (an epoch takes a second)."""
+    src, raw = os.path.join(data_dir, "FashionMNIST", "raw"), folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind, magic, shape in (("images", 0x803, (n, 28, 28)), ("labels", 0x801, (n,))):
+            name = f"{split}-{kind}-idx{len(shape)}-ubyte"
+            with open(os.path.join(src, name), "rb") as f:
+                data = f.read()[4 + 4 * len(shape):][:int(np.prod(shape))]
+            header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
+            (raw / name).write_bytes(header + data)
+    return folder
+
+
+def interrupt_train(args, after):
+    """Ctrl-C to `python train.py args` once a line of its output holds `after`; (status, stderr)."""
     # SIGINT back to its default in the child: a shell's background job (pytest ... &) ignores it, the
     # child would inherit that, Python would install no KeyboardInterrupt handler, and the run would not stop
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data_dir,
-                             "--ckpt-dir", tmp_path, "--resume-dir", tmp_path], cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in proc.stderr:                 # the first progress line: training has started
-        if "[0/" in line:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if after in line:
             break
     proc.send_signal(signal.SIGINT)
     try:
-        _, err = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("train.py still ran 120 s after Ctrl-C")
-    err = err.strip()
-    assert proc.returncode == cli.EXIT_INTERRUPTED, err
-    assert len(err.splitlines()) == 1 and err.startswith("interrupted:") and "--resume" in err, err
+    return proc.returncode, [l for l in "".join(seen + [out]).splitlines() if l.startswith(("interrupted", "error", "Trace"))]
+
+
+def test_ctrl_c_is_one_line(data_dir, tmp_path, untouched):
+    # a full run, not --dry-run: its two batches could end before the signal lands on a loaded machine
+    code, lines = interrupt_train(["--data-dir", data_dir, "--ckpt-dir", tmp_path, "--resume-dir", tmp_path], "[0/")
+    assert code == cli.EXIT_INTERRUPTED and len(lines) == 1, lines
+    assert lines[0].startswith("interrupted:") and "no epoch was completed: nothing to resume" in lines[0], lines
     assert not (tmp_path / "fashion-mnist_cnn.pt").exists()
+
+
+def test_ctrl_c_after_an_epoch_names_the_resume_folder_it_used(data_dir, tmp_path, untouched):
+    data = small_fashion_mnist(data_dir, tmp_path / "data", 512)
+    resume = tmp_path / "elsewhere"
+    code, lines = interrupt_train(["--data-dir", data, "--epochs", 50, "--batch-size", 64, "--ckpt-dir", tmp_path,
+                                   "--resume-dir", resume], "epoch 1:")
+    assert code == cli.EXIT_INTERRUPTED and len(lines) == 1, lines
+    assert f"{resume}/fashion-mnist_cnn.resume.pt holds the state after epoch" in lines[0], lines
+    assert f"--resume --resume-dir {resume}" in lines[0], lines
+    assert not (tmp_path / "fashion-mnist_cnn.pt").exists()
+    from train import RESUME_DIR, interrupted_message       # the default folder goes without saying
+    assert "--resume-dir" not in interrupted_message(os.path.join(RESUME_DIR, "x.resume.pt"), 3)
 
 
 def test_figures_are_written_whole(tmp_path):
@@ -454,3 +488,162 @@ def test_errors_name_the_layer():
     name = next(n for n, m in qmodel.named_modules() if type(m).__name__ == "QLayer")
     with pytest.raises(IntsimError, match=f"^{name}: the bias does not fit int32"):
         freeze(qmodel)
+
+
+# ----------------------------------------------------------------------------- folders, other scripts' files
+
+def image_folder(folder, n):
+    """An ImageNet-style folder of n small random JPEGs in one class (n01440764)."""
+    from PIL import Image
+    (folder / "n01440764").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "n01440764" / f"{i}.JPEG")
+    return folder
+
+
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """read_only_copy(files) -> a folder holding copies of {relative path: source path} that nobody,
+    root included, can write into: a read-only tmpfs where one can be mounted, else (not root)
+    chmod 555; skips where neither is possible."""
+    import shutil
+    mounted = []
+
+    def make(files):
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        if os.geteuid() == 0:
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                              capture_output=True).returncode != 0:
+                pytest.skip("root cannot mount a read-only folder here")
+            mounted.append(folder)
+        for rel, src in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, folder / rel)
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        else:
+            for d, _, _ in os.walk(folder):
+                os.chmod(d, 0o555)
+        return folder
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)])
+    for d, _, _ in os.walk(tmp_path):
+        os.chmod(d, 0o755)
+
+
+def test_qat_eval_scores_a_model_any_script_saved(data_dir, tmp_path, untouched, capsys):
+    import json
+    path = tmp_path / "ptq.pt"
+    assert script("PTQ", "--dry-run", "--save", path, "--data-dir", data_dir) == 0
+    capsys.readouterr()
+    assert script("QAT", "--eval", path, "--dry-run", "--data-dir", data_dir) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.splitlines()[-1][len("RESULT "):])
+    assert "PTQ model from" in out and r["made_by"] == "PTQ" and r["script"] == "eval" and "epochs" not in r
+    assert r["int_acc"] > 80
+
+
+def test_split_images_refuses_what_would_spoil_a_folder(tmp_path, untouched, capsys):
+    src, out = image_folder(tmp_path / "src", 3), tmp_path / "out"
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    one_line(capsys, script("split_images", src, src), f"DST {src} is SRC")
+    one_line(capsys, script("split_images", src, src / "parts"), "lies inside SRC")
+    one_line(capsys, script("split_images", src / "n01440764", tmp_path), "holds SRC")
+    one_line(capsys, script("split_images", src, out, "--parts", 4), "holds 3 image(s), fewer than --parts 4")
+    one_line(capsys, script("split_images", src, a_file), f"DST {a_file}: is a file, not a folder")
+    one_line(capsys, script("split_images", src / "n01440764" / "0.JPEG", out), "SRC", "is a file, not a folder")
+    (out / "part1").mkdir(parents=True)
+    (out / "part1" / "n01440764").write_text("x")
+    one_line(capsys, script("split_images", src, out), "part1/n01440764 exists and is not a folder")
+    assert os.listdir(out) == ["part1"] and sorted(os.listdir(src)) == ["n01440764"]     # nothing was made
+    assert len(os.listdir(src / "n01440764")) == 3
+    (out / "part1" / "n01440764").unlink()
+    assert script("split_images", src, out, "--parts", 3) == 0                 # and the right run still works
+    assert [len(os.listdir(out / f"part{k}" / "n01440764")) for k in range(3)] == [1, 1, 1]
+
+
+def test_split_images_into_a_read_only_folder(tmp_path, read_only_copy, untouched, capsys):
+    src, ro = image_folder(tmp_path / "src", 2), read_only_copy({})
+    one_line(capsys, script("split_images", src, ro / "parts"), "DST", "not writable")
+
+
+def test_an_intact_archive_in_a_read_only_folder_is_not_called_corrupt(data_dir, read_only_copy, untouched, capsys):
+    name = "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz"
+    ro = read_only_copy({name: os.path.join(data_dir, name)})
+    err = one_line(capsys, script("PTQ", "--data-dir", ro), "cannot extract", "copy the folder somewhere writable")
+    assert "corrupt" not in err
+
+
+def test_an_archive_that_cannot_be_extracted_names_the_folder(data_dir, tmp_path, untouched, capsys):
+    import shutil
+    raw = tmp_path / "FashionMNIST" / "raw"
+    (raw / "t10k-labels-idx1-ubyte").mkdir(parents=True)     # a folder where the extracted file goes
+    shutil.copy(os.path.join(data_dir, "FashionMNIST", "raw", "t10k-labels-idx1-ubyte.gz"), raw)
+    err = one_line(capsys, script("PTQ", "--data-dir", tmp_path), "cannot extract", "Is a directory")
+    assert "corrupt" not in err
+
+
+def test_rerun_refuses_what_is_not_a_result(tmp_path, untouched, capsys):
+    (tmp_path / "array.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "cut.json").write_text('{"script": "PTQ", ')
+    one_line(capsys, script("rerun", tmp_path / "nope.json"), "nope.json not found")
+    one_line(capsys, script("rerun", tmp_path / "array.json"), "array.json is not a RESULT file")
+    one_line(capsys, script("rerun", tmp_path / "other.json"), "other.json is not a RESULT file")
+    one_line(capsys, script("rerun", tmp_path / "cut.json"), "cut.json is not a readable RESULT file")
+    one_line(capsys, script("rerun", tmp_path), "RESULTS", "is a folder")
+
+
+def test_tflite_run_refuses_a_model_the_images_do_not_fit(data_dir, tmp_path, untouched, capsys):
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
+    model = tmp_path / "fashion.tflite"
+    assert script("PTQ", "--dry-run", "--export", model, "--export-check", 2, "--data-dir", data_dir) == 0
+    capsys.readouterr()
+    images = image_folder(tmp_path / "images", 2)
+    one_line(capsys, script("tflite_run", model, "--data-dir", images), "[1, 28, 28, 1]", "square RGB input")
+    one_line(capsys, script("tflite_run", model, "--data-dir", images / "n01440764" / "0.JPEG"),
+             "--data-dir", "is a file, not a folder")
+
+
+def test_a_quick_table1_keeps_the_stored_figure(data_dir, tmp_path, untouched, capsys):
+    # settings that are not the stored row's; the `untouched` fixture checks results/figures/
+    assert script("table1", "--model", "cnn_bn", "--draws", 2, "--hessian-images", 1, "--test-limit", 100,
+                  "--data-dir", data_dir, "--result-json", tmp_path / "r.json") == 0
+    assert (tmp_path / "figures" / "table1_fashion-mnist_cnn_bn.png").is_file()      # beside --result-json
+    args = cli.parser("x").parse_args([])
+    args.plot = args.result_json = None
+    assert cli.figure_path(args, "f.png") == os.path.join("runs", "figures", "f.png")    # else under runs/
+    args.result_json = os.path.join("results", "r.json")                             # a row of the tables
+    assert cli.figure_path(args, "f.png") == os.path.join("results", "figures", "f.png")
+
+
+def test_replacing_a_stored_result_says_which(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "row.json"
+    write_json(path, {"script": "PTQ", "command": "python PTQ.py --w-bits 4"})
+    monkeypatch.setattr(cli, "committed", lambda p: True)
+    monkeypatch.setattr(sys, "argv", ["PTQ.py", "--w-bits", "2"])
+    cli.emit_result({"script": "PTQ"}, str(path))
+    assert f"replacing {path} (it held the result of `python PTQ.py --w-bits 4`)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,args,words", [
+    ("PTQ", ["--a-bits", 32, "--per-layer", 100], ["--per-layer", "--a-bits 32 leaves the activations float"]),
+    ("PTQ", ["--w-bits", 9, "--export", "x.tflite"], ["--export", "wider than 8 bits"]),
+    ("AdaRound", ["--export", "x.tflite"], ["--export", "--a-bits 32"]),           # AdaRound's default A32
+    ("BRECQ", ["--scale-lr", "nan"], ["--scale-lr nan", "finite"]),
+    ("BRECQ", ["--scale-lr", -1], ["--scale-lr -1.0"]),
+    ("BRECQ", ["--scale-lr", 1e-3], ["--scale-lr learns the activation step sizes", "--a-bits 32"]),
+    ("BRECQ", ["--layers-per-group", 0], ["--layers-per-group 0"]),
+    ("memory", ["--passes", 1], ["--passes 1", "at least 2"]),
+    ("PTQ", ["--data-dir", CNN], ["--data-dir", "is a file, not a folder"]),
+    ("PTQ", ["--tflite-model", "m.tflite"], ["--tflite-model does nothing without --dataset imagenet"]),
+    ("PTQ", ["--export-check", 5], ["--export-check does nothing without --export"]),
+    ("QAT", ["--lsq-init", "range"], ["--lsq-init does nothing without --learn-scales"]),
+    ("train", ["--ca-group-size", 64], ["--ca-group-size does nothing without --ca-bits"]),
+])
+def test_flags_that_would_do_nothing_or_break_later(name, args, words, untouched, capsys):
+    one_line(capsys, script(name, *args), *words)

@@ -1,6 +1,8 @@
 """The one conversion and the phases: a converted model computes the float function, its
 frozen integer path agrees with its frozen fake-quant, and what it cannot convert it refuses
 in one line; tried on networks this project did not write."""
+import re
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -83,6 +85,63 @@ def test_freeze_needs_calibration_and_int_mode_needs_integer_activations(trained
         q16 = convert(trained_like("cnn"), QConfig(w_bits=16, a_bits=16))
         calibrate(q16, [(x, None)], "cpu", 1)
         set_mode(freeze(q16), "int")
+
+
+def test_each_phase_refuses_a_model_of_another_phase(trained_like):
+    """Fake-quant before calibration (it would round with S = 1, Z = 0: all-zero logits), a
+    frozen model given to calibrate / set_phase / freeze, a converted one to set_mode: one line each."""
+    x = torch.randn(4, 1, 28, 28)
+    qmodel = convert(trained_like("cnn"), QConfig())
+    set_phase(qmodel, "fakequant")
+    with pytest.raises(IntsimError, match="quant_in has no range yet: calibrate"):
+        qmodel(x)
+    set_phase(qmodel, "qat").eval()
+    with pytest.raises(IntsimError, match="has no range yet"):
+        qmodel(x)
+    with pytest.raises(IntsimError, match="this one is converted, not frozen: frozen = freeze"):
+        set_mode(qmodel, "int")
+    with pytest.raises(IntsimError, match="set_mode takes a frozen model"):
+        set_mode(qmodel, "reals")
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    frozen = freeze(qmodel)
+    for step in (lambda: calibrate(frozen, [(x, None)], "cpu", 1), lambda: set_phase(frozen, "float"),
+                 lambda: freeze(frozen)):
+        with pytest.raises(IntsimError, match="takes a model made by convert.*frozen already"):
+            step()
+    with pytest.raises(IntsimError, match="this is a SmallCNN: convert it first"):
+        calibrate(trained_like("cnn"), [(x, None)], "cpu", 1)
+    assert set_phase(qmodel, "fakequant")(x).abs().sum() > 0       # calibrated: it runs
+
+
+@pytest.mark.parametrize("qconfig,words", [
+    (QConfig(w_bits=9), "features.0 (IntConv) has 9-bit weights"),
+    (QConfig(a_bits=9), "quant_in (Quantize) has 9-bit activations"),
+    (QConfig(w_bits=4, a_bits=10, first_last_bits=8), "has 10-bit activations")])
+def test_no_integer_path_says_which_op_is_too_wide(qconfig, words, trained_like, quantize, capsys):
+    from engine import print_frozen_report
+    _, frozen = quantize(trained_like("cnn"), qconfig, torch.randn(4, 1, 28, 28))
+    with pytest.raises(IntsimError, match=f"up to 8 bits .*{re.escape(words)}"):
+        set_mode(frozen, "int")
+    print_frozen_report(90.0, {"fakequant_acc": 80.0}, frozen)          # what the scripts print instead
+    assert words in capsys.readouterr().out
+
+
+def test_a_max_pool_on_the_input_and_nn_flatten_run_in_integers(quantize):
+    """The input is quantized before a max-pool or ReLU on it (they commute with quantization),
+    and nn.Flatten moves integers: the frozen model has its integer path, equal to the float64
+    fake-quant with one rounding, and within 1 of the calibrated model's fake-quant (which has the
+    pool before the input's quantizer, float biases and exact multipliers)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 5 * 5, 3)).eval()
+    x = torch.randn(32, 1, 10, 10)
+    qmodel, frozen = quantize(net, QConfig(single_rounding=True), x)
+    kinds = [type(m).__name__ for m in frozen.children()]
+    assert kinds[:3] == ["Quantize", "IntMaxPool", "IntClamp"] and "Flatten" not in kinds
+    q = integers(frozen, x, "int")
+    assert torch.equal(q, integers(frozen, x, "reals"))
+    fq = set_phase(qmodel, "fakequant")(x).double()
+    assert (output_integers(frozen, fq) - q).abs().max() <= 1
 
 
 def test_dead_layer_with_zero_range_quantizes_without_nan(trained_like, quantize):

@@ -234,7 +234,7 @@ def test_weights_only_resnet18_saves_and_loads_with_its_float_mean(tmp_path, sma
     qconfig = QConfig(w_bits=2, a_bits=32, per_channel=True)
     _, frozen = quantize(small_resnet18(), qconfig, x)
     assert any(type(m).__name__ == "QMean" for m in frozen.modules())
-    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="resnet18"), "fashion-mnist")
+    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="resnet18"), "fashion-mnist", "PTQ")
     again, _ = load_frozen(tmp_path / "q.pt", "fashion-mnist", "resnet18")
     assert torch.equal(set_mode(again, "reals")(x), set_mode(frozen, "reals")(x))
 
@@ -246,7 +246,7 @@ def test_frozen_model_saves_and_loads_without_the_float_network(tmp_path, traine
     qconfig = QConfig(w_bits=4, a_bits=8, per_channel=True)
     _, frozen = quantize(trained_like("cnn_bn"), qconfig, x)
     before = set_mode(frozen, "int")(x)
-    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="cnn_bn", width=8), "fashion-mnist")
+    save_frozen(tmp_path / "q.pt", frozen, qconfig, ModelConfig(arch="cnn_bn", width=8), "fashion-mnist", "PTQ")
     again, ckpt = load_frozen(tmp_path / "q.pt", "fashion-mnist", "cnn_bn")
     assert ckpt["qconfig"]["w_bits"] == 4
     assert torch.equal(set_mode(again, "int")(x), before)

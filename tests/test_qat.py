@@ -142,6 +142,6 @@ def test_qat_checkpoint_reload_gives_identical_integers(tmp_path, tiny_qat_model
     fix_ranges(qmodel)
     frozen = set_mode(freeze(qmodel), "int")
     before = frozen(x)
-    save_frozen(tmp_path / "qat.pt", frozen, QAT_CONFIG, ModelConfig(arch="cnn_bn", width=8), "fashion-mnist")
+    save_frozen(tmp_path / "qat.pt", frozen, QAT_CONFIG, ModelConfig(arch="cnn_bn", width=8), "fashion-mnist", "QAT")
     again, ckpt = load_frozen(tmp_path / "qat.pt", "fashion-mnist", "cnn_bn")
     assert QConfig(**ckpt["qconfig"]) == QAT_CONFIG and torch.equal(set_mode(again, "int")(x), before)

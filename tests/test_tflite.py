@@ -239,11 +239,21 @@ def litert_vs(frozen, scheme, x, tmp_path):
     return ref.reshape(len(x), -1), own.reshape(len(x), -1), again.reshape(len(x), -1)
 
 
+class PoolFirst(nn.Module):
+    """A max-pool on the float input (frozen after the input's QUANTIZE) and nn.Flatten as a module."""
+    def __init__(self):
+        super().__init__()
+        self.pool, self.conv, self.flat, self.fc = nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, 1, 1), nn.Flatten(), nn.Linear(45, 7)
+
+    def forward(self, x):
+        return self.fc(self.flat(torch.relu(self.conv(self.pool(x)))))
+
+
 EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: OneConv(2, nn.ReLU())),
                 ("conv s2 relu6", lambda: OneConv(2, nn.ReLU6())), ("depthwise s2", lambda: OneConv(2, nn.ReLU6(), groups=4)),
                 ("maxpool 2", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(2))),
                 ("maxpool 3/2 pad 1", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1))),
-                ("linear on flatten", Head), ("add + mean", Residual)]
+                ("linear on flatten", Head), ("add + mean", Residual), ("input max-pool, nn.Flatten", PoolFirst)]
 
 
 @pytest.mark.parametrize("case", [c for c, _ in EXPORT_CASES])
@@ -446,3 +456,42 @@ def test_ptq_on_a_tflite_model(run, result_of, one_line_error, tmp_path):
     assert [k for _, k, _, _, _ in layers].count("depthwise") == 13 and len(layers) == 28
     assert all(worst <= db for _, _, db, worst, _ in layers)      # a channel is never better than the sum
     one_line_error(run("PTQ.py", *common[:2], "--tflite-model", tmp_path / "none.tflite", *common[4:]), "not found")
+
+
+class TinyClassifier(nn.Module):
+    """3-channel input, 1001 outputs: an ImageNet classifier's interface on 16x16 images."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 1001)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "uint8"])
+def test_tflite_run_feeds_a_float_input_as_tflites_evaluation_does(scheme, run, result_of, tmp_path):
+    """A model with float32 input and output (QUANTIZE first, DEQUANTIZE last: what the exporter,
+    like TF's converter, writes) is fed (bytes - 127.5) / 127.5; intsim's Quantize rounds it as
+    LiteRT's reference QUANTIZE does (in float32), so every output integer is LiteRT's. With
+    the input scale at 2/255 most of x / S lie on ties, which decide by the float32 bits."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from PIL import Image
+    from model import calibrate, convert, freeze
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16) * 2 - 1
+    qmodel = convert(TinyClassifier().eval(), QConfig(a_signed=scheme == "int8"))
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    data, _, _ = tflite_io.export_tflite(freeze(qmodel), scheme, x[:1])
+    path = tmp_path / "float_io.tflite"
+    path.write_bytes(data)
+    (tmp_path / "images" / "n01440764").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / "n01440764" / f"{i}.JPEG")
+    frozen, info = tflite_io.import_tflite(str(path))
+    assert info["input_type"] == "FLOAT32"
+    r = result_of(run("tflite_run.py", path, "--data-dir", tmp_path / "images"))
+    assert r["images"] == 6 and r["vs_litert_ref"] == {"images_identical": 6, "max_diff": 0, "diff_share": 0.0}
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(tflite_io.model_input(images, "INT8").int(), images.int() - 128)
+    assert torch.allclose(tflite_io.model_input(images, "FLOAT32").double(), images.double() / 127.5 - 1, atol=1e-6)
