@@ -14,7 +14,7 @@ import cli
 from checkpoint import save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report, weight_layers
-from frozen import IntConv, runs_in_integers
+from frozen import runs_in_integers
 from model import calibrate, convert, freeze
 
 NUM_CALIB_BATCHES = 8       # x --batch-size training images observed for the activation ranges
@@ -25,7 +25,7 @@ DRY_RUN_TEST = 1000         # ... and test images
 def print_layers(frozen, device):
     """How each integer conv/linear accumulates, and its right shifts n (M = M0 2^-n)."""
     for name, op in frozen.named_modules():
-        if isinstance(op, IntConv):
+        if hasattr(op, "accumulation"):          # ops.conv.IntConv
             right = -op.shift
             print(f"  {name:12s} accumulates in {op.accumulation(device)} (worst-case |acc| "
                   f"{float(op.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")

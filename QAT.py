@@ -19,7 +19,7 @@ import torch
 
 import cli
 from checkpoint import load_frozen, made_by, save_frozen
-from compress import compress_activations, saved_bytes
+from compress.layers import compress_activations, saved_bytes
 from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch

@@ -5,17 +5,16 @@ Every write goes to a temporary file in the same folder and is then renamed over
 the last good one.
 """
 import json
-import operator
 import os
 import tempfile
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from errors import IntsimError
-from module import QMean
+import ops
+from ops.base import FrozenOp
 
 
 def _atomic_write(path, write):
@@ -124,25 +123,22 @@ def load_imagenet_weights(model, weights):
 
 # ----------------------------------------------------------------------------- frozen models
 
-FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for fn in (
-    torch.flatten, torch.reshape, torch.relu, torch.relu_, torch.add, F.relu, F.relu6, F.hardtanh,
-    F.max_pool2d)}
-FUNCTIONS.update({"operator.getitem": operator.getitem, "operator.add": operator.add,
-                  "operator.iadd": operator.iadd, "builtins.getattr": getattr})
-# torch modules a frozen graph may hold where it stays float (weights-only runs), with the
-# constructor arguments that rebuild them
-TORCH_MODULES = {"ReLU": (nn.ReLU, ()), "ReLU6": (nn.ReLU6, ()), "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
-                 "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
-                 "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
-                 "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
-                 "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine")),
-                 "QMean": (QMean, ("keepdim",))}     # global average pooling left float (A32 models)
+def _saved_name(fn):
+    """A function's name in a saved graph: its module and name (operator's without the underscore
+    of its C module), or torch.<name> for torch's functions that name no module."""
+    module = getattr(fn, "__module__", None) or "builtins"
+    return f"{module.removeprefix('_') if module == '_operator' else module}.{fn.__name__}"
+
+
+# the functions and torch modules a frozen graph may call where it stays float (weights-only
+# runs) or moves values (flatten): the op table's (ops.OPS), by saved name, with the constructor
+# arguments that rebuild each module
+FUNCTIONS = {_saved_name(fn): fn for fn in ops.FUNCTIONS}
+TORCH_MODULES = ops.FLOAT_MODULES
 
 
 def _function_name(fn):
-    name = f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}"
-    name = {"_operator.getitem": "operator.getitem", "_operator.add": "operator.add",
-            "_operator.iadd": "operator.iadd"}.get(name, name)
+    name = _saved_name(fn)
     if name not in FUNCTIONS and f"torch.{fn.__name__}" in FUNCTIONS:
         name = f"torch.{fn.__name__}"
     if name not in FUNCTIONS:
@@ -171,7 +167,6 @@ def _decode(v, nodes):
 
 
 def _module_spec(m):
-    from frozen import FrozenOp
     buffers = {k: (list(b.shape), str(b.dtype).replace("torch.", "")) for k, b in m.named_buffers(recurse=False)}
     if isinstance(m, FrozenOp):
         return {"class": type(m).__name__, "config": m.config(), "buffers": buffers}
@@ -182,9 +177,8 @@ def _module_spec(m):
 
 
 def _module_from_spec(spec):
-    from frozen import FROZEN_OPS
-    if spec["class"] in FROZEN_OPS:
-        return FROZEN_OPS[spec["class"]].empty(spec["config"], spec["buffers"])
+    if spec["class"] in ops.FROZEN_OPS:
+        return ops.FROZEN_OPS[spec["class"]].empty(spec["config"], spec["buffers"])
     cls, _ = TORCH_MODULES[spec["class"]]
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
 

@@ -185,7 +185,7 @@ def add_common(p):
 
 def add_compression(p):
     """Flags of compressed activations for backward (compress.py, ActNN's --cabits/--pergroup)."""
-    from compress import GROUP_SIZE
+    from compress.pack import GROUP_SIZE
     p.add_argument("--ca-bits", type=int, default=None,
                    help="store the activations saved for backward in this many bits (1..8; ActNN); "
                         "default: float32, as PyTorch does")
@@ -206,7 +206,7 @@ def compression_from(args):
     """The CompressConfig the flags ask for, or None (no compression)."""
     if args.ca_bits is None:
         return None
-    from compress import CompressConfig
+    from compress.allocate import CompressConfig
     return CompressConfig(bits=args.ca_bits, group_size=args.ca_group_size, per_group=not args.ca_per_tensor,
                           initial_bits=args.ca_initial_bits, per_layer=args.ca_per_layer,
                           use_gradient=args.ca_use_gradient)
@@ -285,7 +285,7 @@ def export_if_asked(args, frozen, x_test, device):
     test images; the comparison goes into the RESULT ({} without --export)."""
     if not getattr(args, "export", None):
         return {}
-    from tflite_io import export_and_check
+    from tflite_io.run import export_and_check
     from frozen import why_not_integer
     why = why_not_integer(frozen)
     if why:
@@ -361,7 +361,7 @@ def start(p):
     if hasattr(args, "qconfig_fields"):
         require_integer_path(args, qconfig_from(args))    # a bad combination of bits and options: say so now
     if getattr(args, "export", None):
-        from tflite_io import litert
+        from tflite_io.schema import litert
         litert()                     # ai-edge-litert missing: say so now, not after the run
     seed_everything(args.seed)
     return args, device_from(args.device)
@@ -414,12 +414,13 @@ def load_float_and_data(args, device, test_limit=None):
 
 
 def _tflite_float_and_data(args, device, test_limit):
-    """--tflite-model: the file's network dequantized into float (tflite_io.import_tflite_float),
+    """--tflite-model: the file's network dequantized into float (tflite_io.read.import_tflite_float),
     fed the reals of what TFLite's evaluation feeds the file's input (data.load_imagenet_bytes,
-    tflite_io.input_reals: S_in (q - Z_in) of a uint8 or int8 input, a float32 one as it is).
+    tflite_io.run.input_reals: S_in (q - Z_in) of a uint8 or int8 input, a float32 one as it is).
     Labels move up by one where the model has a background class at 0 (1001 outputs). The
     results name the network by its file (args.model)."""
-    from tflite_io import imagenet_classifier, import_tflite_float, input_reals
+    from tflite_io.read import import_tflite_float
+    from tflite_io.run import imagenet_classifier, input_reals
     if not os.path.isfile(args.tflite_model):
         raise IntsimError(f"--tflite-model {args.tflite_model} not found (real models: ../shared/models)")
     model, info = import_tflite_float(args.tflite_model)

@@ -8,13 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from errors import IntsimError
-from frozen import (IntAdd, IntConv, IntMaxPool, IntMean, Quantize, output_integers, runs_in_integers, set_mode,
-                    why_not_integer)
+from frozen import output_integers, runs_in_integers, set_mode, why_not_integer
 from function import integers_of
 from model import qlayers, set_phase
 
 PRINT_EVERY = 100          # batches between progress lines while training
-PRODUCERS = (Quantize, IntConv, IntAdd, IntMean)   # frozen ops that put values onto a new grid
 
 
 @torch.no_grad()
@@ -75,11 +73,11 @@ def _tensor_ends(frozen):
     ends = []
     for name, node in nodes.items():
         op = frozen.get_submodule(name)
-        if not isinstance(op, PRODUCERS):
+        if not getattr(op, "new_grid", False):
             continue
         end = node
         while len(end.users) == 1 and next(iter(end.users)).op == "call_module" and \
-                isinstance(frozen.get_submodule(next(iter(end.users)).target), IntMaxPool):
+                getattr(frozen.get_submodule(next(iter(end.users)).target), "selects", False):
             end = next(iter(end.users))
         ends.append((name, op, frozen.get_submodule(end.target)))
     return ends

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from compress import load_compressed, pack, save_compressed, unpack
 from errors import IntsimError
 
 MIN_BITS, MAX_BITS = 2, 16         # bit widths for weights and activations (fake-quant)
@@ -196,53 +195,48 @@ def integers_of(y, scale, zero_point):
     return torch.round(y / scale.to(y)).long() + zero_point.to(y.device)
 
 
+def fake_quant_forward(x, scale, zero_point, qmin, qmax, needs_dyds):
+    """The forward of fake_quantize, and what its backward needs: (y, the mask `inside`, and for a
+    learned S, d y / d S = (q - Z) - x / S inside the range (round's gradient taken as 1) and
+    q - Z where x is clipped (LSQ, Esser et al. 2019, eq. 3, with a zero point), or None)."""
+    q = to_grid(round_half_away(x / scale), zero_point, qmin, qmax)
+    inside = (x >= (qmin - zero_point) * scale) & (x <= (qmax - zero_point) * scale)
+    dyds = ((q - zero_point) - torch.where(inside, x / scale, torch.zeros_like(x)) if needs_dyds else None)
+    return (q - zero_point) * scale, inside, dyds
+
+
+def fake_quant_backward(grad, inside, dyds, scale_shape):
+    """(dL/dx, dL/dS) of fake_quantize: straight through inside the range, LSQ's for S."""
+    return grad * inside, None if dyds is None else (grad * dyds).sum_to_size(scale_shape)
+
+
 class _FakeQuantize(torch.autograd.Function):
-    """dequantize(quantize(x)) with straight-through gradients (see fake_quantize). What backward
-    needs: the mask `inside` and, for a learned S, d y / d S = (q - Z) - x / S inside the range
-    (round's gradient taken as 1) and q - Z where x is clipped (LSQ, Esser et al. 2019, eq. 3,
-    with a zero point), which depends on x alone, so it is computed here. With `site`
-    (compress.Site: compressed activations) the mask is kept in 1 bit per value and d y / d S
-    in the site's bits (stochastic rounding keeps the step-size gradient, linear in it, unbiased)."""
+    """dequantize(quantize(x)) with straight-through gradients (see fake_quantize). d y / d S
+    depends on x alone, so it is computed in forward and x is not saved."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, site=None):
-        q = to_grid(round_half_away(x / scale), zero_point, qmin, qmax)
-        inside = (x >= (qmin - zero_point) * scale) & (x <= (qmax - zero_point) * scale)
-        dyds = ((q - zero_point) - torch.where(inside, x / scale, torch.zeros_like(x))
-                if ctx.needs_input_grad[1] else None)
-        ctx.scale_shape, ctx.site = scale.shape, site
-        if site is None:
-            ctx.save_for_backward(inside, dyds)
-        else:
-            mask = pack(inside.flatten(), 1)
-            ctx.shape, ctx.has_dyds = x.shape, dyds is not None
-            if dyds is None:
-                ctx.save_for_backward(mask)
-            else:
-                save_compressed(ctx, site.compress(dyds), mask)
-        return (q - zero_point) * scale
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        y, inside, dyds = fake_quant_forward(x, scale, zero_point, qmin, qmax, ctx.needs_input_grad[1])
+        ctx.scale_shape = scale.shape
+        ctx.save_for_backward(inside, dyds)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.site is None:
-            inside, dyds = ctx.saved_tensors
-        else:
-            dyds, (mask,) = load_compressed(ctx) if ctx.has_dyds else (None, ctx.saved_tensors)
-            inside = unpack(mask, 1, ctx.shape.numel()).reshape(ctx.shape).bool()
-        grad_scale = None if dyds is None else (grad * dyds).sum_to_size(ctx.scale_shape)
-        return grad * inside, grad_scale, None, None, None, None
+        inside, dyds = ctx.saved_tensors
+        return *fake_quant_backward(grad, inside, dyds, ctx.scale_shape), None, None, None
 
 
-def fake_quantize(x, scale, zero_point, qmin, qmax, site=None):
+def fake_quantize(x, scale, zero_point, qmin, qmax):
     """dequantize(quantize(x)) in float, S (clamp(round(x / S) + Z, QMIN, QMAX) - Z), with the
     straight-through estimator (Bengio et al. 2013; Jacob et al. 2018, section 3): the
     gradient is the identity where x lies inside the representable range
     [S (QMIN - Z), S (QMAX - Z)] and 0 where it is clipped (a value that rounds onto QMIN or
     QMAX from inside still gets it). When S requires a gradient (a learned step size), it gets
-    LSQ's. scale and zero_point broadcast against x (one per channel, or one). `site`: keep
-    what backward needs compressed (compress.py; training with compressed activations)."""
+    LSQ's. scale and zero_point broadcast against x (one per channel, or one). (Training with
+    compressed activations keeps what backward needs packed: compress.layers.fake_quantize_compressed.)"""
     check_scale(scale.detach() if isinstance(scale, torch.Tensor) else scale)
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, site)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
 
 
 # ----------------------------------------------------------------------------- fixed-point requantization

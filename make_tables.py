@@ -4,7 +4,7 @@
     python make_tables.py --check    # exit 1 if a table is not up to date
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in a markdown file;
-tables.py says what each NAME shows, targets.py renders the `targets` table. Rendering here is
+tables/ says what each NAME shows, targets.py renders the `targets` table. Rendering here is
 generic: a spec (which rows, their order, the columns) becomes a markdown table.
 """
 import glob
@@ -17,7 +17,9 @@ from checkpoint import read_result, write_text
 from cli import parser, unwritable
 from config import QCONFIG_FIELDS
 from errors import IntsimError
-from tables import CUSTOM, TABLES, is_compressed, render_reruns
+from tables import CUSTOM, TABLES
+from tables.common import is_compressed
+from tables.summary import render_reruns
 from targets import render_targets
 
 FILES = ("README.md", "RESULTS.md")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
-from compress import compress_activations, saved_bytes
+from compress.layers import compress_activations, saved_bytes
 from data import dataset_info, load_split
 from errors import IntsimError
 from model import ModelConfig, build_model

@@ -1,10 +1,12 @@
 """The networks, and the one conversion of any float network into its quantized form.
 
 `convert(model, qconfig)` traces the model with torch.fx and rewrites the graph by the op
-table OPS (one entry per op: how to recognise it, what it becomes, how it freezes):
+table ops.OPS (one entry per op, in a file of its own: how to recognise it, what it becomes,
+how it freezes):
   conv/linear [-> BatchNorm]   one QLayer per call site (BN folded; the float weights are shared)
   global average pooling       a QMean (it remembers the window it pooled)
   dropout                      removed (the converted model is in eval mode)
+  nn.Flatten                   torch.flatten (which moves integers as it moves reals)
   the rest (add, ReLU, ReLU6, max-pool, flatten, reshape, zero padding, shapes)   stay as they are
 then, with integer activations, puts an activation quantizer (quantizer.Quantizer) after every
 op that makes new values (the input, conv/linear, add, mean), behind the ReLU/ReLU6 and
@@ -16,23 +18,21 @@ walks the graph and builds the frozen integer model (frozen.py) from each op's i
 """
 import copy
 import math
-import operator
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+import ops
 from config import QConfig
 from errors import IntsimError
-from frozen import (Dequantize, FrozenOp, IntAdd, IntClamp, IntConv, IntMaxPool, IntMean, IntPad, QParams,
-                    Quantize)
 from function import FLOAT32_TINY
-from module import QLayer, QMean
-from observer import WeightObserver, make_observer
-from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step
+from module import QLayer
+from observer import make_observer
+from ops.base import CLAMP, POOL, PRODUCER, QUANT, SAME, SHAPE, FrozenOp, QParams, is_module
+from ops.quant import Dequantize, Quantize
+from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step, weight_quantizer
 
 ARCHS = ("cnn", "cnn_bn", "resnet18")
 IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
@@ -90,153 +90,14 @@ def build_model(cfg):
     return resnet18(cfg) if cfg.arch == "resnet18" else SmallCNN(cfg)
 
 
-# ----------------------------------------------------------------------------- the op table
-
-PRODUCER = "producer"   # makes new values: an activation quantizer follows it (through CLAMP / POOL)
-CLAMP = "clamp"         # ReLU, ReLU6: fused into the producer before it as act_min / act_max
-POOL = "pool"           # max-pool: picks values, keeps the grid
-SAME = "same"           # flatten, reshape, zero padding: move values (or add real 0s), keep the grid
-SHAPE = "shape"         # x.size(), x.shape[0]: no tensor
-QUANT = "quantizer"     # an activation quantizer (inserted by convert)
-
-
-def _module(gm, node, types):
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), types)
-
-
-def _function(node, functions):
-    return node.op == "call_function" and node.target in functions
-
-
-def _method(node, names):
-    return node.op == "call_method" and node.target in names
-
-
-def _is_add(gm, node):
-    """x + y, x += y, torch.add(x, y), x.add(y): two tensors (no alpha, no constants)."""
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    binary = (_function(node, (operator.add, operator.iadd, torch.add)) or _method(node, ("add", "add_")))
-    return binary and len(node.args) == 2 and len(tensors) == 2 and not node.kwargs
-
-
-def _is_relu(gm, node):
-    return (_module(gm, node, nn.ReLU) or _function(node, (F.relu, torch.relu, torch.relu_))
-            or _method(node, ("relu", "relu_")))
-
-
-def _is_relu6(gm, node):
-    if _module(gm, node, nn.Hardtanh):                    # nn.ReLU6 is a Hardtanh(0, 6)
-        m = gm.get_submodule(node.target)
-        return (m.min_val, m.max_val) == (0.0, 6.0)
-    hardtanh = _function(node, (F.hardtanh,)) and tuple(node.args[1:3]) == (0.0, 6.0)
-    return _function(node, (F.relu6,)) or hardtanh
-
-
-def _is_max_pool(gm, node):
-    return _module(gm, node, nn.MaxPool2d) or (_function(node, (F.max_pool2d,))
-                                              and not node.kwargs.get("return_indices", False))
-
-
-def _is_same_grid(gm, node):
-    return (_module(gm, node, nn.Flatten) or _function(node, (torch.flatten, torch.reshape))
-            or _method(node, ("view", "reshape", "flatten", "contiguous")))
-
-
-def _zero_padding(gm, node):
-    """(left, right, top, bottom) of nn.ZeroPad2d or F.pad(x, (l, r, t, b)) with zeros; None otherwise."""
-    if _module(gm, node, nn.ZeroPad2d):
-        return tuple(gm.get_submodule(node.target).padding)
-    if _function(node, (F.pad,)):
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        if isinstance(pad, (tuple, list)) and len(pad) == 4 and mode == "constant" and not value:
-            return tuple(pad)
-    return None
-
-
-def _is_shape(gm, node):
-    shape_attr = _function(node, (getattr,)) and node.args[1] == "shape"
-    item = _function(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) and \
-        _is_shape(gm, node.args[0])
-    return shape_attr or item or _method(node, ("size", "dim"))
-
-
-def _is_dropout(gm, node):
-    """Dropout in eval mode (the identity). F.dropout with its default training=True drops even
-    in eval: refused in `_refusal`."""
-    return (_module(gm, node, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity))
-            or (_function(node, (F.dropout, F.dropout2d)) and node.kwargs.get("training", True) is False))
-
-
-def _is_layer_source(gm, node):
-    return _module(gm, node, (nn.Conv2d, nn.Linear))
-
-
-def _is_mean_source(gm, node):
-    """Global average pooling: AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d(x, 1), x.mean((2, 3))."""
-    if _module(gm, node, nn.AdaptiveAvgPool2d):
-        return gm.get_submodule(node.target).output_size in (1, (1, 1))
-    if _function(node, (F.adaptive_avg_pool2d,)):
-        return tuple(node.args[1:]) in ((1,), ((1, 1),)) or node.kwargs.get("output_size") in (1, (1, 1))
-    if _function(node, (torch.mean,)) or _method(node, ("mean",)):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return dims is not None and sorted(d % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims])) == [2, 3]
-    return False
-
-
-@dataclass(frozen=True)
-class Op:
-    name: str
-    role: str
-    match: Callable                       # (gm, node) -> bool, on the converted graph
-    clamp: tuple = (-math.inf, math.inf)  # CLAMP: the real range it clamps to
-    freeze: Optional[Callable] = None     # PRODUCER: (gm, node, inputs, out, act, generator) -> [modules];
-                                          # SAME on integers: (gm, node, grid) -> the frozen op
-
-
-def _freeze_layer(gm, node, ins, out, act, generator):
-    return gm.get_submodule(node.target).freeze(ins[0], out, act, generator)
-
-
-def _freeze_add(gm, node, ins, out, act, generator):
-    if ins[0] is None or ins[1] is None:
-        raise IntsimError(f"{node.name}: an add of a float and a quantized tensor")
-    return [IntAdd(ins[0], ins[1], out, act, single_rounding=gm.qconfig.single_rounding)]
-
-
-def _freeze_mean(gm, node, ins, out, act, generator):
-    mean = gm.get_submodule(node.target)
-    return [IntMean(int(mean.count), ins[0], out, mean.keepdim, single_rounding=gm.qconfig.single_rounding,
-                    tflite_fold=not gm.qconfig.legacy_kernels)]
-
-
-OPS = (
-    Op("input", PRODUCER, lambda gm, n: n.op == "placeholder"),
-    Op("conv/linear", PRODUCER, lambda gm, n: _module(gm, n, QLayer), freeze=_freeze_layer),
-    Op("add", PRODUCER, _is_add, freeze=_freeze_add),
-    Op("global average pooling", PRODUCER, lambda gm, n: _module(gm, n, QMean), freeze=_freeze_mean),
-    Op("ReLU", CLAMP, _is_relu, clamp=(0.0, math.inf)),
-    Op("ReLU6", CLAMP, _is_relu6, clamp=(0.0, 6.0)),
-    Op("max-pool", POOL, _is_max_pool),
-    Op("flatten/reshape", SAME, _is_same_grid),
-    Op("zero padding", SAME, lambda gm, n: _zero_padding(gm, n) is not None,
-       freeze=lambda gm, node, grid: IntPad(_zero_padding(gm, node), grid)),   # pads with Z: real 0
-    Op("shape", SHAPE, _is_shape),
-    Op("activation quantizer", QUANT, lambda gm, n: _module(gm, n, Quantizer)),
-    Op("output", "output", lambda gm, n: n.op == "output"),
-)
-SUPPORTED = ("conv/linear [+BatchNorm], add, ReLU, ReLU6, max-pool, global average pooling, flatten/reshape/view, "
-             "zero padding (nn.ZeroPad2d, F.pad), "
-             "dropout (eval), x.size()/x.shape")
-
+# ----------------------------------------------------------------------------- ops in the graph
 
 def op_of(gm, node):
-    """The OPS entry of a node of a converted graph; refuses, in one line, what is not in it."""
-    for op in OPS:
-        if op.match(gm, node):
-            return op
-    raise IntsimError(_refusal(gm, node))
+    """The ops.OPS entry of a node of a converted graph; refuses, in one line, what is not in it."""
+    op = ops.op_of(gm, node)
+    if op is None:
+        raise IntsimError(_refusal(gm, node))
+    return op
 
 
 def _describe(gm, node):
@@ -249,22 +110,13 @@ def _describe(gm, node):
 
 def _refusal(gm, node):
     """Why a node cannot be converted, and what would work."""
-    what = _describe(gm, node)
     if node.op == "get_attr":
         return (f"cannot convert {node.target}: a parameter or buffer used as a tensor in forward (e.g. x + "
                 f"self.p); only values computed from the input are quantized")
-    if _module(gm, node, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return (f"cannot convert {what}: BatchNorm is folded into the conv/linear directly before it, and "
-                f"this one follows no conv/linear whose output it alone uses")
-    if _function(node, (F.dropout, F.dropout2d)):
-        return (f"cannot convert {what}: F.dropout(x, p) drops values even in eval mode (training=True is its "
-                f"default); pass training=self.training or use nn.Dropout")
-    if _module(gm, node, nn.AdaptiveAvgPool2d) or _function(node, (F.adaptive_avg_pool2d, F.avg_pool2d)):
-        return f"cannot convert {what}: only global average pooling (output size 1) is supported"
-    if _function(node, (operator.add, torch.add)) or _method(node, ("add",)):
-        return (f"cannot convert {what}: add is supported for two tensors computed from the input "
-                f"(no constants, no alpha)")
-    return f"cannot convert {what} to integers: supported are {SUPPORTED}"
+    why = ops.refusal(gm, node)
+    if why:
+        return f"cannot convert {_describe(gm, node)}: {why}"
+    return f"cannot convert {_describe(gm, node)} to integers: supported are {ops.SUPPORTED}"
 
 
 def _sole_user(node):
@@ -294,59 +146,21 @@ def _trace(model):
                           f"without data-dependent control flow") from None
 
 
-def _replace_layer(gm, node, layer, qconfig, name):
-    """conv/linear `layer` [-> its BatchNorm] at one call site -> a QLayer named `name`."""
-    if getattr(layer, "padding_mode", "zeros") != "zeros":
-        raise IntsimError(f"cannot convert {node.target}: only zero padding is supported, not {layer.padding_mode!r}")
-    bn_type = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
-    nxt, bn = _sole_user(node), None
-    if nxt is not None and _module(gm, nxt, bn_type):
-        bn = gm.get_submodule(nxt.target)
-        if not bn.track_running_stats or bn.running_var is None:
-            raise IntsimError(f"cannot fold {nxt.target} (BatchNorm without running statistics, "
-                              f"track_running_stats=False) into {node.target}")
-        nxt.replace_all_uses_with(node)
-        gm.graph.erase_node(nxt)
-    w_quantizer = _weight_quantizer(qconfig, qconfig.w_grid, layer.weight.shape[0], f"{name} weights")
-    gm.add_submodule(name, QLayer(layer, w_quantizer, bn, qconfig.fold_bn, qconfig.bias_bits,
-                                  qconfig.single_rounding, qconfig.legacy_kernels))
-    node.target = name
-
-
 def _replace_sources(gm, qconfig):
-    """Conv/linear (+BN) and global average pooling become modules of their own at every call
-    site (a module called twice gets two, sharing its float weights); dropout goes."""
+    """Every call an entry of ops.OPS replaces at conversion (its `source`): conv/linear (+BN)
+    and global average pooling become modules of their own at every call site (a module called
+    twice gets two, sharing its float weights); dropout goes. The calls are found, and their
+    modules read, before any is replaced."""
     calls = {}
 
     def site_name(node):              # the module's own name at its first call site
         calls[node.target] = calls.get(node.target, 0) + 1
         return node.target if calls[node.target] == 1 else f"{node.target}_call{calls[node.target]}"
 
-    layers = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if _is_layer_source(gm, n)}
-    means = [n for n in gm.graph.nodes if _is_mean_source(gm, n)]   # before any module is replaced
-    for node in list(gm.graph.nodes):
-        if node in layers:
-            _replace_layer(gm, node, layers[node], qconfig, site_name(node))
-        elif node in means:
-            functional = node.op != "call_module"
-            keepdim = not functional or node.target is F.adaptive_avg_pool2d or \
-                bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-            name = f"mean_{node.name}" if functional else site_name(node)
-            gm.add_submodule(name, QMean(keepdim))
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_module(name, (node.args[0],))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        elif _is_dropout(gm, node):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-
-
-def _weight_quantizer(qconfig, grid, channels, name):
-    q = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
-                  channels=channels, name=name)
-    q.rounding = qconfig.w_rounding
-    return q
+    plan = [(node, op, gm.get_submodule(node.target) if node.op == "call_module" else None)
+            for node in gm.graph.nodes for op in ops.OPS if op.source is not None and op.source(gm, node)]
+    for node, op, module in plan:
+        op.convert(gm, node, qconfig, site_name(node) if node.op == "call_module" else None, module)
 
 
 def _edge_layers_bits(gm, qconfig):
@@ -355,7 +169,7 @@ def _edge_layers_bits(gm, qconfig):
     layers = qlayers(gm)
     for _, layer in (layers[0], layers[-1]):
         old = layer.w_quantizer
-        layer.w_quantizer = _weight_quantizer(qconfig, qconfig.layer_w_grid(edge=True), len(old.scale), old.name)
+        layer.w_quantizer = weight_quantizer(qconfig, qconfig.layer_w_grid(edge=True), len(old.scale), old.name)
 
 
 def _reaches_output(gm, node):
@@ -426,11 +240,11 @@ PHASES = {
 
 def qlayers(qmodel):
     """(name, QLayer) pairs in the order the graph runs them."""
-    return [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes if _module(qmodel, n, QLayer)]
+    return [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes if is_module(qmodel, n, QLayer)]
 
 
 def activation_quantizers(qmodel):
-    return [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if _module(qmodel, n, Quantizer)]
+    return [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if is_module(qmodel, n, Quantizer)]
 
 
 def require_converted(model, what):
@@ -574,15 +388,16 @@ def _qparams(q):
     return QParams(s, z, q.grid)
 
 
-def _clamp_range(ops):
-    lo = max([o.clamp[0] for o in ops], default=-math.inf)
-    hi = min([o.clamp[1] for o in ops], default=math.inf)
+def _clamp_range(clamps):
+    lo = max([c[0] for c in clamps], default=-math.inf)
+    hi = min([c[1] for c in clamps], default=math.inf)
     return lo, hi
 
 
 class _Freezer:
-    """Builds the frozen graph node by node. `env` maps each node of the converted graph to its
-    frozen counterpart, `grid` to the QParams of the integers its value carries (None: float)."""
+    """Builds the frozen graph node by node, asking each node's ops.OPS entry for its frozen
+    form. `env` maps each node of the converted graph to its frozen counterpart, `grid` to the
+    QParams of the integers its value carries (None: float)."""
 
     def __init__(self, qmodel, generator):
         self.qmodel, self.generator = qmodel, generator
@@ -600,34 +415,34 @@ class _Freezer:
         return self.graph.call_module(name, args)
 
     def copy(self, node):
-        """The node as it is (flatten, shapes, and float ops where activations are float); an
-        nn.Flatten becomes torch.flatten, which moves integers as it moves reals."""
+        """The node as it is (flatten, shapes, and float ops where activations are float)."""
         if node.op == "call_module":
-            module = self.qmodel.get_submodule(node.target)
-            if isinstance(module, nn.Flatten):      # as flatten(x, 1) where it is that (what export writes)
-                dims = (module.start_dim,) + (() if module.end_dim == -1 else (module.end_dim,))
-                return self.graph.call_function(torch.flatten, (self.env[node.args[0]], *dims))
-            self.modules[node.target] = module
+            self.modules[node.target] = self.qmodel.get_submodule(node.target)
         return self.graph.node_copy(node, lambda n: self.env[n])
 
-    def out_grid(self, node):
-        """(S, Z, grid) of the quantizer behind `node`'s chain, and the chain's clamps (absorbed)."""
-        gm, links = self.qmodel, chain(self.qmodel, node)
+    def quantizer_after(self, node):
+        """The activation quantizer behind `node`'s chain (None if there is none), and the chain."""
+        links = chain(self.qmodel, node)
         after = _sole_user(links[-1] if links else node)
-        if after is None or op_of(gm, after).role != QUANT:
+        return (after if after is not None and op_of(self.qmodel, after).role == QUANT else None), links
+
+    def out_grid(self, node):
+        """(S, Z, grid) of the quantizer behind `node`'s chain, and the real ranges of the chain's
+        clamps (absorbed: the producer clamps to them)."""
+        after, links = self.quantizer_after(node)
+        if after is None:
             return None, []
-        clamps = [n for n in links if op_of(gm, n).role == CLAMP]
+        clamps = [n for n in links if op_of(self.qmodel, n).role == CLAMP]
         self.absorbed.update(clamps)
-        return _qparams(gm.get_submodule(after.target)), [op_of(gm, n) for n in clamps]
+        return _qparams(self.qmodel.get_submodule(after.target)), [op_of(self.qmodel, n).clamp for n in clamps]
 
     def input(self, node):
         """The input, quantized at once (TFLite's QUANTIZE) where its activation quantizer sits
         behind ReLUs or max-pools on the float input: quantization is non-decreasing and maps
         real 0 to Z, so it commutes with them, and they run on integers after it."""
         x = self.graph.placeholder(node.name)
-        links = chain(self.qmodel, node)
-        after = _sole_user(links[-1]) if links else None
-        if after is None or op_of(self.qmodel, after).role != QUANT:
+        after, links = self.quantizer_after(node)
+        if after is None or not links:
             return x, None
         q = _qparams(self.qmodel.get_submodule(after.target))
         return self.emit(after.target, Quantize(q), (x,)), q
@@ -635,9 +450,9 @@ class _Freezer:
     def producer(self, node, op):
         out, clamps = self.out_grid(node)
         ins = [self.grid[a] for a in node.args if isinstance(a, fx.Node)]
-        if all(i is None for i in ins) and op.freeze is not _freeze_layer:
+        if all(i is None for i in ins) and not op.float_freeze:
             return self.copy(node), out                       # float activations: the float op
-        made = op.freeze(self.qmodel, node, ins, out, _clamp_range(clamps), self.generator)
+        made = op.freeze(self, node, ins, out, _clamp_range(clamps))
         name = node.target if node.op == "call_module" else node.name
         value = self.emit(name, made[0], tuple(self.env[a] for a in node.args if isinstance(a, fx.Node)))
         for m in made[1:]:                                     # a BN left unfolded follows in float
@@ -645,13 +460,13 @@ class _Freezer:
         return value, out
 
     def pool_in_producer(self, pool_node):
-        """A max-pool right after an IntConv (nothing else reads the conv's output): the conv runs
-        it on its accumulator (see frozen.IntMaxPool)."""
-        conv_node = pool_node.args[0]
-        if conv_node.op == "call_module" and isinstance(self.modules[conv_node.target], IntConv) and \
-                len(conv_node.users) == 1:
+        """A max-pool right after an op that can pool its accumulator (an IntConv: `pool_first`),
+        which nothing else reads: that op runs it (see ops.pool.IntMaxPool)."""
+        src = pool_node.args[0]
+        producer = self.modules.get(src.target) if src.op == "call_module" else None
+        if hasattr(producer, "pool_first") and len(src.users) == 1:
             pool = self.modules[pool_node.target]
-            self.modules[conv_node.target].pool_first, pool.run_by_producer = pool.settings(), True
+            producer.pool_first, pool.run_by_producer = pool.settings(), True
 
     def node(self, node):
         """The frozen value of `node`, and its grid."""
@@ -666,16 +481,12 @@ class _Freezer:
             return self.emit(node.target, Quantize(q), (self.env[src],)), q
         if op.role == QUANT or node in self.absorbed:         # the producer requantized to it already
             return self.env[src], self.grid[src]
-        if op.role in (CLAMP, POOL) and self.grid[src] is not None:
-            module = IntClamp(self.grid[src], op.clamp) if op.role == CLAMP else \
-                IntMaxPool(_pool_settings(self.qmodel, node))
-            value = self.emit(node.target if node.op == "call_module" else node.name, module, (self.env[src],))
+        if op.role in (CLAMP, POOL, SAME) and op.freeze is not None and self.grid[src] is not None:
+            name = node.target if node.op == "call_module" else node.name
+            value = self.emit(name, op.freeze(self, node, self.grid[src]), (self.env[src],))
             if op.role == POOL:
                 self.pool_in_producer(value)
             return value, self.grid[src]
-        if op.role == SAME and op.freeze is not None and self.grid[src] is not None:
-            name = node.target if node.op == "call_module" else node.name
-            return self.emit(name, op.freeze(self.qmodel, node, self.grid[src]), (self.env[src],)), self.grid[src]
         if node.op == "output":
             value = self.env[src]
             if self.grid[src] is not None:
@@ -691,29 +502,14 @@ class _Freezer:
 
 @torch.no_grad()
 def freeze(qmodel, rounding=None, generator=None):
-    """The frozen integer model (a new fx.GraphModule of frozen.py's ops; `qmodel` is left as
-    it is). Walks the graph in execution order: every producer is frozen with the (S, Z) of the
-    tensors that feed it and of the activation quantizer after it, and the ReLU/ReLU6 between
-    them becomes its act_min/act_max. `rounding` overrides the weight quantizers' rounding (a
-    learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding."""
+    """The frozen integer model (a new fx.GraphModule of the ops' frozen kernels; `qmodel` is
+    left as it is). Walks the graph in execution order: every producer is frozen with the (S, Z)
+    of the tensors that feed it and of the activation quantizer after it, and the ReLU/ReLU6
+    between them becomes its act_min/act_max. `rounding` overrides the weight quantizers'
+    rounding (a learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding."""
     require_converted(qmodel, "freeze")
     if rounding is not None:
         for _, layer in qlayers(qmodel):
             if isinstance(layer.w_quantizer, Quantizer):
                 layer.w_quantizer.rounding = rounding
     return _Freezer(qmodel, generator).run()
-
-
-class _PoolSettings:
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
-        self.padding, self.dilation, self.ceil_mode = padding, dilation, ceil_mode
-
-
-def _pool_settings(gm, node):
-    """nn.MaxPool2d or F.max_pool2d's settings."""
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)
-    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-    kwargs = dict(zip(names, node.args[1:]), **{k: v for k, v in node.kwargs.items() if k in names})
-    return _PoolSettings(**kwargs)

@@ -11,16 +11,16 @@ seam where the function is chosen. W', b' are the weight and bias with BN folded
   "batch"    QAT training with BN in the graph: the two-pass fold of `conv_bn_batch_stats`.
 With qconfig.fold_bn False (weights-only runs) the conv's own weights are quantized and BN runs
 after fn in float. The activation (ReLU, ReLU6), max-pool and the activation quantizer are the
-graph's own nodes after the layer (model.convert), and `freeze` turns the layer into an IntConv.
+graph's own nodes after the layer (model.convert), and ops.conv.freeze_layer turns the layer into
+an IntConv.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import CompressedConvBNFold, CompressedLinearConv, channel_dims
+from compress.layers import CompressedConvBNFold, CompressedLinearConv, channel_dims
 from errors import IntsimError
-from frozen import FloatLayer, IntConv
-from function import INT32_MAX, INT_MAX_BITS, Grid, fake_quantize, round_half_away, scale_zero_point
+from function import Grid, fake_quantize, scale_zero_point
 
 
 def along(t, x, dim):
@@ -141,48 +141,6 @@ class QLayer(nn.Module):
             bn.running_mean.lerp_(mean, momentum)
             bn.running_var.lerp_(var * n / (n - 1), momentum)                   # unbiased, as BN keeps it
         return y
-
-    def tflite_prepare(self, inp, s_w):
-        """How LiteRT's Prepare derives this layer's rescale (kernel_util.cc), for the scheme the
-        layer belongs to: unsigned activations with one weight scale are the uint8 scheme, whose
-        M comes from the float32 product S_in S_w (GetQuantizedConvolutionMultipler); signed
-        activations or per-channel weights are the int8 scheme, M in double. FULLY_CONNECTED
-        rescales acc * M in double (the pinned LiteRT's reference kernel). --legacy-kernels:
-        double products and the fixed-point rescale everywhere."""
-        if self.legacy_kernels:
-            return dict(scale_product="double", rescale_in_double=False)
-        uint8_scheme = not inp.grid.signed and s_w.numel() == 1
-        return dict(scale_product="float32" if uint8_scheme else "double", rescale_in_double=not self.is_conv)
-
-    @torch.no_grad()
-    def freeze(self, inp, out, act_range, generator=None):
-        """The frozen op: an IntConv holding integer weights (from the weight quantizer: its
-        rounding, or AdaRound's), an int32 bias at S_in S_w (zero point 0) and the input and
-        output (S, Z); it computes M0, shift and the accumulator bound itself. `inp`, `out`:
-        (S, Z) of the input and output, or None for float activations (then the bias stays
-        real). `act_range`: the fused activation's real range (ReLU: (0, inf)). A layer left
-        float becomes a FloatLayer; with BN unfolded, the BN follows as a second module."""
-        w, b = self.weight_bias()
-        geometry = dict(is_conv=self.is_conv, **{k: v for k, v in self.fn_kwargs.items()})
-        if self.w_quantizer is None:
-            return [FloatLayer(w, b, **geometry)]
-        q = self.w_quantizer
-        q.fit(w)
-        w_q = q.integers(w, generator).to(torch.int32)
-        s_w, z_w = q.qparams()
-        b = round_bias(b, self.bias_bits)
-        if inp is None:
-            op = IntConv(w_q, s_w, z_w, b, grid=q.grid, **geometry)
-        else:
-            # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
-            b_q = round_half_away(b.double() / (inp[0].double().to(w.device) * s_w.double()))
-            if b_q.abs().max() > INT32_MAX and max(q.grid.bits, inp.grid.bits, out.grid.bits) <= INT_MAX_BITS:
-                raise IntsimError(f"{q.name.removesuffix(' weights')}: the bias does not fit int32 at scale S_in*S_w "
-                                  f"(|bias| up to {b.abs().max().item():.3g}, S_in*S_w down to "
-                                  f"{(inp[0].double().to(w.device) * s_w.double()).min().item():.3g})")
-            op = IntConv(w_q, s_w, z_w, b_q, grid=q.grid, inp=inp, out=out, act_range=act_range,
-                         single_rounding=self.single_rounding, **self.tflite_prepare(inp, s_w), **geometry)
-        return [op, self.bn] if self.unfolded else [op]
 
 
 class QMean(nn.Module):

@@ -15,8 +15,10 @@ import math
 import torch
 from torch import nn
 
+from compress.layers import fake_quantize_compressed
 from errors import IntsimError
 from function import FLOAT32_TINY, fake_quantize, quantize, round_half_away, scale_zero_point, to_grid
+from observer import WeightObserver
 
 OBSERVE = ("never", "always", "training")
 ZETA, GAMMA = 1.1, -0.1       # AdaRound's stretch of the rectified sigmoid (paper sec. 3.2, after eq. 22)
@@ -77,9 +79,10 @@ class Quantizer(nn.Module):
             raise IntsimError(f"{self.name} has no range yet: calibrate(qmodel, batches, ...) before fake-quantizing "
                               f"(set_phase 'fakequant' or 'qat' in eval mode)")
         scale = self._learned_scale() if self.learned else self.scale
-        site = self.ca if self.ca is not None and self.training and torch.is_grad_enabled() else None
-        return fake_quantize(x, self._shaped(scale, x), self._shaped(self.zero_point, x),
-                             self.grid.qmin, self.grid.qmax, site)
+        args = (x, self._shaped(scale, x), self._shaped(self.zero_point, x), self.grid.qmin, self.grid.qmax)
+        if self.ca is not None and self.training and torch.is_grad_enabled():   # compressed for backward
+            return fake_quantize_compressed(*args, self.ca)
+        return fake_quantize(*args)
 
     @torch.no_grad()
     def update(self):
@@ -149,6 +152,14 @@ class Quantizer(nn.Module):
         g = getattr(self, "grad_scale", 1.0)
         s = self.scale.abs().clamp(min=FLOAT32_TINY)
         return s if g == 1.0 else s * g + (s - s * g).detach()
+
+
+def weight_quantizer(qconfig, grid, channels, name):
+    """A layer's weight quantizer as the QConfig asks (its observer, granularity and rounding)."""
+    q = Quantizer(grid, WeightObserver(grid, qconfig.per_channel, qconfig.w_observer, qconfig.lp_p),
+                  channels=channels, name=name)
+    q.rounding = qconfig.w_rounding
+    return q
 
 
 def lsq_step(mean_abs, grid):

@@ -2,10 +2,11 @@
 RESULTS.md. (Acceptance criteria of the issues that set them, kept apart from the rendering.)"""
 import itertools
 
-from tables import (ADAROUND_W4A8_TOL, _low_bit_cell, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
-                    granularity, imagenet_agreement, kernel, observer_name, pct, plain,
-                    ca_tag, compressed_run, is_compressed, plain_qat, schedule,
-                    train_baseline)
+from tables.common import (ADAROUND_W4A8_TOL, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
+                           granularity, is_compressed, kernel, observer_name, pct, plain)
+from tables.compressed import ca_tag, compressed_run, plain_qat, schedule, train_baseline
+from tables.imagenet import imagenet_agreement
+from tables.lowbits import low_bit_cell
 
 
 def check_targets(results):
@@ -98,9 +99,9 @@ def check_targets(results):
 
 
 def _low_bit_run(results, method, model, w, a, variant=None):
-    """The run a low-bit table cell shows (tables._low_bit_cell), or None."""
+    """The run a low-bit table cell shows (tables.lowbits.low_bit_cell), or None."""
     rows = [r for r in results if r["model"] == model and r["dataset"] == "fashion-mnist"]
-    return _low_bit_cell(rows, method, w, a, variant)[1]
+    return low_bit_cell(rows, method, w, a, variant)[1]
 
 
 def _acc(r):

@@ -2,7 +2,7 @@
 
     python tflite_run.py data/models/mobilenet_v1_0.25_128_quant.tflite --data-dir ../shared/data/imagenet-val-1300/val
 
-The model is imported into intsim's own frozen integer ops (tflite_io.py) and run on ImageNet
+The model is imported into intsim's own frozen integer ops (tflite_io/read.py) and run on ImageNet
 images prepared as TFLite's evaluation does (central 87.5% crop, bilinear resize, RGB bytes, fed
 as the input tensor's type takes them: the bytes for uint8, bytes - 128 for int8, (bytes - 127.5)
 / 127.5 for a float32 input that the model quantizes itself). The same inputs go through LiteRT's
@@ -18,7 +18,8 @@ import torch
 import cli
 from data import load_imagenet_bytes
 from frozen import output_integers, set_mode
-from tflite_io import agreement, imagenet_classifier, import_tflite, input_reals, model_input, run_litert_integers
+from tflite_io.read import import_tflite
+from tflite_io.run import agreement, imagenet_classifier, input_reals, model_input, run_litert_integers
 
 DRY_RUN_IMAGES = 20
 

@@ -15,7 +15,7 @@ import torch
 
 import cli
 from checkpoint import load_checkpoint, save_checkpoint, torch_save
-from compress import compress_activations
+from compress.layers import compress_activations
 from data import Batches, dataset_info, load_split, random_crop_flip
 from engine import evaluate, fingerprint, train_one_epoch
 from errors import IntsimError

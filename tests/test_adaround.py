@@ -9,6 +9,7 @@ from AdaRound import REG_WEIGHT, beta_at
 from config import QConfig
 from function import FLOAT_BITS, round_half_away
 from model import convert, qlayers, set_phase
+from ops.conv import freeze_layer
 from quantizer import GAMMA, ZETA, AdaRoundQuantizer, rectified_sigmoid
 from reconstruct import full_loss, optimise, unit
 
@@ -107,7 +108,7 @@ def test_frozen_model_takes_the_learned_integers(tiny_unit):
     ada, module, layer, x, target = tiny_unit(3, seed=5)
     run_adaround(ada, module, x, target, 300, 1e-2, 5)
     ada.mode = "hard"
-    op, = layer.freeze(None, None, (0.0, float("inf")))
+    op, = freeze_layer(layer, None, None, (0.0, float("inf")))
     assert torch.equal(op.w_q.float(), ada.integers())
 
 

@@ -4,7 +4,7 @@ every group, and the bytes held are the ones counted by hand."""
 import pytest
 import torch
 
-from compress import BITS, GROUP_SIZE, compress, decompress, pack, unpack
+from compress.pack import BITS, GROUP_SIZE, compress, decompress, pack, unpack
 from errors import IntsimError
 
 
@@ -88,7 +88,8 @@ import copy  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from compress import CompressConfig, compress_activations  # noqa: E402
+from compress.allocate import CompressConfig  # noqa: E402
+from compress.layers import compress_activations
 
 
 def _grads(module, x, seed, params=None):
@@ -174,7 +175,7 @@ def test_mobilenet_v2s_relu6_keeps_a_mask_so_every_saved_tensor_is_packed():
     """torchvision's MobileNetV2 (ReLU6 after every expansion): with ReLU6 left in float32 it
     kept 2.8x fewer bytes at 2 bits; with its 1-bit mask, as much as ResNet18 and more."""
     torchvision = pytest.importorskip("torchvision")
-    from compress import saved_bytes
+    from compress.layers import saved_bytes
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).train()
     x = torch.randn(2, 3, 32, 32)
@@ -193,7 +194,7 @@ def test_eval_mode_runs_the_plain_forward():
 
 
 def test_saved_bytes_of_a_tiny_net_are_the_ones_counted_by_hand():
-    from compress import saved_bytes
+    from compress.layers import saved_bytes
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(300, 16), nn.ReLU(), nn.Linear(16, 4)).train()
     x = torch.randn(2, 300, requires_grad=True)
@@ -210,7 +211,7 @@ def test_greedy_allocation_matches_brute_force_when_tensors_are_the_same_size():
     """Equal sizes: the variance C / (2^b - 1)^2 is convex in b, so taking bits greedily is
     optimal; compare with every allocation of 1..8 bits to 4 tensors within the budget."""
     import itertools
-    from compress import allocate_bits, quantization_variance
+    from compress.allocate import allocate_bits, quantization_variance
     g = torch.Generator().manual_seed(0)
     for trial in range(5):
         c = (torch.rand(4, generator=g) * 10 ** torch.randint(0, 4, (4,), generator=g)).tolist()
@@ -222,7 +223,7 @@ def test_greedy_allocation_matches_brute_force_when_tensors_are_the_same_size():
 
 
 def test_allocation_keeps_the_budget_and_gives_sensitive_tensors_more_bits():
-    from compress import allocate_bits
+    from compress.allocate import allocate_bits
     bits = allocate_bits([1000.0, 1.0, 1.0], [100, 100, 800], average_bits=2)
     assert sum(b * n for b, n in zip(bits, [100, 100, 800])) <= 2 * 1000
     assert bits[0] > bits[1] >= bits[2]        # equal sensitivity: the larger tensor gives up more bits
@@ -235,7 +236,7 @@ def test_allocation_keeps_the_budget_and_gives_sensitive_tensors_more_bits():
 def loop_greedy(c, sizes, average_bits, initial_bits=8, min_bits=1):
     """The allocation as ActNN's calc_precision states it, one bit at a time (the reference for
     allocate_bits' one-sort version)."""
-    from compress import quantization_variance
+    from compress.allocate import quantization_variance
     bits = [initial_bits] * len(c)
     while sum(b * n for b, n in zip(bits, sizes)) > average_bits * sum(sizes):
         cost = [(quantization_variance(ci, b - 1) - quantization_variance(ci, b)) / n if b > min_bits
@@ -246,7 +247,7 @@ def loop_greedy(c, sizes, average_bits, initial_bits=8, min_bits=1):
 
 
 def test_allocation_by_one_sort_is_the_bit_by_bit_greedy():
-    from compress import allocate_bits
+    from compress.allocate import allocate_bits
     g = torch.Generator().manual_seed(3)
     for trial in range(100):
         k = int(torch.randint(1, 9, (1,), generator=g))
@@ -260,7 +261,7 @@ def test_allocation_by_one_sort_is_the_bit_by_bit_greedy():
 
 @pytest.mark.parametrize("widths", [[1, 2, 3, 8, 2], [4, 4, 4, 4, 4], [7, 1, 5, 6, 3]])
 def test_rows_packed_at_their_own_widths_come_back(widths):
-    from compress import pack_rows, unpack_rows
+    from compress.pack import pack_rows, unpack_rows
     g = torch.Generator().manual_seed(sum(widths))
     row_bits = torch.tensor(widths, dtype=torch.uint8)
     codes = torch.stack([torch.randint(0, 2 ** b, (512,), generator=g, dtype=torch.uint8) for b in widths])
@@ -290,7 +291,7 @@ def test_per_sample_widths_are_unbiased_and_as_fine_as_their_bits():
 
 
 def test_per_sample_allocation_gives_the_wider_sample_more_bits_and_keeps_the_average():
-    from compress import BitAllocator, CompressConfig, Site
+    from compress.allocate import BitAllocator, CompressConfig, Site
     cfg = CompressConfig(bits=2, initial_bits=8)
     site = Site(cfg, BitAllocator(cfg))
     g = torch.Generator().manual_seed(5)
@@ -307,7 +308,7 @@ def test_per_sample_allocation_gives_the_wider_sample_more_bits_and_keeps_the_av
 def test_gradient_weights_follow_each_sample_by_its_dataset_index():
     """--ca-use-gradient: two samples with the same range; the one whose output gradient was
     larger (remembered under its dataset index) gets more bits the next time it is seen."""
-    from compress import BitAllocator, CompressConfig, Site
+    from compress.allocate import BitAllocator, CompressConfig, Site
     cfg = CompressConfig(bits=2, initial_bits=8, use_gradient=True)
     index = {"now": torch.tensor([10, 11])}
     site = Site(cfg, BitAllocator(cfg, batch_index=lambda: index["now"]))
@@ -320,7 +321,8 @@ def test_gradient_weights_follow_each_sample_by_its_dataset_index():
 
 
 def test_per_layer_allocation_moves_bits_to_the_sensitive_layer_after_one_pass():
-    from compress import CompressConfig, compress_activations
+    from compress.allocate import CompressConfig
+    from compress.layers import compress_activations
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
     with torch.no_grad():
@@ -341,7 +343,7 @@ def test_per_layer_allocation_moves_bits_to_the_sensitive_layer_after_one_pass()
     (dict(bits=2, use_gradient=True), "--ca-use-gradient"),
 ])
 def test_bad_mixed_precision_settings_name_the_flag(kwargs, message):
-    from compress import CompressConfig
+    from compress.allocate import CompressConfig
     with pytest.raises(IntsimError, match=message):
         CompressConfig(**kwargs)
 
@@ -373,7 +375,8 @@ def qat_grads(model, x, y):
 @pytest.mark.parametrize("learn", [False, True])
 def test_qat_with_8_bit_saved_activations_gives_qats_gradients_and_saves_less(learn):
     import copy
-    from compress import CompressConfig, compress_activations, saved_bytes
+    from compress.allocate import CompressConfig
+    from compress.layers import compress_activations, saved_bytes
     exact, x, y = converted_cnn(learn)
     packed = compress_activations(copy.deepcopy(exact), CompressConfig(bits=8))
     out_exact, g_exact = qat_grads(exact, x, y)
@@ -390,7 +393,7 @@ def test_qat_with_8_bit_saved_activations_gives_qats_gradients_and_saves_less(le
 
 def fold_layer(kind, ca=None):
     """A QLayer with BN in QAT's batch-statistics mode (float weights: the fold's own arithmetic)."""
-    from compress import Site
+    from compress.allocate import Site
     from module import QLayer
     torch.manual_seed(0)
     layer, bn = (nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)) if kind == "conv" else (nn.Linear(12, 5), nn.BatchNorm1d(5))
@@ -441,7 +444,7 @@ def converted_cnn_bn(learn=False):
 
 @pytest.mark.parametrize("learn", [False, True])
 def test_qat_bn_fold_with_compressed_activations_keeps_the_forward_and_saves_a_sixteenth(learn):
-    from compress import saved_bytes
+    from compress.layers import saved_bytes
     exact, x, y = converted_cnn_bn(learn)
     packed8 = compress_activations(copy.deepcopy(exact), CompressConfig(bits=8))
     before, fresh8 = copy.deepcopy(exact), copy.deepcopy(packed8)

@@ -335,7 +335,8 @@ def test_torchvision_networks_convert_and_run_exactly_in_integers(name, size, qu
 def test_max_pool_run_on_the_accumulator_gives_the_same_integers(trained_like, quantize):
     """A max-pool right after a conv runs on its accumulator, before the rescale (4x fewer values
     rescaled); the graph keeps both ops, and switching the shortcut off changes no integer."""
-    from frozen import IntConv, IntMaxPool
+    from ops.conv import IntConv
+    from ops.pool import IntMaxPool
     x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     _, frozen = quantize(trained_like("cnn_bn"), QConfig(w_bits=4, a_bits=4, per_channel=True), x)
     pools = [m for m in frozen.modules() if isinstance(m, IntMaxPool)]

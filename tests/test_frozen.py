@@ -12,7 +12,12 @@ from torch import nn
 
 from config import QConfig
 from errors import IntsimError
-from frozen import IntAdd, IntClamp, IntConv, IntMean, QParams, output_integers, set_mode
+from frozen import output_integers, set_mode
+from ops.add import IntAdd
+from ops.base import QParams
+from ops.clamp import IntClamp
+from ops.conv import IntConv, freeze_layer
+from ops.mean import IntMean
 from function import activation_grid, weight_grid
 from module import QLayer
 from observer import WeightObserver
@@ -38,7 +43,7 @@ def frozen_conv(bits=8, per_channel=False, w_symmetric=True, bn=None, relu=True,
     a = activation_grid(bits, a_signed)
     inp = qp(0.05, (a.qmin + a.qmax) // 3, a)
     out = qp(5.0 / (a.qmax - a.qmin), a.qmin + (a.qmax - a.qmin) * 2 // 5, a)
-    op, = layer.freeze(inp, out, (0.0, math.inf) if relu else (-math.inf, math.inf))
+    op, = freeze_layer(layer, inp, out, (0.0, math.inf) if relu else (-math.inf, math.inf))
     q_in = torch.randint(a.qmin, a.qmax + 1, (2, in_channels, 8, 8), generator=g, dtype=torch.int32)
     return op, q_in
 
@@ -80,7 +85,7 @@ def test_asymmetric_same_padding_is_padded_with_real_zero():
 
 
 def test_max_pool_after_the_rescale_equals_the_pooled_reference(random_bn):
-    from frozen import IntMaxPool
+    from ops.pool import IntMaxPool
     op, q_in = frozen_conv(8, per_channel=True, bn=random_bn(4, torch.Generator().manual_seed(2)))
     pool = IntMaxPool(nn.MaxPool2d(2))
     assert np.array_equal(pool(op(q_in)).numpy(), ref_max_pool2(reference(op, q_in)))
@@ -129,7 +134,7 @@ def test_integer_linear_equals_reference():
     grid = weight_grid(6)
     layer = QLayer(fc, Quantizer(grid, WeightObserver(grid, True), channels=6))
     a = activation_grid(7)
-    op, = layer.freeze(qp(0.1, 11, a), qp(9 / 127, 56, a), (0.0, math.inf))
+    op, = freeze_layer(layer, qp(0.1, 11, a), qp(9 / 127, 56, a), (0.0, math.inf))
     q_in = torch.randint(0, 128, (5, 20), generator=g, dtype=torch.int32)
     acc = (q_in.long() - 11) @ (op.w_q.long() - op.w_zero_point[:, None]).T + op.b_q
     # LiteRT's reference FULLY_CONNECTED: one std::round of acc * M, M = S_in S_w / S_out in double

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from config import QConfig
 from errors import IntsimError
-from frozen import Quantize, output_integers, set_mode
+from frozen import output_integers, set_mode
+from ops.quant import Quantize
 from function import activation_grid, fake_quantize, integers_of, weight_grid
 from model import (activation_quantizers, calibrate, convert, freeze, learn_activation_scales, learn_scales,
                    learn_weight_scales, qlayers, set_phase)

@@ -183,7 +183,7 @@ def test_float_activations_quantize_weights_only_and_have_no_integer_path(traine
 
 
 def test_first_layer_only_leaves_the_rest_float_and_unfolded_bn_keeps_bn(trained_like):
-    from frozen import FloatLayer
+    from ops.conv import FloatLayer
     model = trained_like("cnn_bn")
     x = torch.randn(8, 1, 28, 28)
     qmodel = convert(model, QConfig(w_bits=2, a_bits=FLOAT_BITS, quantize_layers="first"))

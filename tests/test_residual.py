@@ -9,7 +9,10 @@ import torchvision
 from conftest import FMNIST_CNN_BN, ROOT
 from config import QConfig
 from errors import IntsimError
-from frozen import IntAdd, IntConv, IntMean, output_integers, set_mode
+from frozen import output_integers, set_mode
+from ops.add import IntAdd
+from ops.conv import IntConv
+from ops.mean import IntMean
 from model import calibrate, convert, freeze, qlayers
 
 

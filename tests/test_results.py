@@ -65,10 +65,10 @@ def _cells(line):
 
 
 def test_base_quantizer_table_bolds_the_best_run_and_marks_unfolded_integer_cells():
-    import tables
+    from tables.ranges import render_base_quantizers
     rows = [_ada_row(), _ada_row(lr=1e-2, fakequant_acc=91.0), _ada_row(w_observer="sqnr", fold_bn=False),
             _ada_row(a_bits=8, int_acc=89.5, nearest_acc=85.0)]
-    lines = tables.render_base_quantizers(rows).splitlines()
+    lines = render_base_quantizers(rows).splitlines()
     minmax = next(x for x in lines if "| minmax | folded |" in x)
     sqnr = next(x for x in lines if "| sqnr | unfolded |" in x)
     assert _cells(minmax)[4:] == ["80.00", "**91.00**", "90.00", "85.00", "-", "**89.50**"]
@@ -76,15 +76,15 @@ def test_base_quantizer_table_bolds_the_best_run_and_marks_unfolded_integer_cell
 
 
 def test_low_bit_table_shows_a_variant_row_only_where_it_was_run():
-    import tables
+    from tables.lowbits import render_low_bits
     base = dict(w_bits=2, per_channel=True)
     rows = [_ada_row(**base, iters=10000, fakequant_acc=82.0),
             _ada_row(**base, method="brecq", script="BRECQ", iters=20000, fakequant_acc=86.0, layers_per_group=1)]
     cnn_bn = lambda text: text.split("**cnn_bn**")[1].split("**resnet18**")[0].splitlines()
-    assert "Lp 2.4" not in tables.render_low_bits(rows)
+    assert "Lp 2.4" not in render_low_bits(rows)
     rows.append(_ada_row(**base, method="brecq", script="BRECQ", iters=20000, fakequant_acc=88.0,
                          w_observer="lp", layers_per_group=1))
-    lines = cnn_bn(tables.render_low_bits(rows))
+    lines = cnn_bn(render_low_bits(rows))
     brecq = next(x for x in lines if x.startswith("| BRECQ |"))
     lp = next(x for x in lines if x.startswith("| BRECQ, Lp 2.4"))
     assert _cells(brecq)[3] == "86.00" and _cells(lp)[3] == "88.00"

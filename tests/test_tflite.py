@@ -10,10 +10,17 @@ import torch
 
 from conftest import ROOT
 from errors import IntsimError
-from frozen import IntAvgPool, IntConv, IntMean, QParams, output_integers, set_mode
+from frozen import output_integers, set_mode
+from ops.base import QParams
+from ops.conv import IntConv
+from ops.mean import IntMean
+from ops.pool import IntAvgPool
 from function import Grid
 from reference import ref_avg_pool, ref_conv_multiplier_per_tensor, ref_mean, ref_same_padding, ref_tflite_mean
-import tflite_io
+from tflite_io.read import import_tflite, import_tflite_float
+from tflite_io.run import model_input, run_litert_integers
+from tflite_io.schema import TFLITE_IDENTIFIER, litert, read_model, same_padding
+from tflite_io.write import export_tflite
 
 SHARED_MODELS = os.path.join(ROOT, "..", "shared", "models")
 IMAGENET_VAL = os.path.join(ROOT, "..", "shared", "data", "imagenet-val-1300", "val")
@@ -51,8 +58,8 @@ def test_same_padding_puts_the_odd_pixel_after():
         for k in range(1, 6):
             for s in range(1, 4):
                 for d in (1, 2):
-                    assert tflite_io.same_padding(size, k, s, d) == ref_same_padding(size, k, s, d)
-    assert tflite_io.same_padding(128, 3, 2, 1) == (0, 1)      # PyTorch's padding=1 would pad (1, 1)
+                    assert same_padding(size, k, s, d) == ref_same_padding(size, k, s, d)
+    assert same_padding(128, 3, 2, 1) == (0, 1)      # PyTorch's padding=1 would pad (1, 1)
 
 
 def test_per_tensor_multiplier_uses_the_float32_product():
@@ -109,7 +116,7 @@ def litert_integers(path, images, tensor):
 @pytest.mark.parametrize("name", MOBILENETS)
 def test_imported_mobilenet_matches_litert_reference(name):
     path = mobilenet(name)
-    frozen, info = tflite_io.import_tflite(path)
+    frozen, info = import_tflite(path)
     size = info["input_shape"][1]
     images = torch.randint(0, 256, (3, 3, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     if os.path.isdir(IMAGENET_VAL):
@@ -129,25 +136,25 @@ def test_imported_mobilenet_matches_litert_reference(name):
 def test_bad_files_are_one_line_errors(tmp_path):
     path = mobilenet(MOBILENETS[0])
     with pytest.raises(IntsimError, match="not found"):
-        tflite_io.import_tflite(str(tmp_path / "none.tflite"))
+        import_tflite(str(tmp_path / "none.tflite"))
     other = tmp_path / "other.tflite"
     other.write_bytes(b"\x00" * 64)
     with pytest.raises(IntsimError, match="not a TFLite flatbuffer"):
-        tflite_io.import_tflite(str(other))
+        import_tflite(str(other))
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(open(path, "rb").read()[:2000])
     with pytest.raises(IntsimError, match="truncated"):
-        tflite_io.import_tflite(str(truncated))
+        import_tflite(str(truncated))
 
 
 def _rewritten(path, tmp_path, edit):
     """A copy of the model with `edit(ModelT, schema)` applied, written with the schema's own Pack."""
     import flatbuffers
-    _, schema = tflite_io.litert()
-    model = tflite_io.read_model(path)
+    _, schema = litert()
+    model = read_model(path)
     edit(model, schema)
     builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=tflite_io.TFLITE_IDENTIFIER)
+    builder.Finish(model.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
     out = tmp_path / "edited.tflite"
     out.write_bytes(builder.Output())
     return str(out)
@@ -160,12 +167,12 @@ def test_float_and_unsupported_models_are_refused_by_name(tmp_path):
         t = model.subgraphs[0].tensors[model.subgraphs[0].inputs[0]]
         t.type, t.quantization = schema.TensorType.FLOAT32, None
     with pytest.raises(IntsimError, match="is a float model"):
-        tflite_io.import_tflite(_rewritten(path, tmp_path, float_input))
+        import_tflite(_rewritten(path, tmp_path, float_input))
 
     def int16_activations(model, schema):
         model.subgraphs[0].tensors[model.subgraphs[0].operators[0].outputs[0]].type = schema.TensorType.INT16
     with pytest.raises(IntsimError, match="is INT16; intsim's integer path imports 8-bit activations"):
-        tflite_io.import_tflite(_rewritten(path, tmp_path, int16_activations))
+        import_tflite(_rewritten(path, tmp_path, int16_activations))
 
     def tanh_op(model, schema):
         code = schema.OperatorCodeT()
@@ -173,7 +180,7 @@ def test_float_and_unsupported_models_are_refused_by_name(tmp_path):
         model.operatorCodes.append(code)
         model.subgraphs[0].operators[1].opcodeIndex = len(model.operatorCodes) - 1
     with pytest.raises(IntsimError, match="op 1 is TANH, which intsim does not import"):
-        tflite_io.import_tflite(_rewritten(path, tmp_path, tanh_op))
+        import_tflite(_rewritten(path, tmp_path, tanh_op))
 
 
 @pytest.mark.slow
@@ -228,13 +235,13 @@ class Residual(nn.Module):
 
 def litert_vs(frozen, scheme, x, tmp_path):
     """(LiteRT's integers, intsim's own, intsim's of the exported file read back), on x."""
-    data, tensor, offset = tflite_io.export_tflite(frozen, scheme, x[:1])
-    ref = tflite_io.run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
+    data, tensor, offset = export_tflite(frozen, scheme, x[:1])
+    ref = run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
     ref = ref.transpose(0, 3, 1, 2) if ref.ndim == 4 else ref      # NHWC -> intsim's NCHW
     own = output_integers(set_mode(frozen, "int"), frozen(x)).numpy() + offset
     path = tmp_path / "m.tflite"
     path.write_bytes(data)
-    back, _ = tflite_io.import_tflite(str(path))
+    back, _ = import_tflite(str(path))
     again = output_integers(set_mode(back, "int"), back(x)).numpy()
     return ref.reshape(len(x), -1), own.reshape(len(x), -1), again.reshape(len(x), -1)
 
@@ -324,12 +331,12 @@ def test_project_networks_round_trip_through_litert(arch, trained_like, small_re
 
 def test_import_then_export_reproduces_the_file(tmp_path):
     path = mobilenet(MOBILENETS[0])
-    frozen, info = tflite_io.import_tflite(path)
+    frozen, info = import_tflite(path)
     size = info["input_shape"][1]
     images = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
     x = (info["input"].scale.double() * (images.double() - info["input"].zero_point)).float()
-    data, tensor, offset = tflite_io.export_tflite(frozen, "uint8", x[:1])
-    again = tflite_io.run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
+    data, tensor, offset = export_tflite(frozen, "uint8", x[:1])
+    again = run_litert_integers(data, x.permute(0, 2, 3, 1).contiguous().numpy(), tensor)
     assert offset == 0 and np.array_equal(again.reshape(2, -1), litert_integers(path, images, info["compare_tensor"]))
 
 
@@ -337,16 +344,16 @@ def test_what_cannot_export_is_refused_in_one_line(trained_like, quantize, monke
     x = torch.randn(8, 1, 28, 28)
     _, four_bit = quantize(trained_like("cnn"), QConfig(w_bits=4, a_bits=4), x)
     with pytest.raises(IntsimError, match="4-bit activations"):
-        tflite_io.export_tflite(four_bit, "int8", x[:1])
+        export_tflite(four_bit, "int8", x[:1])
     _, per_channel = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, per_channel=True), x)
     with pytest.raises(IntsimError, match="per-channel weights are int8"):
-        tflite_io.export_tflite(per_channel, "uint8", x[:1])
+        export_tflite(per_channel, "uint8", x[:1])
     _, asymmetric = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, w_symmetric=False), x)
     with pytest.raises(IntsimError, match="symmetric"):
-        tflite_io.export_tflite(asymmetric, "int8", x[:1])
+        export_tflite(asymmetric, "int8", x[:1])
     monkeypatch.setitem(__import__("sys").modules, "ai_edge_litert", None)     # as if not installed
     with pytest.raises(IntsimError, match="pip install ai-edge-litert"):
-        tflite_io.litert()
+        litert()
 
 
 @pytest.mark.slow
@@ -383,7 +390,7 @@ def test_float_import_of_a_real_mobilenet_predicts_what_litert_does():
     float network and the file's integers (LiteRT) pick the same class on most images, and its
     first conv's output is LiteRT's first tensor within about half an output step."""
     path = mobilenet(MOBILENETS[0])
-    model, info = tflite_io.import_tflite_float(path)
+    model, info = import_tflite_float(path)
     size = info["input_shape"][1]
     if not os.path.isdir(IMAGENET_VAL):
         pytest.skip(f"{IMAGENET_VAL} is absent (see ../shared/data/README)")
@@ -403,7 +410,7 @@ def test_float_import_of_a_real_mobilenet_predicts_what_litert_does():
     it.allocate_tensors()
     it.set_tensor(it.get_input_details()[0]["index"], images[:1].permute(0, 2, 3, 1).numpy())
     it.invoke()
-    frozen, _ = tflite_io.import_tflite(path)
+    frozen, _ = import_tflite(path)
     conv0 = frozen.get_submodule("conv_2d_0")
     first_out = int(it._interpreter.NodeOutputs(0)[0])                # the file's first op's output tensor
     q_out = torch.from_numpy(it.get_tensor(first_out).astype(np.int64)).permute(0, 3, 1, 2)
@@ -481,17 +488,17 @@ def test_tflite_run_feeds_a_float_input_as_tflites_evaluation_does(scheme, run, 
     x = torch.rand(16, 3, 16, 16) * 2 - 1
     qmodel = convert(TinyClassifier().eval(), QConfig(a_signed=scheme == "int8"))
     calibrate(qmodel, [(x, None)], "cpu", 1)
-    data, _, _ = tflite_io.export_tflite(freeze(qmodel), scheme, x[:1])
+    data, _, _ = export_tflite(freeze(qmodel), scheme, x[:1])
     path = tmp_path / "float_io.tflite"
     path.write_bytes(data)
     (tmp_path / "images" / "n01440764").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / "n01440764" / f"{i}.JPEG")
-    frozen, info = tflite_io.import_tflite(str(path))
+    frozen, info = import_tflite(str(path))
     assert info["input_type"] == "FLOAT32"
     r = result_of(run("tflite_run.py", path, "--data-dir", tmp_path / "images"))
     assert r["images"] == 6 and r["vs_litert_ref"] == {"images_identical": 6, "max_diff": 0, "diff_share": 0.0}
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
-    assert torch.equal(tflite_io.model_input(images, "INT8").int(), images.int() - 128)
-    assert torch.allclose(tflite_io.model_input(images, "FLOAT32").double(), images.double() / 127.5 - 1, atol=1e-6)
+    assert torch.equal(model_input(images, "INT8").int(), images.int() - 128)
+    assert torch.allclose(model_input(images, "FLOAT32").double(), images.double() / 127.5 - 1, atol=1e-6)

@@ -1,0 +1,149 @@
+"""A quantized .tflite model read into intsim: its frozen integer graph (`import_tflite`), or
+its network with every weight dequantized into float (`import_tflite_float`).
+
+    frozen, info = import_tflite("mobilenet_v1_0.25_128_quant.tflite")
+    set_mode(frozen, "int"); logits = frozen(x)        # x: NCHW reals S (q - Z) of the input bytes
+
+Each operator is read by its op's entry in ops.OPS (ops.TFLITE_READERS; TFLite's reference
+kernels decide what each computes). At the model's edges: a float input quantized by its first
+QUANTIZE, the output dequantized by a last DEQUANTIZE, and a final SOFTMAX not run (the logits'
+integers are what is compared; the class ranking is the same). Fused activations (NONE, RELU,
+RELU6, RELU_N1_TO_1) become the op's act_min / act_max, and SAME padding is TFLite's: the odd
+pixel goes after (bottom / right), padded with the input's Z.
+"""
+from torch import fx, nn
+
+import ops
+from errors import IntsimError
+from ops.base import NO_ACTIVATION
+from ops.quant import Dequantize, Quantize
+
+from .schema import ACTIVATIONS, Reader, read_model
+
+EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")    # float in / float out at the model's edges
+STOP_OPS = ("SOFTMAX",)
+SUPPORTED = sorted(ops.TFLITE_READERS) + list(EDGE_OPS) + list(STOP_OPS)
+
+
+class _Importer:
+    """The fx graph being built, and what the ops' readers share: the reader, the index of the
+    op being read, the fx node of each tensor read so far, and the flattens of NHWC data a
+    FULLY_CONNECTED must reorder its weights for (`spatial`: tensor -> (H, W, C))."""
+
+    def __init__(self, reader):
+        self.reader, self.graph, self.modules, self.nodes, self.spatial, self.index = reader, fx.Graph(), {}, {}, {}, 0
+
+    def module(self, name, module, op, inputs):
+        """A call of `module` on the tensors `inputs`; its fused activation is kept for the float rebuild."""
+        options = op.builtinOptions
+        if hasattr(options, "fusedActivationFunction"):
+            module.fused_activation = self.reader.act(options, self.reader.op_name(op))
+        self.modules[name] = module
+        return self.graph.call_module(name, tuple(self.nodes[t] for t in inputs))
+
+    def function(self, fn, tensor, *args):
+        return self.graph.call_function(fn, (self.nodes[tensor], *args))
+
+
+def import_tflite(path):
+    """A quantized .tflite model as a frozen intsim graph (Quantize -> integer ops -> Dequantize),
+    and an info dict: input shape (NHWC) and QParams, the output tensor compared with LiteRT's
+    (`compare_tensor`: its index in the file), its shape, the input's type, and which op the
+    import stopped before, if any."""
+    reader = Reader(read_model(path), path)
+    graph, operators = reader.graph, list(reader.graph.operators)
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise IntsimError(f"{path}: intsim imports models with one input and one output")
+    imp = _Importer(reader)
+    x_index = int(graph.inputs[0])
+    if reader.type_name(x_index) == "FLOAT32":      # float input: the model starts with its QUANTIZE
+        if not operators or reader.op_name(operators[0]) != "QUANTIZE":
+            raise IntsimError(f"{path} is a float model (its input is FLOAT32 and is not quantized first): "
+                              f"intsim imports uint8 / int8 quantized models")
+        x_index, operators = int(operators[0].outputs[0]), operators[1:]
+    imp.modules["quant_in"] = Quantize(reader.activation(x_index))
+    imp.nodes[x_index] = imp.graph.call_module("quant_in", (imp.graph.placeholder("x"),))
+    last, stopped = x_index, None
+    for i, op in enumerate(operators):
+        kind = reader.op_name(op)
+        if kind in STOP_OPS or kind == "DEQUANTIZE":
+            stopped = kind if kind in STOP_OPS else None
+            if i != len(operators) - 1:
+                raise IntsimError(f"{path}: {kind} is op {i} of {len(operators)}; intsim stops only before a final {kind}")
+            break
+        if kind not in ops.TFLITE_READERS:
+            raise IntsimError(f"{path}: op {i} is {kind}, which intsim does not import "
+                              f"(supported: {', '.join(SUPPORTED)})")
+        inputs = [int(t) for t in op.inputs if int(t) >= 0 and not reader.is_constant(int(t))]   # activations
+        missing = [t for t in inputs if t not in imp.nodes]
+        if missing:
+            raise IntsimError(f"{path}: op {i} ({kind}) reads tensor {missing[0]}, which no imported op produced")
+        src, out = inputs[0], int(op.outputs[0])
+        imp.index = i
+        imp.nodes[out] = ops.TFLITE_READERS[kind](imp, op, kind)
+        if src in imp.spatial:
+            raise IntsimError(f"{path}: a flatten of NHWC data feeds {kind}, not a FULLY_CONNECTED: intsim's NCHW "
+                              f"layout orders it differently")
+        last = out
+    imp.modules["dequant_out"] = Dequantize(reader.activation(last))
+    imp.graph.output(imp.graph.call_module("dequant_out", (imp.nodes[last],)))
+    frozen = fx.GraphModule(imp.modules, imp.graph, class_name="ImportedModel")
+    info = {"input_shape": reader.shape(x_index), "input": reader.activation(x_index), "compare_tensor": last,
+            "output_shape": reader.shape(last), "stopped_before": stopped,
+            "input_type": reader.type_name(int(graph.inputs[0]))}
+    return frozen, info
+
+
+def _float_activation(op):
+    """The float module of an imported op's fused activation (None: no activation)."""
+    act = getattr(op, "fused_activation", NO_ACTIVATION)
+    if act == NO_ACTIVATION:
+        return None
+    if act == ACTIVATIONS["RELU"]:
+        return nn.ReLU()
+    if act == ACTIVATIONS["RELU6"]:
+        return nn.ReLU6()
+    return nn.Hardtanh(*act)
+
+
+class _FloatBuilder:
+    """The float graph being built from a frozen one (what the ops' to_float functions use)."""
+
+    def __init__(self, path):
+        self.path, self.graph, self.modules = path, fx.Graph(), {}
+
+    def call(self, name, module, args):
+        self.modules[name] = module
+        return self.graph.call_module(name, args)
+
+
+def import_tflite_float(path):
+    """A quantized .tflite model as an ordinary float nn.Module (an fx.GraphModule of nn.Conv2d,
+    nn.Linear, ReLU6, pools, adds): every weight dequantized, S (q - Z), every bias S_in S_w q_b,
+    no quantization left (each op's float form: ops.FLOAT_REBUILDS). Its input is the reals the
+    file's input integers stand for, S_in (q - Z_in). What intsim's own pipeline (convert, PTQ,
+    AdaRound) then quantizes anew. Returns (model, info) with import_tflite's info."""
+    frozen, info = import_tflite(path)
+    fb, env = _FloatBuilder(path), {}
+    for node in frozen.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = fb.graph.placeholder(node.name)
+            continue
+        if node.op == "output":
+            fb.graph.output(env[node.args[0]])
+            continue
+        args = tuple(env[a] for a in node.args if isinstance(a, fx.Node))
+        if node.op == "call_function":                       # the flatten before FULLY_CONNECTED
+            env[node] = fb.graph.call_function(node.target, (args[0],) + tuple(node.args[1:]))
+            continue
+        op = frozen.get_submodule(node.target)
+        if isinstance(op, (Quantize, Dequantize)):
+            env[node] = args[0]                               # the float model has no edges to cross
+            continue
+        if type(op) not in ops.FLOAT_REBUILDS:
+            raise IntsimError(f"{path}: no float counterpart for {type(op).__name__}")
+        value = ops.FLOAT_REBUILDS[type(op)](fb, node, op, args)
+        act = _float_activation(op)
+        env[node] = fb.call(f"{node.target}_act", act, (value,)) if act is not None else value
+    model = fx.GraphModule(fb.modules, fb.graph, class_name="TFLiteFloatModel")
+    return model.eval(), info
