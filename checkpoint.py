@@ -61,6 +61,14 @@ def _read(path, what, hint):
         raise IntsimError(f"{path} is not a readable checkpoint: truncated, or not a PyTorch file ({type(e).__name__})") from None
 
 
+def read_state_dict(path, flag):
+    """A state_dict file (a network's weights: {name: tensor}) that `flag` named."""
+    state = _read(path, "weights file", f"pass another {flag}")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise IntsimError(f"{flag} {path} is not a state_dict (a dict of tensors): save one with torch.save(model.state_dict())")
+    return state
+
+
 def _require(ckpt, path, keys, hint):
     missing = [k for k in keys if k not in ckpt]
     if missing:

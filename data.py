@@ -188,6 +188,13 @@ def _open_image(path):
         raise IntsimError(f"{path} is not a readable image ({type(e).__name__}): remove or replace it") from None
 
 
+def load_imagenet_scaled(folder, size, mean, std, limit=None):
+    """load_imagenet_bytes' images as (bytes - mean) / std, float32 (N, 3, size, size), and labels:
+    the input of networks trained on TF's ImageNet pipeline (EfficientNet-Lite: mean 127, std 128)."""
+    q, labels = load_imagenet_bytes(folder, size, limit=limit)
+    return (q.float() - mean) / std, labels
+
+
 def load_imagenet_bytes(folder, size, crop_fraction=TFLITE_CROP_FRACTION, limit=None):
     """Images of an ImageNet-style folder as TFLite's ImageNet evaluation feeds a uint8 model:
     the central `crop_fraction` of each side (tf.image.central_crop), resized bilinearly to

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import IntsimError
-from frozen import output_integers, runs_in_integers, set_mode, why_not_integer
+from frozen import bias_scale_adjustments, output_integers, runs_in_integers, set_mode, why_not_integer
 from function import integers_of
 from model import qlayers, set_phase
 
@@ -43,9 +43,11 @@ def evaluate_frozen(frozen, batches, device):
     follows the fake-quant float simulation of it (class agreement, output-integer difference)."""
     labels = torch.cat([y for _, y in batches])
     set_mode(frozen, "reals")
+    adjusted = bias_scale_adjustments(frozen)
+    extra = {"bias_scale_adjusted": adjusted} if adjusted else {}     # (rows before the rule: none)
     if not runs_in_integers(frozen):     # fake-quant only (frozen.why_not_integer says why)
         fq = predict(frozen, batches, device)
-        return {"fakequant_acc": round(accuracy(fq, labels), 2), "fq_logits_sha": fingerprint(fq)}
+        return {"fakequant_acc": round(accuracy(fq, labels), 2), "fq_logits_sha": fingerprint(fq), **extra}
     # In float64 the fake-quant simulation rounds like exact arithmetic; in float32 its rounding
     # error flips a few of the ~10^4 hidden activations per image that lie near a tie, and the
     # flips propagate. float64 leaves only M0's 31-bit approximation and TFLite's double rounding.
@@ -63,7 +65,7 @@ def evaluate_frozen(frozen, batches, device):
             "int_classes_predicted": len(it.argmax(1).unique()),   # an agreement on one class says little
             "int_fq_max_diff": int(diff.max()),
             "int_fq_diff_share": round(100.0 * (diff > 0).float().mean().item(), 4),
-            "int_outputs_sha": fingerprint(q_int), "fq_outputs_sha": fingerprint(q_fq)}
+            "int_outputs_sha": fingerprint(q_int), "fq_outputs_sha": fingerprint(q_fq), **extra}
 
 
 def _tensor_ends(frozen):

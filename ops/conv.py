@@ -8,14 +8,15 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from errors import IntsimError
-from function import INT32_MAX, INT_MAX_BITS, Grid, int32_check, quantize_multiplier, requantize_in_double, round_half_away
+from function import (INT32_MAX, INT_MAX_BITS, Grid, int32_check, quantize_multiplier, requantize_in_double,
+                      round_half_away, to_grid)
 from module import QLayer, round_bias
 from quantizer import weight_quantizer
 
-from .base import NO_ACTIVATION, PRODUCER, UINT8_TO_INT8, FrozenOp, Op, is_module, pair, per_channel
+from .base import NO_ACTIVATION, PRODUCER, UINT8_TO_INT8, FrozenOp, Op, arg, is_function, is_module, pair, per_channel
 
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
 SPLIT_BASE = 16           # digit base of the split accumulation (IntConv.accumulation)
@@ -48,8 +49,9 @@ class IntConv(FrozenOp):
     and there is no integer mode."""
     CONFIG = ("is_conv", "stride", "pad", "dilation", "groups", "w_bits", "in_qmin", "in_qmax", "in_bits",
               "out_bits", "out_signed", "act_min", "act_max", "single_rounding", "has_int_io", "pool_first",
-              "scale_product", "rescale_in_double")
-    scale_product, rescale_in_double = "double", False     # the values of a model saved before the choices
+              "scale_product", "rescale_in_double", "bias_scale_adjusted")
+    # the values of a model saved before the choices were recorded
+    scale_product, rescale_in_double, bias_scale_adjusted = "double", False, 0
     new_grid = True
 
     def __init__(self, w_q, w_scale, w_zero_point, bias, grid, is_conv=True, stride=1, padding=0, dilation=1,
@@ -219,8 +221,77 @@ class FloatLayer(FrozenOp):
 
 # ----------------------------------------------------------------------------- convert and freeze
 
+FUNCTIONAL_LAYERS = (F.conv2d, torch.conv2d, F.linear)
+
+
+def _parameter_node(value):
+    return isinstance(value, fx.Node) and value.op == "get_attr"
+
+
+def _is_functional_layer(node):
+    """F.conv2d(x, self.weight, self.bias, ...) or F.linear(x, self.weight, self.bias): the
+    layer of timm's Conv2dSame and of every EfficientNet port (a ZeroPad2d, then F.conv2d)."""
+    if not is_function(node, FUNCTIONAL_LAYERS):
+        return False
+    bias = arg(node, 2, "bias")
+    return _parameter_node(arg(node, 1, "weight")) and (bias is None or _parameter_node(bias))
+
+
 def _is_layer_source(gm, node):
-    return is_module(gm, node, (nn.Conv2d, nn.Linear))
+    return is_module(gm, node, (nn.Conv2d, nn.Linear)) or _is_functional_layer(node)
+
+
+def _functional_layer(gm, node):
+    """The nn.Conv2d / nn.Linear a functional call computes, holding the model's own weight and
+    bias (the same Parameters: QAT trains them), and a call_module node in the call's place."""
+    weight_node, bias_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+    try:
+        weight = gm.get_parameter(weight_node.target)
+        bias = None if bias_node is None else gm.get_parameter(bias_node.target)
+    except AttributeError:
+        raise IntsimError(f"cannot convert {node.name}: its weight or bias {weight_node.target} is a buffer, not a "
+                          f"parameter; register it with nn.Parameter") from None
+    if node.target is F.linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        if weight.dim() != 4:
+            raise IntsimError(f"cannot convert {node.name}: F.conv2d with a {weight.dim()}-d weight")
+        groups = arg(node, 6, "groups", 1)
+        layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                          stride=arg(node, 3, "stride", 1), padding=arg(node, 4, "padding", 0),
+                          dilation=arg(node, 5, "dilation", 1), groups=groups, bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    owner = weight_node.target.rpartition(".")[0]
+    name, k = f"{owner}.fn" if owner else "fn", 1
+    while _has_submodule(gm, name):
+        k += 1
+        name = f"{owner}.fn_call{k}" if owner else f"fn_call{k}"
+    gm.add_submodule(name, layer)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    for attr in (weight_node, bias_node):             # the parameters are read by the layer now
+        if attr is not None and not attr.users:
+            gm.graph.erase_node(attr)
+    return call, name, layer
+
+
+def _has_submodule(gm, name):
+    try:
+        gm.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _convert(gm, node, qconfig, name, layer):
+    """A conv/linear call site -> a QLayer (a functional call first becomes its module)."""
+    if node.op == "call_function":
+        node, name, layer = _functional_layer(gm, node)
+    _replace_layer(gm, node, qconfig, name, layer)
 
 
 def _sole_user(node):
@@ -267,16 +338,49 @@ def freeze_layer(layer, inp, out, act_range, generator=None):
     if inp is None:
         op = IntConv(w_q, s_w, z_w, b, grid=q.grid, **geometry)
     else:
+        adjusted = 0
+        if q.grid.symmetric and max(q.grid.bits, inp.grid.bits, out.grid.bits) <= INT_MAX_BITS:
+            s_w, changed = adjust_weight_scale(b, inp.scale, s_w, q.grid)
+            if changed.any():             # those channels' weights on their new, coarser grid (nearest)
+                w_c = w.detach()[changed] / per_channel(s_w[changed], w[changed]).to(w.device)
+                w_q[changed] = to_grid(round_half_away(w_c), 0, q.grid.qmin, q.grid.qmax).to(torch.int32)
+                adjusted = int(changed.sum())
         # Bias: int32 at scale S_in * S_w[c], zero point 0 (computed in float64 as TFLite does).
         b_q = round_half_away(b.double() / (inp[0].double().to(w.device) * s_w.double()))
         if b_q.abs().max() > INT32_MAX and max(q.grid.bits, inp.grid.bits, out.grid.bits) <= INT_MAX_BITS:
             raise IntsimError(f"{q.name.removesuffix(' weights')}: the bias does not fit int32 at scale S_in*S_w "
                               f"(|bias| up to {b.abs().max().item():.3g}, S_in*S_w down to "
-                              f"{(inp[0].double().to(w.device) * s_w.double()).min().item():.3g})")
+                              f"{(inp[0].double().to(w.device) * s_w.double()).min().item():.3g}); symmetric weights "
+                              f"(no --w-asymmetric) would get a larger scale there, as TFLite's converter does")
         rule = rescale_rule(not inp.grid.signed and s_w.numel() == 1, layer.is_conv, layer.legacy_kernels)
         op = IntConv(w_q, s_w, z_w, b_q, grid=q.grid, inp=inp, out=out, act_range=act_range,
                      single_rounding=layer.single_rounding, **rule, **geometry)
+        op.bias_scale_adjusted = adjusted
     return [op, layer.bn] if layer.unfolded else [op]
+
+
+BIAS_HEADROOM = 0.5     # TFLite keeps a quantized bias within the middle half of int32's range
+
+
+def adjust_weight_scale(bias, s_in, s_w, grid):
+    """TFLite's AdjustWeightsForBiasScale (lite/tools/optimize/quantization_utils.cc), which its
+    converter runs before quantizing a conv's weights: where |b| >= 0.5 S_in S_w INT32_MAX (the
+    int32 bias b / (S_in S_w) would leave the middle half of its range: BN folding leaves
+    channels of almost-zero weights, whose S_w is tiny), the weight range becomes
+    max = 2 |b| / INT32_MAX * (QMAX / S_in), S_w = max / QMAX, so the bias lands at INT32_MAX / 2.
+    Per tensor (every S_w equal) one range for all, from the largest |b|. Returns (S_w (C,)
+    float32, the channels changed (C,) bool). The arithmetic is TFLite's: float32 tensors,
+    double expressions, the range stored as float32, S_w = max / QMAX in float32."""
+    b = bias.detach().float().abs().double()
+    s_in, s_w = float(s_in.float()), s_w.detach().float()
+    per_tensor = bool((s_w == s_w[0]).all())
+    if per_tensor:
+        b = b.max().expand_as(s_w)
+    changed = b >= BIAS_HEADROOM * s_in * s_w.double() * INT32_MAX
+    if per_tensor:
+        changed = changed & changed[0]
+    new_max = (2.0 * b / INT32_MAX * (grid.qmax / s_in)).float()
+    return torch.where(changed, new_max / grid.qmax, s_w), changed
 
 
 def _freeze(freezer, node, ins, out, act):
@@ -418,8 +522,8 @@ def _float(fb, node, op, args):
 
 
 CONV = Op("conv/linear", PRODUCER, lambda gm, n: is_module(gm, n, QLayer),
-          spelling="conv/linear [+BatchNorm] (nn.Conv2d, nn.Linear)",
-          source=_is_layer_source, convert=_replace_layer, freeze=_freeze, float_freeze=True, refuse=_refuse_bn,
+          spelling="conv/linear [+BatchNorm] (nn.Conv2d, nn.Linear, F.conv2d / F.linear on parameters)",
+          source=_is_layer_source, convert=_convert, freeze=_freeze, float_freeze=True, refuse=_refuse_bn,
           frozen=(IntConv, FloatLayer),
           float_modules={"BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
                          "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine"))},

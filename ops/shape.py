@@ -27,11 +27,18 @@ def _flatten_function(gm, node, qconfig, name, module):
     gm.graph.erase_node(node)
 
 
-def _is_shape(gm, node):
+SHAPE_ARITHMETIC = (operator.mul, operator.add, operator.sub, operator.floordiv)
+
+
+def is_shape(gm, node):
+    """Shape arithmetic, no tensor: x.size(), x.dim(), x.shape, x.shape[0], and products, sums,
+    differences and floor quotients of those (x.view(-1, x.size(1) * x.size(2)))."""
     shape_attr = is_function(node, (getattr,)) and node.args[1] == "shape"
     item = is_function(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) and \
-        _is_shape(gm, node.args[0])
-    return shape_attr or item or is_method(node, ("size", "dim"))
+        is_shape(gm, node.args[0])
+    nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    arithmetic = is_function(node, SHAPE_ARITHMETIC) and nodes and all(is_shape(gm, a) for a in nodes)
+    return shape_attr or item or arithmetic or is_method(node, ("size", "dim"))
 
 
 def _is_dropout(gm, node):
@@ -68,11 +75,19 @@ def _read_reshape(imp, op, kind):
     return value
 
 
-def _write_flatten(ex, node, fn):
-    if node.args[1:] != (1,):
-        raise IntsimError(f"cannot export {node.name}: the exporter writes flatten(x, 1) as RESHAPE, no other flatten")
+def _write_reshape(ex, node, how):
+    """Every spelling of flatten/reshape/view, as TFLite's RESHAPE where its output is [N, C H W]
+    of NCHW data (a following linear layer's weight columns are reordered from (C, H, W) to
+    TFLite's (H, W, C)); one that keeps the shape writes nothing (`contiguous`)."""
     x, qp, _, in_shape = ex.src(node)
+    out_shape = list(node.meta["tensor_meta"].shape)
+    if out_shape == in_shape:
+        ex.t[node] = ex.t[node.args[0]]
+        return
     features = int(np.prod(in_shape[1:]))
+    if out_shape != [in_shape[0], features]:
+        raise IntsimError(f"cannot export {node.name}: a reshape {in_shape} -> {out_shape}; the exporter writes "
+                          f"flattens to [N, {features}] as RESHAPE")
     spatial = len(in_shape) == 4 and in_shape[2] * in_shape[3] > 1
     ex.flattened_from, ex.flattened_node = (tuple(in_shape[1:]) if spatial else None), node
     shape = ex.w.tensor(f"{node.name}.shape", [2], "INT32", data=np.array([-1, features], dtype=np.int32))
@@ -81,11 +96,15 @@ def _write_flatten(ex, node, fn):
     ex.w.op("RESHAPE", [x, shape], [ex.act_tensor(node, qp, node.name)], o, "ReshapeOptions")
 
 
+RESHAPES = (torch.flatten, torch.reshape, "view", "reshape", "flatten", "contiguous")   # functions, tensor methods
+
+
 FLATTEN = Op("flatten/reshape", SAME, _is_same_grid, spelling="flatten/reshape/view",
              source=lambda gm, n: is_module(gm, n, nn.Flatten), convert=_flatten_function,
              float_modules={"Flatten": (nn.Flatten, ("start_dim", "end_dim"))}, functions=(torch.flatten, torch.reshape),
              tflite_read={"RESHAPE": _read_reshape, "SQUEEZE": _read_reshape},
-             tflite_write={torch.flatten: _write_flatten})
-SHAPE_OF = Op("shape", SHAPE, _is_shape, spelling="x.size()/x.shape", functions=(operator.getitem, getattr))
+             tflite_write={how: _write_reshape for how in RESHAPES})
+SHAPE_OF = Op("shape", SHAPE, is_shape, spelling="x.size()/x.shape (and arithmetic on them)",
+              functions=(operator.getitem, getattr, *SHAPE_ARITHMETIC))
 DROPOUT = Op("dropout", SAME, lambda gm, n: False, spelling="dropout (eval)", source=_is_dropout, convert=_remove,
              refuse=_refuse_dropout)

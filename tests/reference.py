@@ -120,6 +120,27 @@ def ref_conv_multiplier_per_tensor(s_in, s_w, s_out):
     return ref_quantize_multiplier(float(product) / float(np.float32(s_out)))
 
 
+def ref_adjust_weights_for_bias_scale(bias, input_scale, weight_scales, qmax=127):
+    """TFLite's AdjustWeightsForBiasScale (lite/tools/optimize/quantization_utils.cc) on plain
+    Python floats: per channel (several scales), where |b| >= 0.5 S_in S_w INT32_MAX the range
+    max becomes 2 |b| / INT32_MAX * (QMAX / S_in) (stored as float32) and S_w = max / QMAX
+    (float32); one scale: the same from the largest |b|. Returns the new scales."""
+    f32 = lambda v: float(np.float32(v))
+    s_in = f32(input_scale)
+    scales = [f32(v) for v in weight_scales]
+    if len(scales) > 1:
+        out = []
+        for b, s in zip(bias, scales):
+            b = abs(f32(b))
+            out.append(f32(f32(2.0 * b / INT32_MAX * (qmax / s_in)) / np.float32(qmax))
+                       if b >= 0.5 * s_in * s * INT32_MAX else s)
+        return out
+    half = max(abs(f32(b)) for b in bias)
+    if half >= 0.5 * s_in * scales[0] * INT32_MAX:
+        return [f32(f32(2.0 * half / INT32_MAX * (qmax / s_in)) / np.float32(qmax))]
+    return scales
+
+
 def ref_same_padding(in_size, filter_size, stride, dilation=1):
     """TFLite's SAME padding (ComputePaddingWithOffset): (before, after)."""
     out_size = (in_size + stride - 1) // stride

@@ -287,6 +287,39 @@ class DropoutAlways(nn.Module):
         return F.dropout(self.c(x), 0.5)
 
 
+class FunctionalLayers(nn.Module):
+    """Layers written as F.conv2d / F.linear on the module's own parameters (timm's Conv2dSame,
+    every EfficientNet port), a BatchNorm after the conv."""
+    def __init__(self, weight_as_buffer=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(4, 1, 3, 3, generator=g) * 0.3
+        if weight_as_buffer:
+            self.register_buffer("w", w)
+        else:
+            self.w = nn.Parameter(w)
+        self.b = nn.Parameter(torch.randn(4, generator=g) * 0.1)
+        self.bn = nn.BatchNorm2d(4).eval()
+        self.bn.running_mean.uniform_(-0.2, 0.2, generator=g)
+        self.fc_w = nn.Parameter(torch.randn(3, 4 * 4 * 4, generator=g) * 0.1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(F.conv2d(x, self.w, self.b, stride=2, padding=1)))
+        return F.linear(torch.flatten(y, 1), self.fc_w)
+
+
+def test_functional_layers_on_parameters_convert_to_qlayers(quantize):
+    net = FunctionalLayers().eval()
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    qmodel, frozen = quantize(net, QConfig(per_channel=True, single_rounding=True), x)
+    assert [name for name, _ in qlayers(qmodel)] == ["fn", "fn_call2"]           # the bn folded into the first
+    assert qlayers(qmodel)[0][1].bn is not None and qlayers(qmodel)[0][1].layer.weight is qmodel.w   # shared, trained
+    assert torch.allclose(set_phase(qmodel, "float")(x), net(x), atol=1e-6)
+    assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))
+    with pytest.raises(IntsimError, match="is a buffer, not a parameter"):
+        convert(FunctionalLayers(weight_as_buffer=True), QConfig())
+
+
 def conv_then(*layers):
     return nn.Sequential(nn.Conv2d(1, 2, 3), *layers)
 

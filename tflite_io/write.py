@@ -7,7 +7,7 @@ Schemes: uint8, the 2018 paper's (uint8 activations, per-tensor uint8 weights wi
 int8, TFLite's current one (int8 activations, int8 weights symmetric per channel, Z_w = 0).
 """
 import numpy as np
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 import ops
 from errors import IntsimError
@@ -106,7 +106,7 @@ class Exporter:
 
     def export(self):
         modules = sorted(k.__name__ for k in ops.TFLITE_WRITERS if isinstance(k, type))
-        functions = sorted(k.__name__ for k in ops.TFLITE_WRITERS if not isinstance(k, type))
+        functions = sorted(getattr(k, "__name__", k) for k in ops.TFLITE_WRITERS if not isinstance(k, type))
         for node in self.frozen.graph.nodes:
             if node.op == "placeholder":
                 shape = list(node.meta["tensor_meta"].shape)
@@ -120,12 +120,14 @@ class Exporter:
                     raise IntsimError(f"cannot export {node.name}: {type(op).__name__} has no TFLite op in intsim's "
                                       f"exporter (it writes {', '.join(modules)} and {', '.join(functions)})")
                 ops.TFLITE_WRITERS[type(op)](self, node, op)
-            elif node.op == "call_function" and node.target in ops.TFLITE_WRITERS:
+            elif not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
+                continue                   # shape arithmetic (x.size(0)): no tensor, nothing in the file
+            elif node.op in ("call_function", "call_method") and node.target in ops.TFLITE_WRITERS:
                 ops.TFLITE_WRITERS[node.target](self, node, node.target)
             else:
                 what = getattr(node.target, "__name__", node.target)
-                raise IntsimError(f"cannot export {node.name} ({node.op} {what}): the exporter writes the "
-                                  f"functions {', '.join(functions)} (flatten(x, 1) as RESHAPE), no other")
+                raise IntsimError(f"cannot export {node.name} ({node.op} {what}): the exporter writes the functions "
+                                  f"and methods {', '.join(functions)} (flattens as RESHAPE), no other")
         return self.w.pack()
 
 
