@@ -31,7 +31,7 @@ from frozen import bias_scale_adjustments
 from function import FLOAT32_TINY
 from module import QLayer
 from observer import make_observer
-from ops.base import CLAMP, POOL, PRODUCER, QUANT, SAME, SHAPE, FrozenOp, QParams, is_module
+from ops.base import CLAMP, JOIN, POOL, PRODUCER, QUANT, SAME, SHAPE, FrozenOp, QParams, is_module
 from ops.quant import Dequantize, Quantize
 from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step, weight_quantizer
 
@@ -201,7 +201,7 @@ def _edge_layers_bits(gm, qconfig):
 def _reaches_output(gm, node):
     """Whether node's value is the model's output, through ops that keep the grid."""
     for user in node.users:
-        if user.op == "output" or (op_of(gm, user).role in (CLAMP, POOL, SAME) and _reaches_output(gm, user)):
+        if user.op == "output" or (op_of(gm, user).role in (CLAMP, POOL, SAME, JOIN) and _reaches_output(gm, user)):
             return True
     return False
 
@@ -243,6 +243,9 @@ def convert(model, qconfig):
         op_of(gm, node)                          # refuse what cannot be converted, before any change
     if not qconfig.float_activations:
         _insert_quantizers(gm, qconfig)
+        for op in ops.OPS:
+            if op.link_grids is not None:
+                op.link_grids(gm, op_of)
     if qconfig.quantize_layers == "first":       # the rest stay float (AdaRound's Table 1 setting)
         for _, layer in qlayers(gm)[1:]:
             layer.w_quantizer = None
@@ -270,7 +273,8 @@ def qlayers(qmodel):
 
 
 def activation_quantizers(qmodel):
-    return [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if is_module(qmodel, n, Quantizer)]
+    quantizers = [qmodel.get_submodule(n.target) for n in qmodel.graph.nodes if is_module(qmodel, n, Quantizer)]
+    return list({id(q): q for q in quantizers}.values())          # a shared one (a concatenation's) once
 
 
 def require_converted(model, what):
@@ -507,6 +511,8 @@ class _Freezer:
             return self.emit(node.target, Quantize(q), (self.env[src],)), q
         if op.role == QUANT or node in self.absorbed:         # the producer requantized to it already
             return self.env[src], self.grid[src]
+        if op.role == JOIN:
+            return self.join(node, op)
         if op.role in (CLAMP, POOL, SAME) and op.freeze is not None and self.grid[src] is not None:
             name = node.target if node.op == "call_module" else node.name
             value = self.emit(name, op.freeze(self, node, self.grid[src]), (self.env[src],))
@@ -519,6 +525,19 @@ class _Freezer:
                 value = self.emit("dequant_out", Dequantize(self.grid[src]), (value,))
             return self.graph.output(value), None
         return self.copy(node), (self.grid.get(src) if op.role != SHAPE else None)
+
+    def join(self, node, op):
+        """A concatenation: its inputs on one grid (convert shares their quantizers), or float."""
+        inputs = list(node.args[0])
+        grids = [self.grid[a] for a in inputs]
+        if all(g is None for g in grids):
+            return self.copy(node), None
+        first = grids[0]
+        if any(g is None or not (torch.equal(g.scale, first.scale) and torch.equal(g.zero_point, first.zero_point))
+               for g in grids):
+            raise IntsimError(f"{node.name}: a concatenation of tensors on different grids (or float and quantized)")
+        name = node.target if node.op == "call_module" else node.name
+        return self.emit(name, op.freeze(self, node, grids), tuple(self.env[a] for a in inputs)), first
 
     def run(self):
         for node in self.qmodel.graph.nodes:

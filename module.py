@@ -158,3 +158,21 @@ class QMean(nn.Module):
     def forward(self, x):
         self.count.fill_(x.shape[-1] * x.shape[-2])
         return x.mean((-2, -1), keepdim=self.keepdim)
+
+
+class QAdaptiveAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d to a size other than 1, which remembers the input size it was run
+    with: where the windows are uniform there (7x7 -> 7x7, 14x14 -> 7x7) it freezes to an
+    average pool of kernel = stride = input / output."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+        self.register_buffer("input_size", torch.zeros(2, dtype=torch.int64))
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+    def forward(self, x):
+        self.input_size.copy_(torch.tensor(x.shape[-2:]))
+        return F.adaptive_avg_pool2d(x, self.output_size)

@@ -5,6 +5,7 @@ loader, the per-layer report. Adding an op is one file of this package and one l
 """
 from .add import ADD
 from .clamp import RELU, RELU_6
+from .concat import CONCAT
 from .conv import CONV
 from .mean import MEAN
 from .pad import PAD
@@ -13,8 +14,8 @@ from .quant import ACTIVATION_QUANTIZER, INPUT, MODEL_OUTPUT
 from .shape import DROPOUT, FLATTEN, SHAPE_OF
 
 # in match order: the first entry whose `match` holds is a node's op
-OPS = (INPUT, CONV, ADD, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, SHAPE_OF, ACTIVATION_QUANTIZER, MODEL_OUTPUT,
-       AVG_POOL, DROPOUT)
+OPS = (INPUT, CONV, ADD, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, CONCAT, SHAPE_OF, ACTIVATION_QUANTIZER,
+       MODEL_OUTPUT, AVG_POOL, DROPOUT)
 
 FROZEN_OPS = {cls.__name__: cls for op in OPS for cls in op.frozen}          # saved frozen models name these
 TFLITE_READERS = {kind: fn for op in OPS for kind, fn in op.tflite_read.items()}

@@ -26,6 +26,7 @@ PRODUCER = "producer"   # makes new values: an activation quantizer follows it (
 CLAMP = "clamp"         # ReLU, ReLU6: fused into the producer before it as act_min / act_max
 POOL = "pool"           # max-pool: picks values, keeps the grid
 SAME = "same"           # flatten, reshape, zero padding: move values (or add real 0s), keep the grid
+JOIN = "join"           # concatenation: several tensors, on one grid (their quantizers shared)
 SHAPE = "shape"         # x.size(), x.shape[0]: no tensor
 QUANT = "quantizer"     # an activation quantizer (inserted by convert)
 OUTPUT = "output"
@@ -68,6 +69,7 @@ class Op:
     freeze:  PRODUCER: (freezer, node, inputs' QParams, output QParams, act range) -> [frozen modules]
              (`float_freeze`: also with float activations, whose QParams are None: weights-only runs);
              CLAMP, POOL, SAME on integers: (freezer, node, the input's QParams) -> the frozen module;
+             JOIN: (freezer, node, [every input's QParams]) -> the frozen module;
     refuse:  (gm, node) -> a one-line reason where a near miss of this op is not supported (else None);
     frozen:  the frozen kernel classes it makes (found by these names in a saved model);
     float_modules, functions: the torch modules ({name: (class, constructor fields)}) and functions
@@ -87,6 +89,7 @@ class Op:
     freeze: Optional[Callable] = None
     float_freeze: bool = False
     refuse: Optional[Callable] = None
+    link_grids: Optional[Callable] = None     # (gm, op_of) after the quantizers are in: ties grids (JOIN)
     frozen: tuple = ()
     float_modules: dict = field(default_factory=dict)
     functions: tuple = ()

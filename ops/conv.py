@@ -13,7 +13,7 @@ from torch import fx, nn
 from errors import IntsimError
 from function import (INT32_MAX, INT_MAX_BITS, Grid, int32_check, quantize_multiplier, requantize_in_double,
                       round_half_away, to_grid)
-from module import QLayer, round_bias
+from module import QLayer, fold_bn, round_bias
 from quantizer import weight_quantizer
 
 from .base import NO_ACTIVATION, PRODUCER, UINT8_TO_INT8, FrozenOp, Op, arg, is_function, is_module, pair, per_channel
@@ -237,8 +237,39 @@ def _is_functional_layer(node):
     return _parameter_node(arg(node, 1, "weight")) and (bias is None or _parameter_node(bias))
 
 
+def _is_lone_bn(gm, node):
+    """A BatchNorm2d that follows no conv/linear it could fold into (DenseNet's BN -> ReLU -> conv,
+    a BN after a concatenation): it becomes its per-channel affine, a depthwise 1x1 conv."""
+    if not is_module(gm, node, nn.BatchNorm2d) or not isinstance(node.args[0], fx.Node):
+        return False
+    src = node.args[0]
+    return not (_is_layer_source(gm, src) and _sole_user(src) is node)
+
+
 def _is_layer_source(gm, node):
-    return is_module(gm, node, (nn.Conv2d, nn.Linear)) or _is_functional_layer(node)
+    return is_module(gm, node, (nn.Conv2d, nn.Linear)) or _is_functional_layer(node) or _is_lone_bn(gm, node)
+
+
+def _bn_as_conv(gm, node, bn):
+    """An eval-mode BatchNorm2d as the depthwise 1x1 conv computing the same affine,
+    W = gamma / sqrt(var + eps), b = beta - mean W (new parameters: QAT trains them), and a
+    call_module node in the BN's place."""
+    if not bn.track_running_stats or bn.running_var is None:
+        raise IntsimError(f"cannot convert {node.target}: a BatchNorm without running statistics "
+                          f"(track_running_stats=False)")
+    c = bn.num_features
+    w, b = fold_bn(torch.ones(c, 1, 1, 1, device=bn.running_var.device), None, bn)
+    layer = nn.Conv2d(c, c, 1, groups=c, bias=True).to(w.device)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    name = f"{node.target}.as_conv"
+    gm.add_submodule(name, layer)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call, name, layer
 
 
 def _functional_layer(gm, node):
@@ -291,6 +322,8 @@ def _convert(gm, node, qconfig, name, layer):
     """A conv/linear call site -> a QLayer (a functional call first becomes its module)."""
     if node.op == "call_function":
         node, name, layer = _functional_layer(gm, node)
+    elif isinstance(layer, nn.BatchNorm2d):
+        node, name, layer = _bn_as_conv(gm, node, layer)
     _replace_layer(gm, node, qconfig, name, layer)
 
 
@@ -388,9 +421,9 @@ def _freeze(freezer, node, ins, out, act):
 
 
 def _refuse_bn(gm, node):
-    if is_module(gm, node, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return ("BatchNorm is folded into the conv/linear directly before it, and this one follows no "
-                "conv/linear whose output it alone uses")
+    if is_module(gm, node, nn.BatchNorm1d):
+        return ("a BatchNorm1d is folded into the linear layer directly before it, and this one follows no "
+                "linear whose output it alone uses (a BatchNorm2d on its own converts, as a depthwise 1x1 conv)")
     return None
 
 
@@ -522,7 +555,7 @@ def _float(fb, node, op, args):
 
 
 CONV = Op("conv/linear", PRODUCER, lambda gm, n: is_module(gm, n, QLayer),
-          spelling="conv/linear [+BatchNorm] (nn.Conv2d, nn.Linear, F.conv2d / F.linear on parameters)",
+          spelling="conv/linear [+BatchNorm] (nn.Conv2d, nn.Linear, F.conv2d / F.linear on parameters; a BatchNorm2d on its own as a depthwise 1x1 conv)",
           source=_is_layer_source, convert=_convert, freeze=_freeze, float_freeze=True, refuse=_refuse_bn,
           frozen=(IntConv, FloatLayer),
           float_modules={"BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),

@@ -83,8 +83,8 @@ def _convert(gm, node, qconfig, name, module):
 
 
 def _refuse(gm, node):
-    if is_module(gm, node, nn.AdaptiveAvgPool2d) or is_function(node, (F.adaptive_avg_pool2d, F.avg_pool2d)):
-        return "only global average pooling (output size 1) is supported"
+    if is_function(node, (F.adaptive_avg_pool2d,)):
+        return "F.adaptive_avg_pool2d converts to output size 1 only; use nn.AdaptiveAvgPool2d for other sizes"
     return None
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import IntsimError
+from module import QAdaptiveAvgPool
 
 from .base import NO_ACTIVATION, POOL, SAME, FrozenOp, Op, is_function, is_module, pair
 
@@ -48,29 +49,33 @@ class IntAvgPool(FrozenOp):
                 (reference_ops::AveragePool and reference_integer_ops::AveragePool; C's
                 truncating division).
     `pad` is explicit per side, (left, right, top, bottom), as TFLite's SAME padding needs."""
-    CONFIG = ("kernel_size", "stride", "pad", "act_min", "act_max", "out_bits", "out_signed", "signed")
+    CONFIG = ("kernel_size", "stride", "pad", "act_min", "act_max", "out_bits", "out_signed", "signed", "count_pad")
     integer = True
+    count_pad = False         # a model saved before the choice
 
-    def __init__(self, kernel_size, stride, pad, inp, act_range=NO_ACTIVATION):
+    def __init__(self, kernel_size, stride, pad, inp, act_range=NO_ACTIVATION, count_pad=False):
         super().__init__()
         self.kernel_size, self.stride, self.pad = pair(kernel_size), pair(stride), tuple(pad)
         if self.kernel_size[0] * self.kernel_size[1] * 2 ** 8 > FLOAT32_EXACT:    # |q| <= 2^8 per term
             raise IntsimError(f"average pool window {self.kernel_size} is too large for an exact sum")
-        self.signed = inp.grid.signed
+        self.signed, self.count_pad = inp.grid.signed, count_pad
         self._set_out(inp, act_range)
 
-    def _sums(self, x):
-        """(window sums, in-bounds counts), in x's dtype: exact, the values being small integers."""
+    def _sums(self, x, zero):
+        """(window sums, counts), in x's dtype: exact, the values being small integers. The
+        padding is real 0 (`zero`: Z of integers, 0 of reals); `count_pad` (PyTorch's
+        count_include_pad, or a PAD op before TFLite's VALID pool) counts it, else only the
+        positions inside the input count (TFLite's SAME)."""
         ones = torch.ones_like(x[:1, :1])
-        pool = lambda t: F.avg_pool2d(F.pad(t, self.pad), self.kernel_size, self.stride, divisor_override=1)
-        return pool(x), pool(ones)
+        pool = lambda t, v: F.avg_pool2d(F.pad(t, self.pad, value=v), self.kernel_size, self.stride, divisor_override=1)
+        return pool(x, zero), pool(ones, 1.0 if self.count_pad else 0.0)
 
     def real_forward(self, x):
-        total, count = self._sums(x)
+        total, count = self._sums(x, 0.0)
         return self._real_out(total / count)
 
     def int_forward(self, q):
-        total, count = self._sums(q.to(torch.float32))
+        total, count = self._sums(q.to(torch.float32), float(self.out_zero_point) if self.count_pad else 0.0)
         acc, count = total.to(torch.int64), count.to(torch.int64)
         half = count // 2
         acc = torch.where(acc > 0, acc + half, acc - half) if self.signed else acc + half
@@ -102,6 +107,56 @@ def _is_max_pool(gm, node):
 
 def _freeze_max_pool(freezer, node, grid):
     return IntMaxPool(_pool_settings(freezer.qmodel, node))
+
+
+AVG_NAMES = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _avg_settings(gm, node):
+    """{kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override} of
+    nn.AvgPool2d or F.avg_pool2d."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        settings = {k: getattr(m, k) for k in AVG_NAMES}
+    else:
+        settings = dict(zip(AVG_NAMES, node.args[1:]), **{k: v for k, v in node.kwargs.items() if k in AVG_NAMES})
+    settings.setdefault("stride", None)
+    settings["stride"] = settings["stride"] or settings["kernel_size"]
+    return {"padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None, **settings}
+
+
+def _is_avg_pool(gm, node):
+    return is_module(gm, node, nn.AvgPool2d) or is_function(node, (F.avg_pool2d,)) or is_module(gm, node, QAdaptiveAvgPool)
+
+
+def _is_adaptive_source(gm, node):
+    """A non-global nn.AdaptiveAvgPool2d (VGG's and AlexNet's, before the classifier)."""
+    return is_module(gm, node, nn.AdaptiveAvgPool2d) and gm.get_submodule(node.target).output_size not in (1, (1, 1))
+
+
+def _adaptive_to_recording(gm, node, qconfig, name, module):
+    gm.add_submodule(name, QAdaptiveAvgPool(module.output_size))
+    node.target = name
+
+
+def _freeze_avg_pool(freezer, node, grid):
+    gm = freezer.qmodel
+    if is_module(gm, node, QAdaptiveAvgPool):
+        m = gm.get_submodule(node.target)
+        size = [int(v) for v in m.input_size]
+        out = [size[i] if o is None else o for i, o in enumerate(pair(m.output_size))]
+        if 0 in size or any(n % o for n, o in zip(size, out)):
+            raise IntsimError(f"{node.target}: an adaptive average pool from {size[0]}x{size[1]} to {out[0]}x{out[1]} "
+                              f"has windows of unequal size, which no TFLite op computes; use an input size whose "
+                              f"feature map is a multiple of {out[0]}x{out[1]} (224x224 for VGG, AlexNet)")
+        kernel = tuple(n // o for n, o in zip(size, out))
+        return IntAvgPool(kernel, kernel, (0, 0, 0, 0), grid)
+    st = _avg_settings(gm, node)
+    if st["ceil_mode"] or st["divisor_override"]:
+        raise IntsimError(f"{node.name}: an average pool with ceil_mode or divisor_override has no TFLite "
+                          f"AVERAGE_POOL_2D; drop them")
+    ph, pw = pair(st["padding"])
+    return IntAvgPool(st["kernel_size"], st["stride"], (pw, pw, ph, ph), grid, count_pad=st["count_include_pad"])
 
 
 # ----------------------------------------------------------------------------- TFLite
@@ -140,33 +195,52 @@ def _pool_options(ex, kernel, stride, padding, act):
     return o
 
 
+def _max_pool_out(size, k, s, p, ceil):
+    """PyTorch's max-pool output size along one dimension (dilation 1)."""
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p:           # the last window must start inside the input or its left pad
+        out -= 1
+    return out
+
+
 def _write_max_pool(ex, node, op):
     x, qp, _, in_shape = ex.src(node)
     k, s_, p_, d_, ceil = op.settings()
     k, s_, p_, d_ = pair(k), pair(s_ if s_ is not None else k), pair(p_), pair(d_)
-    if d_ != (1, 1) or ceil:
-        raise IntsimError(f"cannot export {node.name}: TFLite's MAX_POOL_2D has no dilation or ceil_mode")
-    if p_ != (0, 0):
-        # PyTorch pads a max-pool with -inf; a PAD with the zero point (real 0) is the same
-        # whenever no input is below real 0, i.e. after a ReLU
+    if d_ != (1, 1):
+        raise IntsimError(f"cannot export {node.name}: TFLite's MAX_POOL_2D has no dilation")
+    # PyTorch's padding (and ceil_mode's windows past the bottom/right edge) as an explicit PAD
+    # before a VALID pool: (after, per dimension) so that every output window lies inside
+    after = [max((_max_pool_out(n, kk, ss, pp, ceil) - 1) * ss + kk - n - pp, 0)
+             for n, kk, ss, pp in zip(in_shape[2:], k, s_, p_)]
+    pad = (p_[1], after[1], p_[0], after[0])         # (left, right, top, bottom)
+    if any(pad):
+        # PyTorch pads a max-pool with -inf (and a window past the edge ignores it); a PAD with the
+        # zero point (real 0) is the same whenever no input is below real 0, i.e. after a ReLU
         _, _, offset, _ = ex.t[node.args[0]]
         if ex.lowest.get(node.args[0], qp.grid.qmin) < int(qp.zero_point):
-            raise IntsimError(f"cannot export {node.name}: a padded max-pool whose input can be negative "
-                              f"(TFLite pads with the zero point, PyTorch with -inf)")
-        x, in_shape = ex.pad(node, x, qp, offset, in_shape, (p_[1], p_[1], p_[0], p_[0]))
+            raise IntsimError(f"cannot export {node.name}: a padded (or ceil_mode) max-pool whose input can be "
+                              f"negative (TFLite pads with the zero point, PyTorch with -inf)")
+        x, in_shape = ex.pad(node, x, qp, offset, in_shape, pad)
     options = _pool_options(ex, k, s_, ex.w.s.Padding.VALID, ex.w.s.ActivationFunctionType.NONE)
     ex.w.op("MAX_POOL_2D", [x], [ex.act_tensor(node, qp, node.name)], options, "Pool2DOptions")
     ex.lowest[node] = ex.lowest.get(node.args[0], qp.grid.qmin)
 
 
 def _write_avg_pool(ex, node, op):
-    x, qp, _, in_shape = ex.src(node)
-    pad = ex.padding_of(op.pad, in_shape, op.kernel_size, op.stride, (1, 1))
+    x, qp, offset, in_shape = ex.src(node)
+    if op.count_pad and any(op.pad):       # padding counted in the average: a PAD (real 0), then VALID
+        x, in_shape = ex.pad(node, x, qp, offset, in_shape, op.pad)
+        pad = ex.w.s.Padding.VALID
+    else:
+        pad = ex.padding_of(op.pad, in_shape, op.kernel_size, op.stride, (1, 1))
     if pad is None:         # a PAD would be counted in the average
         raise IntsimError(f"cannot export {node.name}: average pool padding {op.pad} is neither VALID nor SAME")
     act = ex.fused_activation(op, qp, node.name)
     ex.w.op("AVERAGE_POOL_2D", [x], [ex.act_tensor(node, qp, node.name)],
             _pool_options(ex, op.kernel_size, op.stride, pad, act), "Pool2DOptions")
+    ex.lowest[node] = max(ex.lowest.get(node.args[0], qp.grid.qmin), op.act_min)   # an average of values >= it
 
 
 def _float_max_pool(fb, node, op, args):
@@ -185,7 +259,12 @@ MAX_POOL = Op("max-pool", POOL, _is_max_pool, spelling="max-pool (nn.MaxPool2d, 
               float_modules={"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))},
               functions=(F.max_pool2d,), tflite_read={"MAX_POOL_2D": _read_max_pool},
               tflite_write={IntMaxPool: _write_max_pool}, to_float={IntMaxPool: _float_max_pool})
-# Average pooling with a window is read from and written to .tflite files; convert does not make it yet.
-AVG_POOL = Op("average pooling", SAME, lambda gm, n: False, frozen=(IntAvgPool,),
+AVG_POOL = Op("average pooling", SAME, _is_avg_pool,
+              spelling="average pooling (nn.AvgPool2d, F.avg_pool2d, nn.AdaptiveAvgPool2d with uniform windows)",
+              source=_is_adaptive_source, convert=_adaptive_to_recording, freeze=_freeze_avg_pool,
+              frozen=(IntAvgPool,),
+              float_modules={"AvgPool2d": (nn.AvgPool2d, AVG_NAMES),
+                             "QAdaptiveAvgPool": (QAdaptiveAvgPool, ("output_size",))},
+              functions=(F.avg_pool2d,),
               tflite_read={"AVERAGE_POOL_2D": _read_avg_pool}, tflite_write={IntAvgPool: _write_avg_pool},
               to_float={IntAvgPool: _float_avg_pool})

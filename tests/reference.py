@@ -141,6 +141,25 @@ def ref_adjust_weights_for_bias_scale(bias, input_scale, weight_scales, qmax=127
     return scales
 
 
+def ref_concat_with_scaling(inputs, scales, zero_points, s_out, z_out):
+    """reference_ops::ConcatenationWithScaling (uint8) along the last axis, value by value: an
+    input on another grid is rescaled in float32, round(q * scale + bias) + Z_out, with
+    scale = S_i * (1 / S_out) and bias = -Z_i * scale, then clamped to [0, 255]."""
+    f = np.float32
+    inverse = f(1.0) / f(s_out)
+    out = []
+    for q, s, z in zip(inputs, scales, zero_points):
+        if z == z_out and f(s) == f(s_out):
+            out.append(np.asarray(q, dtype=np.int64))
+            continue
+        scale = f(f(s) * inverse)
+        bias = f(-f(z) * scale)
+        v = [f(f(float(x)) * scale) + bias for x in np.asarray(q).reshape(-1)]
+        r = [int(math.floor(abs(float(t)) + 0.5)) * (1 if t >= 0 else -1) + z_out for t in v]
+        out.append(np.clip(np.array(r, dtype=np.int64), 0, 255).reshape(np.asarray(q).shape))
+    return np.concatenate(out, axis=-1)
+
+
 def ref_same_padding(in_size, filter_size, stride, dilation=1):
     """TFLite's SAME padding (ComputePaddingWithOffset): (before, after)."""
     out_size = (in_size + stride - 1) // stride

@@ -320,6 +320,11 @@ def test_functional_layers_on_parameters_convert_to_qlayers(quantize):
         convert(FunctionalLayers(weight_as_buffer=True), QConfig())
 
 
+class AdaptiveFunctional(nn.Module):
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 2)
+
+
 def conv_then(*layers):
     return nn.Sequential(nn.Conv2d(1, 2, 3), *layers)
 
@@ -331,8 +336,8 @@ def conv_then(*layers):
     (conv_then(nn.BatchNorm2d(2, track_running_stats=False)), ["track_running_stats=False"]),
     (DropoutAlways(), ["training=True", "nn.Dropout"]),
     (Branchy(), ["cannot trace", "control flow"]),
-    (conv_then(nn.AdaptiveAvgPool2d(2)), ["only global average pooling"]),
-    (conv_then(nn.ReLU(), nn.BatchNorm2d(2)), ["BatchNorm is folded into the conv/linear directly before it"]),
+    (AdaptiveFunctional(), ["F.adaptive_avg_pool2d converts to output size 1 only", "nn.AdaptiveAvgPool2d"]),
+    (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3)), ["BatchNorm1d is folded into the linear layer"]),
 ])
 def test_what_cannot_be_converted_is_refused_in_one_line_at_convert(model, words):
     with pytest.raises(IntsimError) as e:
@@ -346,13 +351,14 @@ def test_what_cannot_be_converted_is_refused_in_one_line_at_convert(model, words
 def test_torchvision_networks_convert_and_run_exactly_in_integers(name, size, quantize):
     """Networks nobody here wrote: ReLU6 and depthwise convs (MobileNetV2), residual adds
     without a ReLU after them, dropout and flatten before the classifier, VGG's ReLU ->
-    max-pool chains. VGG's 7x7 adaptive pool is refused; the rest converts and, with one
+    max-pool chains. VGG's 7x7 adaptive pool of a 1x1 map is refused at freeze; the rest converts and, with one
     rounding, the integer path equals the float64 fake-quant."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
-    if name == "vgg11_bn":
-        with pytest.raises(IntsimError, match="only global average pooling"):
-            convert(model, QConfig())
+    if name == "vgg11_bn":                                    # its 7x7 pool of a 1x1 map: unequal windows
+        x = torch.randn(2, 3, size, size)
+        with pytest.raises(IntsimError, match="avgpool: an adaptive average pool from 1x1 to 7x7 has windows"):
+            quantize(model, QConfig(), x)
         model.avgpool = nn.AdaptiveAvgPool2d(1)
         model.classifier[0] = nn.Linear(512, 4096)
     for m in model.modules():                                 # non-trivial BN statistics
@@ -379,3 +385,31 @@ def test_max_pool_run_on_the_accumulator_gives_the_same_integers(trained_like, q
     for p, c in zip(pools, convs):
         p.run_by_producer, c.pool_first = False, None
     assert all(torch.equal(fast[mode], integers(frozen, x, mode)) for mode in ("int", "reals"))
+
+
+class Dense(nn.Module):
+    """DenseNet's growth: each concatenation feeds the next, and a BatchNorm with no conv before it."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(6, 3, 1)
+        self.bn = nn.BatchNorm2d(6).eval()
+
+    def forward(self, x):
+        y = torch.cat([x, torch.relu(self.a(x))], 1)
+        y = torch.cat([y, torch.relu(self.b(y))], 1)
+        return self.c(torch.relu(self.bn(y)))
+
+
+def test_concatenations_put_their_inputs_on_one_grid(quantize):
+    """TFLite's int8 CONCATENATION copies (every input on the output's S and Z): the quantizers
+    behind a concatenation's inputs, and behind those of the concatenations it feeds, are one."""
+    torch.manual_seed(0)
+    net, x = Dense(), torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    qmodel, frozen = quantize(net, QConfig(single_rounding=True), x)
+    quant_targets = {n.target for n in qmodel.graph.nodes if n.op == "call_module" and type(qmodel.get_submodule(n.target)).__name__ == "Quantizer"}
+    assert len(quant_targets) == 3                # one shared by x, a's and b's outputs; the bn's conv; c's
+    shared = qmodel.get_submodule("quant_in")
+    lo, hi = shared.observer.range()
+    assert lo <= x.min() and hi >= x.max()        # the union of what it observed
+    assert torch.equal(integers(frozen, x, "int"), integers(frozen, x, "reals"))
+    assert torch.allclose(set_phase(qmodel, "float")(x), net(x), atol=1e-6)

@@ -283,13 +283,43 @@ class ViewHead(Head):
         return self.fc(y.view(-1, y.size(1) * y.size(2) * y.size(3)))
 
 
+class Branches(nn.Module):
+    """Inception/SqueezeNet/DenseNet pieces: a concatenation of branches (their grids shared), a
+    BatchNorm on its own (a depthwise 1x1 conv) after it, an average pool counting its padding,
+    a ceil_mode max-pool, an adaptive pool with uniform windows."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 3, 1), nn.Conv2d(4, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8).eval()
+        self.bn.running_mean.uniform_(-0.3, 0.3)
+        self.bn.running_var.uniform_(0.5, 2.0)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.avg, self.mp = nn.AvgPool2d(3, 1, 1), nn.MaxPool2d(2, 2, ceil_mode=True)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)      # 3 + 5 channels, one grid
+        y = torch.relu(self.c(torch.relu(self.bn(y))))
+        return self.mp(self.avg(y))
+
+
+class AdaptiveHead(nn.Module):
+    """VGG's head in small: an adaptive average pool to 3x3 (uniform windows of a 6x6 map), flatten, linear."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(4, 5, 3, 1, 1), nn.AdaptiveAvgPool2d(3), nn.Linear(45, 7)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
 EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: OneConv(2, nn.ReLU())),
                 ("conv s2 relu6", lambda: OneConv(2, nn.ReLU6())), ("depthwise s2", lambda: OneConv(2, nn.ReLU6(), groups=4)),
                 ("maxpool 2", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(2))),
                 ("maxpool 3/2 pad 1", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1))),
                 ("linear on flatten", Head), ("add + mean", Residual), ("input max-pool, nn.Flatten", PoolFirst),
-                ("TF-style functional convs", TFStyle), ("linear on view(-1, C H W)", ViewHead)]
-ON_3X3_MAPS = ("linear on flatten", "linear on view(-1, C H W)")      # their linear layers are built for 6x6 inputs
+                ("TF-style functional convs", TFStyle), ("linear on view(-1, C H W)", ViewHead),
+                ("concat, lone BN, avg pool, ceil max-pool", Branches), ("adaptive pool to 3x3", AdaptiveHead)]
+ON_3X3_MAPS = ("linear on flatten", "linear on view(-1, C H W)", "adaptive pool to 3x3")   # built for 6x6 inputs
 
 
 @pytest.mark.parametrize("case", [c for c, _ in EXPORT_CASES])
@@ -553,3 +583,39 @@ def test_pretrained_efficientnet_lite0_converts_unmodified_and_exports_bit_exact
     assert sum(getattr(m, "bias_scale_adjusted", 0) for m in frozen.modules()) > 0   # the rule is needed here
     ref, own, again = litert_vs(frozen, "int8", x[:2], tmp_path)
     assert np.array_equal(own, ref) and np.array_equal(again, ref)
+
+
+def test_uint8_concatenation_of_inputs_on_other_grids_rescales_as_litert_does(tmp_path):
+    """A uint8 file may concatenate tensors of different (S, Z) (TF's converter writes such):
+    LiteRT's kernel rescales them in float32 (ConcatenationWithScaling). intsim's import equals
+    the plain-Python transcription and LiteRT's reference kernels on every integer."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from reference import ref_concat_with_scaling
+    from tflite_io.schema import Writer
+    w = Writer("uint8")
+    s_in, z_in, s_t, z_t, s_out, z_out = 0.031, 118, 0.0473, 97, 0.0529, 101
+    x = w.tensor("input", [1, 5, 5, 2], "UINT8", [s_in], [z_in])
+    rng = np.random.default_rng(0)
+    weights = rng.integers(100, 156, (3, 1, 1, 2)).astype(np.uint8)
+    wt = w.tensor("w", [3, 1, 1, 2], "UINT8", [0.02], [128], weights)
+    bt = w.tensor("b", [3], "INT32", [s_in * 0.02], [0], np.array([5, -40, 17], dtype=np.int32))
+    t = w.tensor("conv", [1, 5, 5, 3], "UINT8", [s_t], [z_t])
+    o = w.s.Conv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = w.s.Padding.VALID, 1, 1, 1, 1
+    w.op("CONV_2D", [x, wt, bt], [t], o, "Conv2DOptions")
+    out = w.tensor("output", [1, 5, 5, 5], "UINT8", [s_out], [z_out])
+    c = w.s.ConcatenationOptionsT()
+    c.axis = 3
+    w.op("CONCATENATION", [x, t], [out], c, "ConcatenationOptions")
+    w.graph.inputs, w.graph.outputs = [x], [out]
+    path = tmp_path / "concat.tflite"
+    path.write_bytes(w.pack())
+    frozen, info = import_tflite(str(path))
+    images = torch.from_numpy(rng.integers(0, 256, (3, 2, 5, 5)).astype(np.uint8))
+    reals = info["input"].scale.double() * (images.double() - info["input"].zero_point)
+    ours = output_integers(set_mode(frozen, "int"), frozen(reals)).numpy()          # NCHW
+    theirs = run_litert_integers(str(path), images.permute(0, 2, 3, 1).numpy(), info["compare_tensor"])
+    assert np.array_equal(ours.transpose(0, 2, 3, 1), theirs)
+    conv_out = run_litert_integers(str(path), images.permute(0, 2, 3, 1).numpy(), t)
+    want = ref_concat_with_scaling([images.permute(0, 2, 3, 1).numpy(), conv_out], [s_in, s_t], [z_in, z_t], s_out, z_out)
+    assert np.array_equal(theirs, want) and (theirs != np.concatenate([images.permute(0, 2, 3, 1).numpy(), conv_out], -1)).any()
