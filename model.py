@@ -30,7 +30,7 @@ from errors import IntsimError
 from frozen import bias_scale_adjustments
 from function import FLOAT32_TINY
 from module import QLayer
-from observer import make_observer
+from observer import FixedObserver, make_observer
 from ops.base import CLAMP, JOIN, POOL, PRODUCER, QUANT, SAME, SHAPE, FrozenOp, QParams, is_module
 from ops.quant import Dequantize, Quantize
 from quantizer import Quantizer, lsq_grad_scale, lsq_init, lsq_step, weight_quantizer
@@ -215,7 +215,9 @@ def _insert_quantizers(gm, qconfig):
         name = "quant_in" if node.op == "placeholder" else (
             f"{node.target}.out" if node.op == "call_module" else f"{node.name}_out")
         grid = qconfig.a_grid(output=_reaches_output(gm, end), input=node.op == "placeholder")
-        gm.add_submodule(name, Quantizer(grid, make_observer(qconfig.a_observer, grid, qconfig.lp_p), name=name))
+        fixed = op_of(gm, node).output_range          # an op whose output grid TFLite fixes (LOGISTIC)
+        observer = FixedObserver(*fixed(grid)) if fixed else make_observer(qconfig.a_observer, grid, qconfig.lp_p)
+        gm.add_submodule(name, Quantizer(grid, observer, name=name))
         with gm.graph.inserting_after(end):
             q = gm.graph.call_module(name, (end,))
         end.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
@@ -347,7 +349,8 @@ def learn_activation_scales(qmodel, batches, device, num_batches, init="mean"):
     `num_batches` batches, in the current phase (N: the features of one image). With init
     "range" S stays the calibrated one and one batch gives N."""
     num_batches = 1 if init == "range" else num_batches
-    quantizers = [q for q in activation_quantizers(qmodel) if not q.learned]
+    # (an output grid TFLite fixes, LOGISTIC's, stays as it is)
+    quantizers = [q for q in activation_quantizers(qmodel) if not q.learned and not isinstance(q.observer, FixedObserver)]
     sums = {q: [0.0, 0, 0] for q in quantizers}            # sum |x|, elements, features per image
 
     def record(q, inputs):

@@ -122,6 +122,28 @@ class MinMaxObserver(nn.Module):
         return self.min_val, self.max_val
 
 
+class FixedObserver(nn.Module):
+    """A range set by the op, not by the data: TFLite fixes the output grid of LOGISTIC
+    (S = 1/256, Z = QMIN) and TANH (S = 1/128, Z = QMIN + 128). It observes nothing."""
+
+    def __init__(self, lo, hi):
+        super().__init__()
+        self.register_buffer("min_val", torch.tensor([float(lo)]))
+        self.register_buffer("max_val", torch.tensor([float(hi)]))
+
+    def forward(self, x):
+        return x
+
+    def finish(self):
+        """Nothing to search: the range is the op's."""
+
+    def has_data(self):
+        return True
+
+    def range(self):
+        return self.min_val, self.max_val
+
+
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of the batch min/max (Jacob et al. 2018, sec. 3.1): the first
     batch sets the range, later batches move it by EMA_MOMENTUM."""

@@ -7,14 +7,17 @@ from .add import ADD
 from .clamp import RELU, RELU_6
 from .concat import CONCAT
 from .conv import CONV
+from .hardswish import HARD_SWISH
+from .logistic import LOGISTIC
 from .mean import MEAN
+from .mul import MUL
 from .pad import PAD
 from .pool import AVG_POOL, MAX_POOL
 from .quant import ACTIVATION_QUANTIZER, INPUT, MODEL_OUTPUT
 from .shape import DROPOUT, FLATTEN, SHAPE_OF
 
 # in match order: the first entry whose `match` holds is a node's op
-OPS = (INPUT, CONV, ADD, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, CONCAT, SHAPE_OF, ACTIVATION_QUANTIZER,
+OPS = (INPUT, CONV, ADD, MUL, LOGISTIC, HARD_SWISH, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, CONCAT, SHAPE_OF, ACTIVATION_QUANTIZER,
        MODEL_OUTPUT, AVG_POOL, DROPOUT)
 
 FROZEN_OPS = {cls.__name__: cls for op in OPS for cls in op.frozen}          # saved frozen models name these

@@ -436,7 +436,8 @@ def _read_conv(imp, op, kind):
     w_int = torch.from_numpy(r.data(w).astype(np.int64))
     # CONV_2D filters are [O, KH, KW, I], DEPTHWISE_CONV_2D filters [1, KH, KW, O]: to [O, I/groups, KH, KW]
     w_int = w_int.permute(3, 0, 1, 2) if kind == "DEPTHWISE_CONV_2D" else w_int.permute(0, 3, 1, 2)
-    groups = r.shape(x)[3] if kind == "DEPTHWISE_CONV_2D" else 1
+    # DEPTHWISE_CONV_2D: a group per input channel; CONV_2D: input depth / filter depth groups
+    groups = r.shape(x)[3] if kind == "DEPTHWISE_CONV_2D" else r.shape(x)[3] // w_int.shape[1]
     w_scale, w_zero_point, _ = r.scales(w)
     bias = torch.from_numpy(r.data(b).astype(np.int64)) if b >= 0 else torch.zeros(len(w_int), dtype=torch.int64)
     stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor)
@@ -502,9 +503,7 @@ def _write(ex, node, op):
         ex.w.op("FULLY_CONNECTED", [x, w, b], [out], o, "FullyConnectedOptions")
         return
     groups, (o_ch, _, kh, kw) = op.groups, w_np.shape
-    depthwise = op.depthwise
-    if groups > 1 and not depthwise:
-        raise IntsimError(f"cannot export {node.name}: a grouped conv that is not depthwise (groups {groups})")
+    depthwise = op.depthwise          # a grouped conv otherwise: CONV_2D with filters of I / groups channels
     pad = ex.padding_of(op.pad, in_shape, (kh, kw), op.stride, op.dilation)
     if pad is None:
         x, in_shape = ex.pad(node, x, in_qp, in_off, in_shape, op.pad)

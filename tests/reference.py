@@ -160,6 +160,71 @@ def ref_concat_with_scaling(inputs, scales, zero_points, s_out, z_out):
     return np.concatenate(out, axis=-1)
 
 
+def _srdhm16(a, b):
+    if a == b == -32768:
+        return 32767
+    ab = a * b
+    return c_div(ab + ((1 << 14) if ab >= 0 else 1 - (1 << 14)), 1 << 15)
+
+
+def _sdhm16(a, b):
+    return 32767 if a == b == -32768 else c_div(a * b, 1 << 15)
+
+
+def _sat_left16(v, amount):
+    return max(-32768, min(32767, v * (1 << amount)))
+
+
+def _down16(m):
+    return 32767 if m >= INT32_MAX - (1 << 15) else (m + (1 << 15)) >> 16
+
+
+def ref_hard_swish(q, s_in, z_in, s_out, z_out, qmin, qmax):
+    """reference_ops::HardSwish on 8-bit values with HardSwishPrepare's parameters (float32
+    quotients, QuantizeMultiplier, DownScaleInt32ToInt16Multiplier), one integer at a time."""
+    f = np.float32
+    hires = f(f(1.0 / 128.0) * f(s_in))
+    m_out, e_out = ref_quantize_multiplier(float(f(hires / f(s_out))))
+    m_relu, e_relu = ref_quantize_multiplier(float(f(hires / f(3.0 / 32768.0))))
+    m_out, m_relu = _down16(m_out), _down16(m_relu)
+    out = []
+    for v in q:
+        x = (v - z_in) * 128
+        pre = _srdhm16(x, m_out)
+        r = _sat_left16(x, e_relu - 1) if e_relu > 0 else x
+        r = _srdhm16(r, m_relu)
+        if e_relu > 0:
+            r = _sat_left16(r, 1)
+        if e_relu < 0:
+            r = ref_rdbpot(r, -e_relu)
+        r = (r + (1 << 15)) >> 1
+        out.append(max(qmin, min(qmax, ref_rdbpot(_sdhm16(r, pre), -e_out) + z_out)))
+    return out
+
+
+def ref_logistic_table(s_in, z_in, s_out, z_out, qmin, qmax):
+    """LUTPopulate for LOGISTIC (kernels/activations.cc), every step in NumPy float32, the
+    exponential as float32 of a float64 exp."""
+    f = np.float32
+    inverse = f(1.0) / f(s_out)
+    table = []
+    for v in range(qmin, qmax + 1):
+        d = f(f(s_in) * f(v - z_in))
+        t = f(f(1.0) / f(f(1.0) + f(np.exp(-np.float64(d)))))
+        r = f(t * inverse)
+        rounded = math.floor(abs(float(r)) + 0.5) * (1 if r >= 0 else -1)
+        table.append(max(qmin, min(qmax, int(rounded + z_out))))
+    return table
+
+
+def ref_mul(q1, z1, s1, q2, z2, s2, z_out, s_out, qmin, qmax):
+    """reference_integer_ops::Mul: MultiplyByQuantizedMultiplier((q1 - Z1)(q2 - Z2), M) + Z_out,
+    M = S1 S2 / S_out in float32 (mul.cc's Prepare)."""
+    f = np.float32
+    m0, shift = ref_quantize_multiplier(float(f(f(f(s1) * f(s2)) / f(s_out))))
+    return [max(qmin, min(qmax, ref_mbqm((a - z1) * (b - z2), m0, shift) + z_out)) for a, b in zip(q1, q2)]
+
+
 def ref_same_padding(in_size, filter_size, stride, dilation=1):
     """TFLite's SAME padding (ComputePaddingWithOffset): (before, after)."""
     out_size = (in_size + stride - 1) // stride

@@ -330,7 +330,7 @@ def conv_then(*layers):
 
 
 @pytest.mark.parametrize("model,words", [
-    (conv_then(nn.Sigmoid()), ["Sigmoid", "supported are"]),
+    (conv_then(nn.GELU()), ["GELU", "supported are"]),
     (WithParameter(), ["parameter or buffer used as a tensor"]),
     (Tuple(), ["several values"]),
     (conv_then(nn.BatchNorm2d(2, track_running_stats=False)), ["track_running_stats=False"]),

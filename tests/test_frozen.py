@@ -293,3 +293,30 @@ def test_a_bias_too_large_for_its_scale_raises_the_weight_scale_as_tflite_does(p
     assert not changed.any()                                       # nothing to do where the bias fits
     q_in = torch.randint(0, 256, (2, 3, 6, 6), generator=g, dtype=torch.int32)
     assert np.array_equal(op(q_in).numpy(), reference(op, q_in))  # and the integer conv stays exact
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_hard_swish_logistic_and_mul_equal_tflites_reference_integer_by_integer(signed):
+    """Every input integer through HARD_SWISH and LOGISTIC, and random pairs through MUL, for
+    random scales and zero points, against plain-Python transcriptions of TFLite's kernels."""
+    from ops.hardswish import IntHardSwish
+    from ops.logistic import IntLogistic
+    from ops.mul import IntMul
+    from reference import ref_hard_swish, ref_logistic_table, ref_mul
+    rng = random.Random(7 + signed)
+    a = activation_grid(8, signed)
+    q = torch.arange(a.qmin, a.qmax + 1, dtype=torch.int32)
+    for _ in range(20):
+        s_in, s_out = rng.uniform(0.005, 0.2), rng.uniform(0.005, 0.2)
+        z_in, z_out = rng.randint(a.qmin, a.qmax), rng.randint(a.qmin, a.qmax)
+        op = IntHardSwish(qp(s_in, z_in, a), qp(s_out, z_out, a))
+        if op.e_out > 0:
+            continue                           # TFLite's Prepare refuses that output scale
+        assert op(q).tolist() == ref_hard_swish(q.tolist(), s_in, z_in, s_out, z_out, a.qmin, a.qmax)
+        fixed = qp(1 / 256, a.qmin, a)
+        assert IntLogistic(qp(s_in, z_in, a), fixed)(q).tolist() == \
+            ref_logistic_table(s_in, z_in, 1 / 256, a.qmin, a.qmin, a.qmax)
+        q2 = torch.randint(a.qmin, a.qmax + 1, q.shape, dtype=torch.int32)
+        s2, z2 = rng.uniform(0.005, 0.2), rng.randint(a.qmin, a.qmax)
+        got = IntMul(qp(s_in, z_in, a), qp(s2, z2, a), qp(s_out, z_out, a))(q, q2).tolist()
+        assert got == ref_mul(q.tolist(), z_in, s_in, q2.tolist(), z2, s2, z_out, s_out, a.qmin, a.qmax)

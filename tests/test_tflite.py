@@ -312,13 +312,43 @@ class AdaptiveHead(nn.Module):
         return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
+class Excite(nn.Module):
+    """EfficientNet's and MobileNetV3's pieces: SiLU (LOGISTIC and MUL), squeeze-excitation's
+    broadcasting x * sigmoid(s), hardswish, hardsigmoid (ADD 3 with RELU6, MUL 1/6), a constant
+    factor."""
+    def __init__(self):
+        super().__init__()
+        self.c, self.f1, self.f2, self.o = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = F.silu(self.c(x))
+        s = torch.sigmoid(self.f2(torch.relu(self.f1(F.adaptive_avg_pool2d(y, 1)))))
+        y = F.hardswish(y * s)
+        return self.o(y * F.hardsigmoid(y)) * 0.5
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's unit: chunk (SPLIT), a branch, concatenation, the channel shuffle (view,
+    transpose, view: a GATHER of channels)."""
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, torch.relu(self.b(b))], 1)
+        n, c, h, w = y.size()
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
 EXPORT_CASES = [("conv s1", lambda: OneConv(1, None)), ("conv s2 relu", lambda: OneConv(2, nn.ReLU())),
                 ("conv s2 relu6", lambda: OneConv(2, nn.ReLU6())), ("depthwise s2", lambda: OneConv(2, nn.ReLU6(), groups=4)),
                 ("maxpool 2", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(2))),
                 ("maxpool 3/2 pad 1", lambda: OneConv(1, nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1))),
                 ("linear on flatten", Head), ("add + mean", Residual), ("input max-pool, nn.Flatten", PoolFirst),
                 ("TF-style functional convs", TFStyle), ("linear on view(-1, C H W)", ViewHead),
-                ("concat, lone BN, avg pool, ceil max-pool", Branches), ("adaptive pool to 3x3", AdaptiveHead)]
+                ("concat, lone BN, avg pool, ceil max-pool", Branches), ("adaptive pool to 3x3", AdaptiveHead),
+                ("SiLU, SE, hardswish, hardsigmoid", Excite), ("split, concat, channel shuffle", Shuffle)]
 ON_3X3_MAPS = ("linear on flatten", "linear on view(-1, C H W)", "adaptive pool to 3x3")   # built for 6x6 inputs
 
 

@@ -28,6 +28,12 @@ def _grid_offset(qp, scheme, what):
     return 0 if qp.grid.signed == want_signed else (-UINT8_TO_INT8 if want_signed else UINT8_TO_INT8)
 
 
+def _holds_tensors(meta):
+    """Whether a node's value is a tensor or a tuple of them (chunk), not shape arithmetic."""
+    return isinstance(meta, TensorMetadata) or (isinstance(meta, (tuple, list)) and bool(meta)
+                                                and all(isinstance(m, TensorMetadata) for m in meta))
+
+
 class Exporter:
     """Walks a frozen graph and has each op's writer write it as its TFLite op (NHWC). What the
     writers share: the Writer `w`, the scheme, each fx node's tensor (`t`: index, QParams as
@@ -55,6 +61,7 @@ class Exporter:
             for m, v in pools:
                 m.run_by_producer = v
         self.lowest = {}
+        self.pending, self.split_outputs = {}, {}    # reshape chains not yet written; a split's output tensors
         self.flattened_from = self.flattened_node = None   # the last flatten of spatial data, (C, H, W)
         self.t = {}
 
@@ -66,6 +73,10 @@ class Exporter:
                               (qp.zero_point + offset).numpy())
         self.t[node] = (index, qp, offset, shape)
         return index
+
+    def offset_of(self, qp, what):
+        """What to add to integers on grid `qp` to put them on the scheme's 8-bit type."""
+        return _grid_offset(qp, self.scheme, what)
 
     def fused_activation(self, op, qp, what):
         return fused_activation(op, qp, what)
@@ -120,7 +131,7 @@ class Exporter:
                     raise IntsimError(f"cannot export {node.name}: {type(op).__name__} has no TFLite op in intsim's "
                                       f"exporter (it writes {', '.join(modules)} and {', '.join(functions)})")
                 ops.TFLITE_WRITERS[type(op)](self, node, op)
-            elif not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
+            elif not _holds_tensors(node.meta.get("tensor_meta")):
                 continue                   # shape arithmetic (x.size(0)): no tensor, nothing in the file
             elif node.op in ("call_function", "call_method") and node.target in ops.TFLITE_WRITERS:
                 ops.TFLITE_WRITERS[node.target](self, node, node.target)
