@@ -17,6 +17,12 @@ import ops
 from ops.base import FrozenOp
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
     """Call write(file object) on a temporary file beside `path`, then rename it to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -25,6 +31,7 @@ def _atomic_write(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp's 0600 would make every result private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

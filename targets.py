@@ -5,7 +5,7 @@ import itertools
 from tables.common import (ADAROUND_W4A8_TOL, FLOAT_TARGET, SMALL_CNNS, ada_acc, bits, calibration_half, delta, find,
                            granularity, is_compressed, kernel, observer_name, pct, plain)
 from tables.compressed import ca_tag, compressed_run, plain_qat, schedule, train_baseline
-from tables.imagenet import imagenet_agreement
+from tables.imagenet import imagenet_agreement, pretrained_runs
 from tables.lowbits import low_bit_cell
 
 
@@ -46,6 +46,16 @@ def check_targets(results):
         rows.append(("QAT: integer within 0.1 of the fake-quant accuracy reached in training", label,
                      f"{r['int_acc'] - r['qat_fakequant_acc']:+.2f}",
                      round(abs(r["int_acc"] - r["qat_fakequant_acc"]), 2) <= 0.1))   # accuracies have two decimals
+    for r in pretrained_runs(results, "efficientnet_lite0"):     # issue 30: a pretrained PyTorch network
+        if (r["w_bits"], r["a_bits"], r["per_channel"]) == (8, 8, True):
+            run = f"efficientnet_lite0 W8A8 per-channel, calibrated on {calibration_half(r)}"
+            rows.append(("pretrained EfficientNet-Lite0 W8A8 per-channel integer within 0.5 of float32", run, delta(r),
+                         r["int_acc"] - r["fp32_acc"] >= -0.5))
+            if "tflite_vs_intsim" in r:
+                a = r["tflite_vs_intsim"]
+                rows.append(("its exported file equals intsim on every output integer of the scored half", run,
+                             f"{a['images_identical']} of {r['tflite_images']}", a["images_identical"] == r["test_images"]
+                             == r["tflite_images"]))
     for r in find(results, script="Table1"):
         for part in ("first_layer", "all_layers"):
             t, run = r[part], f"{r['model']} W{r['w_bits']}A32, {part.replace('_', ' ')}"

@@ -6,7 +6,7 @@ it directly: a PTQ row with the default ranges, rounding and bias is `plain`. TA
 (specs.py); CUSTOM the tables with a renderer of their own, by name (one module a topic).
 """
 from .compressed import render_compressed
-from .imagenet import render_depthwise, render_imagenet, render_mobilenet, render_resnet18
+from .imagenet import render_depthwise, render_imagenet, render_mobilenet, render_pretrained, render_resnet18
 from .lowbits import render_low_bits
 from .ranges import render_base_quantizers, render_hessian, render_observers, render_table1
 from .specs import TABLES
@@ -15,5 +15,6 @@ from .summary import render_headline
 CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
           "imagenet": render_imagenet, "resnet18": render_resnet18, "mobilenet": render_mobilenet,
           "depthwise": render_depthwise, "low_bits": render_low_bits,
-          "base_quantizers": render_base_quantizers, "headline": render_headline, "compressed": render_compressed}
+          "base_quantizers": render_base_quantizers, "headline": render_headline, "compressed": render_compressed,
+          "pretrained": render_pretrained}
 __all__ = ["CUSTOM", "TABLES"]

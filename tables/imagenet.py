@@ -4,7 +4,48 @@ from .common import ada_acc, calibration_half, cmd, delta, find, granularity, pc
 
 def imagenet_runs(results):
     """The ImageNet ResNet18 runs (random weights: the integer-agreement checks)."""
-    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet" and "tflite_model" not in r]
+    return [r for r in results if r["script"] == "PTQ" and r["dataset"] == "imagenet" and r["model"] == "resnet18"]
+
+
+PRETRAINED = ("efficientnet_lite0",)        # pretrained PyTorch ImageNet networks (--model)
+PUBLISHED = {"efficientnet_lite0": (75.1, 74.4)}   # Google's float / int8 top-1, 50,000 images (tensorflow/tpu lite README)
+
+
+def pretrained_runs(results, model):
+    return [r for r in results if r["dataset"] == "imagenet" and r["model"] == model and r["script"] in ("PTQ",)]
+
+
+def render_pretrained(results):
+    """Pretrained PyTorch ImageNet networks through intsim's PTQ, each run calibrated on one half
+    of the 1,300 images and scored on the other, both ways; the exported file in LiteRT."""
+    lines = ["| network | quantization | calibrated on part0: float32 / integer (diff) | calibrated on part1: float32 / "
+             "integer (diff) | mean change | LiteRT = intsim (images) | weight scales raised for the bias | "
+             "command (part0) |", "|---|---|---|---|---|---|---|---|"]
+    for model in PRETRAINED:
+        runs = pretrained_runs(results, model)
+        for key in sorted({(r["w_bits"], r["a_bits"], r["per_channel"], r["a_signed"]) for r in runs}):
+            rows = {calibration_half(r): r for r in runs if (r["w_bits"], r["a_bits"], r["per_channel"], r["a_signed"]) == key}
+            cells, drops = [], []
+            for fold in ("part0", "part1"):
+                r = rows.get(fold)
+                acc = None if r is None else r.get("int_acc", r["fakequant_acc"])
+                cells.append("-" if r is None else f"{pct(r['fp32_acc'])} / {pct(acc)} ({acc - r['fp32_acc']:+.2f})")
+                if r is not None:
+                    drops.append(acc - r["fp32_acc"])
+            exported = [r for r in rows.values() if "tflite_vs_intsim" in r]
+            same = (f"{sum(r['tflite_vs_intsim']['images_identical'] for r in exported)} of "
+                    f"{sum(r['tflite_images'] for r in exported)}") if exported else "-"
+            raised = " / ".join(str(sum(r.get("bias_scale_adjusted", {}).values())) for r in rows.values())
+            first = rows.get("part0", next(iter(rows.values())))
+            w, a, pc, signed = key
+            label = f"W{w}A{a} {'per-channel' if pc else 'per-tensor'}, {'int8' if signed else 'uint8'} activations"
+            lines.append(f"| {model} | {label} | {cells[0]} | {cells[1]} | {sum(drops) / len(drops):+.2f} | {same} | "
+                         f"{raised} | {cmd(first)} |")
+        if model in PUBLISHED:
+            f, q = PUBLISHED[model]
+            lines.append(f"| {model} (Google, 50,000 images) | TFLite's post-training int8 | | | {q - f:+.2f} "
+                         f"({f:.1f} / {q:.1f}) | | | |")
+    return "\n".join(lines) if len(lines) > 2 else "_(no results yet)_"
 
 
 def imagenet_agreement(results):
