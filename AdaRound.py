@@ -166,7 +166,7 @@ def main(method=ADAROUND, doc=__doc__):
     if not qconfig.float_activations:
         calibrate(qmodel, [(xb, None) for xb in images.split(CACHE_BATCH)], device, len(images))
     print(f"scoring rounding to nearest on {len(y_test)} test images first", flush=True)
-    nearest = evaluate_frozen(freeze(qmodel), test, device)
+    nearest = evaluate_frozen(freeze(qmodel, kernel=cli.export_kernel(args)), test, device)
     layers = layers_to_reconstruct(qmodel)
     if args.plot_layer >= len(layers):
         raise IntsimError(f"--plot-layer {args.plot_layer}: {args.model} has {len(layers)} quantized layers "
@@ -188,7 +188,7 @@ def main(method=ADAROUND, doc=__doc__):
             stats.append(adaround_layer(qmodel, u, images, device, args.iters, args.batch_size, args.lr,
                                         args.reg_weight, generator, schedule, snapshot_layer, snapshots))
     minutes = (time.time() - start) / 60
-    frozen = freeze(qmodel)
+    frozen = freeze(qmodel, kernel=cli.export_kernel(args))
     report = evaluate_frozen(frozen, test, device)
     key = "int_acc" if runs_in_integers(frozen) else "fakequant_acc"
     print(f"{method.label} took {minutes:.1f} min")

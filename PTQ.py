@@ -61,7 +61,7 @@ def main():
         cli.cap_for_dry_run(args, calib_batches=DRY_RUN_CALIB)
         calib = calibration_set(x_train, y_train, args.calib_batches * args.batch_size, args.seed)
         n = calibrate(qmodel, Batches(*calib, args.batch_size), device, args.calib_batches)
-    frozen = freeze(qmodel, generator=torch.Generator().manual_seed(args.seed))   # seeds stochastic rounding
+    frozen = freeze(qmodel, generator=torch.Generator().manual_seed(args.seed), kernel=cli.export_kernel(args))   # seeds stochastic rounding
     report = evaluate_frozen(frozen, test, device)
 
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, weights {qconfig.w_observer} range, "

@@ -163,7 +163,7 @@ def main():
     minutes = (time.time() - start) / 60
 
     # 3) freeze into integers (the same ops PTQ produces) and score both paths
-    frozen = freeze(qmodel)
+    frozen = freeze(qmodel, kernel=cli.export_kernel(args))
     report = evaluate_frozen(frozen, test, device)
     print_frozen_report(fp32_acc, report, frozen)
     save = args.save or default_save_path(args, qconfig)

@@ -82,6 +82,7 @@ FLAG_CHECKS = {
     "per_layer": at_least(0), "export_check": at_least(1), "num_calib": at_least(1), "iters": at_least(1),
     "plot_layer": at_least(0), "draws": at_least(2), "hessian_images": at_least(1), "repeats": at_least(1),
     "threads": at_least(1), "train_batches": at_least(0), "limit": at_least(1), "parts": at_least(1),
+    "calib_images": at_least(1), "checked_images": at_least(1),
     "bn_batch_stats_epochs": at_least(0), "moving_range_epochs": at_least(0),
     "seed": lambda v: None if 0 <= v <= SEED_MAX else f"must be in 0..{SEED_MAX}",
     "layers_per_group": at_least(1), "passes": at_least(2), "batches": at_least(2),
@@ -89,9 +90,9 @@ FLAG_CHECKS = {
     "beta_end": positive, "warm_start": share, "scale_lr": non_negative,
 }
 OUTPUT_FILES = ("result_json", "save", "plot", "export")      # files a script writes
-OUTPUT_DIRS = ("ckpt_dir", "resume_dir", "dst")               # folders it writes into
+OUTPUT_DIRS = ("ckpt_dir", "resume_dir", "dst", "export_dir")  # folders it writes into
 INPUT_FILES = ("ckpt", "eval", "tflite_model", "model_path", "init_from", "results")   # files it reads
-INPUT_DIRS = ("data_dir", "calib_dir", "src")                 # folders it reads
+INPUT_DIRS = ("data_dir", "calib_dir", "src", "images")       # folders it reads
 
 
 # positional arguments, named in messages as --help names them
@@ -283,6 +284,12 @@ def add_export(p):
                    help="test images run through LiteRT's reference kernels for the comparison")
 
 
+def export_kernel(args):
+    """The LiteRT kernel model.freeze follows: the one that will run the exported file (a
+    uint8 file's derives M from the float32 product, an int8 file's from the double)."""
+    return "uint8" if getattr(args, "export", None) and args.tflite_scheme == "uint8" else "int8"
+
+
 def export_if_asked(args, frozen, x_test, device):
     """--export: write the .tflite file and compare it with intsim on the first --export-check
     test images; the comparison goes into the RESULT ({} without --export)."""
@@ -298,6 +305,9 @@ def export_if_asked(args, frozen, x_test, device):
         a = r[key]
         print(f"{args.export} in LiteRT (reference kernels) vs {name}: {a['images_identical']} of "
               f"{r['tflite_images']} images identical (largest difference {a['max_diff']})")
+    if any(getattr(m, "single_rounding", False) for m in frozen.modules()):
+        print("note: --single-rounding is the kernel of a TFLite built with TFLITE_SINGLE_ROUNDING; LiteRT's pip "
+              "build rounds twice, so its integers differ from intsim's by design (the file is the same either way)")
     return r
 
 

@@ -11,6 +11,10 @@ Every op's output goes through the same epilogue: rescale (the kernel is chosen 
 function.rescale) -> + Z_out -> clamp to [act_min, act_max], the output grid intersected with
 the fused activation's range (ReLU: [Z_out, QMAX]; ReLU6: [Z_out, Z_out + round(6 / S_out)]).
 """
+import functools
+
+import torch.fx as fx
+
 from errors import IntsimError
 from function import INT_MAX_BITS, integers_of
 from ops.base import FrozenOp
@@ -86,3 +90,51 @@ def bias_scale_adjustments(frozen):
     """{layer: channels} whose weight scale freeze raised so that the int32 bias fits
     (ops.conv.adjust_weight_scale); empty where none was."""
     return {name: m.bias_scale_adjusted for name, m in frozen.named_modules() if getattr(m, "bias_scale_adjusted", 0)}
+
+
+def op_agreement(frozen, x):
+    """Each op against its own float64 reference fed the same integers: the frozen graph is run
+    in integers, and every op is run a second time in mode "reals" on the reals S (q - Z) of the
+    very integers its integer kernel got. [name, op, largest output-integer difference, share of
+    outputs that differ in %] per op, in graph order: where the integer kernels differ from
+    exact arithmetic, without the differences of earlier ops carried along (layer_agreement
+    compares whole runs). `x`: the float input batch."""
+    qparams, values, rows = {}, {}, []
+
+    def real(node_arg):          # the reals behind an argument's integers (float input: as it is)
+        if not isinstance(node_arg, fx.Node):
+            return node_arg
+        v, qp = values[node_arg], qparams.get(node_arg)
+        return v.double() if qp is None else qp[0].double() * (v.double() - qp[1])
+
+    set_mode(frozen, "int")
+    for node in frozen.graph.nodes:
+        args = fx.node.map_arg(node.args, lambda n: values[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+        if node.op == "placeholder":
+            values[node] = x
+            continue
+        if node.op == "output":
+            break
+        if node.op == "get_attr":
+            values[node] = functools.reduce(getattr, node.target.split("."), frozen)
+            continue
+        first = next((a for a in node.all_input_nodes), None)
+        if node.op == "call_module":
+            op = frozen.get_submodule(node.target)
+            values[node] = op(*args, **kwargs)
+            if isinstance(op, Dequantize) or not isinstance(op, FrozenOp):
+                continue
+            qparams[node] = op.out_qparams() if hasattr(op, "out_scale") else qparams.get(first)
+            op.mode = "reals"
+            try:
+                y = op(*fx.node.map_arg(node.args, real), **fx.node.map_arg(node.kwargs, real))
+            finally:
+                op.mode = "int"
+            diff = (integers_of(y, *qparams[node]) - values[node].long()).abs()
+            rows.append([node.target, type(op).__name__, int(diff.max()), round(100.0 * (diff > 0).double().mean().item(), 4)])
+        else:                    # shape ops (reshape, transpose, getitem ...) keep the integers' grid
+            fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+            values[node] = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
+            qparams[node] = qparams.get(first)
+    return rows

@@ -23,6 +23,7 @@ from tables.summary import render_reruns
 from targets import render_targets
 
 FILES = ("README.md", "RESULTS.md")
+ONE_TABLE = {"zoo": "networks", "litert_torch": "pretrained"}     # script -> the table that shows its rows
 
 
 def load_results(folder):
@@ -37,7 +38,7 @@ def load_results(folder):
             r = read_result(path)
         except IntsimError as e:
             sys.exit(f"error: {e}")
-        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run", "memory")]
+        missing = [k for k in QCONFIG_FIELDS if k not in r and r.get("script") not in ("train", "split_images", "tflite_run", "memory", "litert_torch")]
         if missing:
             sys.exit(f"error: {path} lacks {', '.join(missing)}: re-run its command (`python rerun.py {path} --update`)")
         rows.append(r)
@@ -69,6 +70,8 @@ def load_reruns(folder):
 
 
 def render(name, results, reruns=()):
+    # rows of these scripts are shown in one table only
+    results = [r for r in results if ONE_TABLE.get(r["script"], name) == name]
     if name == "targets":
         return render_targets(results)
     if name == "reruns":

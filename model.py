@@ -137,8 +137,13 @@ def _describe(gm, node):
 def _refusal(gm, node):
     """Why a node cannot be converted, and what would work."""
     if node.op == "get_attr":
-        return (f"cannot convert {node.target}: a parameter or buffer used as a tensor in forward (e.g. x + "
-                f"self.p); only values computed from the input are quantized")
+        lacking = [u for u in node.users if ops.op_of(gm, u) is None and u.op != "get_attr"]
+        if lacking:         # the parameter feeds an op intsim has no form for: that op is the cause
+            return (f"cannot convert {_describe(gm, lacking[0])}, which takes the parameter {node.target}, to "
+                    f"integers: supported are {ops.SUPPORTED}")
+        users = ", ".join(_describe(gm, u) for u in node.users)
+        return (f"cannot convert {node.target}: a parameter or buffer used as a tensor in forward (by {users}; e.g. "
+                f"x + self.p); only values computed from the input are quantized")
     why = ops.refusal(gm, node)
     if why:
         return f"cannot convert {_describe(gm, node)}: {why}"
@@ -215,8 +220,9 @@ def _insert_quantizers(gm, qconfig):
         name = "quant_in" if node.op == "placeholder" else (
             f"{node.target}.out" if node.op == "call_module" else f"{node.name}_out")
         grid = qconfig.a_grid(output=_reaches_output(gm, end), input=node.op == "placeholder")
-        fixed = op_of(gm, node).output_range          # an op whose output grid TFLite fixes (LOGISTIC)
-        observer = FixedObserver(*fixed(grid)) if fixed else make_observer(qconfig.a_observer, grid, qconfig.lp_p)
+        fixed = op_of(gm, node).output_range          # an op whose output grid TFLite fixes (LOGISTIC, SOFTMAX)
+        fixed = fixed(gm, node, grid) if fixed else None
+        observer = FixedObserver(*fixed) if fixed else make_observer(qconfig.a_observer, grid, qconfig.lp_p)
         gm.add_submodule(name, Quantizer(grid, observer, name=name))
         with gm.graph.inserting_after(end):
             q = gm.graph.call_module(name, (end,))
@@ -432,8 +438,8 @@ class _Freezer:
     form. `env` maps each node of the converted graph to its frozen counterpart, `grid` to the
     QParams of the integers its value carries (None: float)."""
 
-    def __init__(self, qmodel, generator):
-        self.qmodel, self.generator = qmodel, generator
+    def __init__(self, qmodel, generator, kernel="int8"):
+        self.qmodel, self.generator, self.kernel = qmodel, generator, kernel
         self.graph, self.env, self.grid, self.modules, self.absorbed = fx.Graph(), {}, {}, {}, set()
 
     def emit(self, name, module, args):
@@ -548,19 +554,29 @@ class _Freezer:
         return fx.GraphModule(self.modules, self.graph, class_name="FrozenModel")
 
 
+KERNELS = ("int8", "uint8")     # the LiteRT kernels a frozen model's integers reproduce
+
+
 @torch.no_grad()
-def freeze(qmodel, rounding=None, generator=None):
+def freeze(qmodel, rounding=None, generator=None, kernel="int8"):
     """The frozen integer model (a new fx.GraphModule of the ops' frozen kernels; `qmodel` is
     left as it is). Walks the graph in execution order: every producer is frozen with the (S, Z)
     of the tensors that feed it and of the activation quantizer after it, and the ReLU/ReLU6
     between them becomes its act_min/act_max. `rounding` overrides the weight quantizers'
-    rounding (a learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding."""
+    rounding (a learned one, AdaRound's, keeps its own); `generator` seeds stochastic rounding.
+    `kernel`: which LiteRT kernel a layer of one weight scale on unsigned activations follows
+    (the two derive M differently, kernel_util.cc): "int8", the kernel of an int8 file (the
+    activations shifted by 128; M from the double product S_in S_w), or "uint8", the kernel of a
+    uint8 file (the float32 product): `--export --tflite-scheme uint8`."""
     require_converted(qmodel, "freeze")
+    if kernel not in KERNELS:
+        raise IntsimError(f"unknown kernel {kernel!r} for freeze; use one of {KERNELS}")
     if rounding is not None:
         for _, layer in qlayers(qmodel):
             if isinstance(layer.w_quantizer, Quantizer):
                 layer.w_quantizer.rounding = rounding
-    frozen = _Freezer(qmodel, generator).run()
+    frozen = _Freezer(qmodel, generator, kernel).run()
+    frozen.kernel = kernel
     adjusted = bias_scale_adjustments(frozen)
     if adjusted:
         print(f"note: {sum(adjusted.values())} channel(s) of {len(adjusted)} layer(s) got a larger weight scale so that "

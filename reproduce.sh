@@ -125,7 +125,14 @@ for what in "$@"; do
           --calib-batches 13 --calib-dir "data/imagenet-1300/part$f" --data-dir "data/imagenet-1300/part$((1 - f))" \
           --result-json "$R/imagenet_resnet18_random_W8A8_pc_calib$f.json"
       done ;;
-    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, adaround, bench, resnet18, imagenet" >&2; exit 2 ;;
+    zoo)
+      # Issue 30: each network of zoo.py unmodified, converted, checked op by op and in LiteRT
+      # (5-70 s each, ~6 min in all; needs ai-edge-litert and the split above).
+      python split_images.py ../shared/data/imagenet-val-1300/val data/imagenet-1300 --parts 2
+      for n in $(python zoo.py --list | cut -d' ' -f1); do
+        python zoo.py --network "$n" --images data/imagenet-1300/part0 --threads 1 --result-json "$R/zoo_$n.json"
+      done ;;
+    *) echo "unknown step $what: use train, ptq, qat, observers, bias, table1, adaround, bench, resnet18, imagenet, zoo" >&2; exit 2 ;;
   esac
 done
 [ -n "${SKIP_TABLES:-}" ] || python make_tables.py

@@ -24,10 +24,12 @@ from tflite_io.run import agreement, imagenet_classifier, input_reals, model_inp
 DRY_RUN_IMAGES = 20
 
 
-def topk(logits, labels, k, background):
-    """Top-k accuracy in %, logits (N, 1000 + background) with the background class first (the
-    TF-slim ImageNet models' output 0)."""
-    best = logits[:, background:].topk(k, dim=1).indices
+def topk(scores, labels, k, background):
+    """Top-k accuracy in %, scores (N, 1000 + background: the output integers, probabilities
+    where the model ends in SOFTMAX) with the background class first (the TF-slim ImageNet
+    models' output 0). Classes whose 8-bit probabilities tie are ranked by index (a stable
+    sort): the same rule for intsim's integers and LiteRT's."""
+    best = scores[:, background:].sort(dim=1, descending=True, stable=True).indices[:, :k]
     return 100.0 * (best == labels[:, None]).any(1).float().mean().item()
 
 
@@ -65,7 +67,7 @@ def main():
     limit = min(args.limit or DRY_RUN_IMAGES, DRY_RUN_IMAGES) if args.dry_run else args.limit
     images, labels = load_imagenet_bytes(args.data_dir, size, limit=limit)
     print(f"{args.model_path}: {len(images)} images {size}x{size}, {info['input_type']} input, "
-          f"{'stops before ' + info['stopped_before'] if info['stopped_before'] else 'whole model'}", flush=True)
+          f"the whole model, to its {info['last_op']}", flush=True)
 
     ref, ref_s = run_litert(args.model_path, info, images, reference=True)
     default, default_s = run_litert(args.model_path, info, images, reference=False)
@@ -74,7 +76,7 @@ def main():
            for name, out in (("intsim", mine), ("litert_ref", ref), ("litert_default", default))}
     r = {"script": "tflite_run", "dataset": "imagenet", "model": args.model_path.split("/")[-1], "images": len(images),
          "threads": torch.get_num_threads(),
-         "stopped_before": info["stopped_before"],
+         "last_op": info["last_op"],
          **{f"{name}_top{k}": acc for name, by_k in top.items() for k, acc in by_k.items()},
          "vs_litert_ref": agreement(mine, ref), "litert_default_vs_ref": agreement(default, ref),
          "images_per_s": {"intsim_int": round(len(images) / mine_s, 1), "litert_ref": round(len(images) / ref_s, 1),

@@ -13,12 +13,13 @@ from .mean import MEAN
 from .mul import MUL
 from .pad import PAD
 from .pool import AVG_POOL, MAX_POOL
-from .quant import ACTIVATION_QUANTIZER, INPUT, MODEL_OUTPUT
+from .quant import ACTIVATION_QUANTIZER, INPUT, MODEL_OUTPUT, REQUANTIZE
 from .shape import DROPOUT, FLATTEN, SHAPE_OF
+from .softmax import SOFTMAX
 
 # in match order: the first entry whose `match` holds is a node's op
-OPS = (INPUT, CONV, ADD, MUL, LOGISTIC, HARD_SWISH, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, CONCAT, SHAPE_OF, ACTIVATION_QUANTIZER,
-       MODEL_OUTPUT, AVG_POOL, DROPOUT)
+OPS = (INPUT, CONV, ADD, MUL, LOGISTIC, HARD_SWISH, SOFTMAX, MEAN, RELU, RELU_6, MAX_POOL, FLATTEN, PAD, CONCAT, SHAPE_OF, ACTIVATION_QUANTIZER,
+       MODEL_OUTPUT, AVG_POOL, DROPOUT, REQUANTIZE)
 
 FROZEN_OPS = {cls.__name__: cls for op in OPS for cls in op.frozen}          # saved frozen models name these
 TFLITE_READERS = {kind: fn for op in OPS for kind, fn in op.tflite_read.items()}

@@ -90,7 +90,7 @@ class Op:
     float_freeze: bool = False
     refuse: Optional[Callable] = None
     link_grids: Optional[Callable] = None     # (gm, op_of) after the quantizers are in: ties grids (JOIN)
-    output_range: Optional[Callable] = None   # (grid) -> the fixed real range of its output (LOGISTIC's)
+    output_range: Optional[Callable] = None   # (gm, node, grid) -> the fixed real range of its output (LOGISTIC's)
     frozen: tuple = ()
     float_modules: dict = field(default_factory=dict)
     functions: tuple = ()

@@ -352,13 +352,14 @@ def _replace_layer(gm, node, qconfig, name, layer):
 
 
 @torch.no_grad()
-def freeze_layer(layer, inp, out, act_range, generator=None):
+def freeze_layer(layer, inp, out, act_range, generator=None, kernel="int8"):
     """A QLayer's frozen op: an IntConv holding integer weights (from the weight quantizer: its
     rounding, or AdaRound's), an int32 bias at S_in S_w (zero point 0) and the input and output
     (S, Z); it computes M0, shift and the accumulator bound itself. `inp`, `out`: (S, Z) of the
     input and output, or None for float activations (then the bias stays real). `act_range`:
     the fused activation's real range (ReLU: (0, inf)). A layer left float becomes a FloatLayer;
-    with BN unfolded, the BN follows as a second module."""
+    with BN unfolded, the BN follows as a second module. `kernel`: the LiteRT kernel whose
+    integers a per-tensor layer on unsigned activations reproduces (model.freeze)."""
     w, b = layer.weight_bias()
     geometry = dict(is_conv=layer.is_conv, **{k: v for k, v in layer.fn_kwargs.items()})
     if layer.w_quantizer is None:
@@ -385,7 +386,9 @@ def freeze_layer(layer, inp, out, act_range, generator=None):
                               f"(|bias| up to {b.abs().max().item():.3g}, S_in*S_w down to "
                               f"{(inp[0].double().to(w.device) * s_w.double()).min().item():.3g}); symmetric weights "
                               f"(no --w-asymmetric) would get a larger scale there, as TFLite's converter does")
-        rule = rescale_rule(not inp.grid.signed and s_w.numel() == 1, layer.is_conv, layer.legacy_kernels)
+        per_tensor = bool((s_w == s_w.reshape(-1)[0]).all())       # one S_w (a per-tensor quantizer holds C equal ones)
+        rule = rescale_rule(kernel == "uint8" and not inp.grid.signed and per_tensor, layer.is_conv,
+                            layer.legacy_kernels)
         op = IntConv(w_q, s_w, z_w, b_q, grid=q.grid, inp=inp, out=out, act_range=act_range,
                      single_rounding=layer.single_rounding, **rule, **geometry)
         op.bias_scale_adjusted = adjusted
@@ -417,7 +420,7 @@ def adjust_weight_scale(bias, s_in, s_w, grid):
 
 
 def _freeze(freezer, node, ins, out, act):
-    return freeze_layer(freezer.qmodel.get_submodule(node.target), ins[0], out, act, freezer.generator)
+    return freeze_layer(freezer.qmodel.get_submodule(node.target), ins[0], out, act, freezer.generator, freezer.kernel)
 
 
 def _refuse_bn(gm, node):
@@ -456,6 +459,7 @@ def _read_fully_connected(imp, op, kind):
     r = imp.reader
     x, w, b = op.inputs[0], op.inputs[1], op.inputs[2]
     w_int = torch.from_numpy(r.data(w).astype(np.int64))
+    source = _fully_connected_source(imp, op, x)
     spatial = imp.spatial.pop(x, None)
     if spatial is not None:
         h, wd, c = spatial
@@ -466,7 +470,27 @@ def _read_fully_connected(imp, op, kind):
     module = IntConv(w_int.contiguous(), w_scale, w_zero_point, bias, Grid(8, signed=r.type_name(w) == "INT8"),
                      is_conv=False, inp=inp, out=r.activation(op.outputs[0]), act_range=r.act(op.builtinOptions, kind),
                      **rescale_rule(r.type_name(x) == "UINT8", False))
-    return imp.module(f"{kind.lower()}_{imp.index}", module, op, [x])
+    return imp.module(f"{kind.lower()}_{imp.index}", module, op, [source])
+
+
+def _fully_connected_source(imp, op, x):
+    """What a FULLY_CONNECTED reads. TFLite's flattens every dimension but the last into rows:
+    on an N-d input whose inner dimensions are all 1 ([N, 1, 1, C] after a pool), that is
+    intsim's flatten(x, 1), put in front; on a larger map it would apply the layer at every
+    position, which intsim refuses here (not when running)."""
+    r = imp.reader
+    shape = r.shape(x)
+    if len(shape) <= 2:
+        return x
+    options = op.builtinOptions
+    if any(d != 1 for d in shape[1:-1]) or (options is not None and options.keepNumDims):
+        why = "keeps its input's dimensions (keep_num_dims)" if all(d == 1 for d in shape[1:-1]) else \
+            f"applies the layer at each of the {int(np.prod(shape[1:-1]))} positions of its {shape} input"
+        raise IntsimError(f"{r.path}: op {imp.index} FULLY_CONNECTED {why}: intsim imports a FULLY_CONNECTED on a "
+                          f"[N, C] input, or on [N, 1, ..., 1, C] without keep_num_dims")
+    key = ("flatten", x)
+    imp.nodes[key] = imp.graph.call_function(torch.flatten, (imp.nodes[x], 1))
+    return key
 
 
 def _write(ex, node, op):

@@ -1,6 +1,7 @@
-"""LOGISTIC: the sigmoid, as TFLite runs it on 8-bit tensors: a table of 2^b entries built once
-from the input's and output's (S, Z) (kernels/activations.cc, SigmoidPrepare's LUTPopulate),
-the output on TFLite's fixed grid S = 1 / 2^b, Z = QMIN. SiLU, x * sigmoid(x), converts to
+"""LOGISTIC and TANH: the sigmoid and tanh, as TFLite runs them on 8-bit tensors: a table of 2^b
+entries built once from the input's and output's (S, Z) (kernels/activations.cc, SigmoidPrepare's
+and TanhPrepare's LUTPopulate), the output on TFLite's fixed grid: LOGISTIC S = 1 / 2^b, Z = QMIN
+([0, 1)); TANH S = 2 / 2^b, Z = QMIN + 2^(b-1) ([-1, 1)). SiLU, x * sigmoid(x), converts to
 LOGISTIC and MUL, as TFLite's converter lowers it."""
 import operator
 
@@ -15,6 +16,17 @@ def fixed_sigmoid_range(grid):
     """The real range whose grid is TFLite's LOGISTIC output: [0, 1 - 2^-b], S = 2^-b, Z = QMIN."""
     levels = grid.qmax - grid.qmin + 1
     return 0.0, (levels - 1) / levels
+
+
+def fixed_tanh_range(grid):
+    """The real range whose grid is TFLite's TANH output: [-1, 1 - 2^(1-b)], S = 2^(1-b), Z = QMIN + 2^(b-1)."""
+    levels = grid.qmax - grid.qmin + 1
+    return -1.0, (levels - 2) / levels
+
+
+def float32_tanh(x):
+    """std::tanh on a float32: computed in float64 and rounded once to float32."""
+    return torch.tanh(x.double()).float()
 
 
 def float32_sigmoid(x):
@@ -37,6 +49,7 @@ def populate_table(inp, out, transform):
 
 class IntLogistic(FrozenOp):
     """LOGISTIC: q_out = table[q_in - QMIN_in] (populate_table with the sigmoid)."""
+    transform, real_function = staticmethod(float32_sigmoid), staticmethod(torch.sigmoid)
     CONFIG = ("in_qmin", "act_min", "act_max", "out_bits", "out_signed")
     integer = True
     new_grid = True
@@ -46,13 +59,18 @@ class IntLogistic(FrozenOp):
         self._set_in(inp)
         self._set_out(out)
         self.in_qmin = inp.grid.qmin
-        self.register_buffer("table", populate_table(inp, out, float32_sigmoid).to(torch.int32))
+        self.register_buffer("table", populate_table(inp, out, self.transform).to(torch.int32))
 
     def int_forward(self, q):
         return self.table[(q.long() - self.in_qmin)]
 
     def real_forward(self, x):
-        return self._real_out(torch.sigmoid(x))
+        return self._real_out(self.real_function(x))
+
+
+class IntTanh(IntLogistic):
+    """TANH: q_out = table[q_in - QMIN_in] (populate_table with tanh)."""
+    transform, real_function = staticmethod(float32_tanh), staticmethod(torch.tanh)
 
 
 def _is_sigmoid(gm, node):
@@ -74,26 +92,38 @@ def _silu_as_sigmoid_times_x(gm, node, qconfig, name, module):
     gm.graph.erase_node(node)
 
 
+def _is_tanh(gm, node):
+    return is_module(gm, node, nn.Tanh) or is_function(node, (torch.tanh, F.tanh)) or is_method(node, ("tanh",))
+
+
 def _freeze(freezer, node, ins, out, act):
-    return [IntLogistic(ins[0], out)]
+    return [(IntTanh if _is_tanh(freezer.qmodel, node) else IntLogistic)(ins[0], out)]
+
+
+def _output_range(gm, node, grid):
+    return (fixed_tanh_range if _is_tanh(gm, node) else fixed_sigmoid_range)(grid)
 
 
 def _read(imp, op, kind):
     r = imp.reader
     x = int(op.inputs[0])
-    return imp.module(f"logistic_{imp.index}", IntLogistic(r.activation(x), r.activation(op.outputs[0])), op, [x])
+    cls = IntTanh if kind == "TANH" else IntLogistic
+    return imp.module(f"{kind.lower()}_{imp.index}", cls(r.activation(x), r.activation(op.outputs[0])), op, [x])
 
 
 def _write(ex, node, op):
     x = ex.src(node)[0]
-    ex.w.op("LOGISTIC", [x], [ex.act_tensor(node, op.out_params(), node.name)])
+    ex.w.op("TANH" if isinstance(op, IntTanh) else "LOGISTIC", [x], [ex.act_tensor(node, op.out_params(), node.name)])
 
 
 def _float(fb, node, op, args):
-    return fb.graph.call_function(torch.sigmoid, args)
+    return fb.graph.call_function(op.real_function, args)
 
 
-LOGISTIC = Op("sigmoid", PRODUCER, _is_sigmoid, spelling="sigmoid (nn.Sigmoid, torch.sigmoid), SiLU (as sigmoid and mul)",
-              source=_is_silu, convert=_silu_as_sigmoid_times_x, freeze=_freeze, output_range=fixed_sigmoid_range,
-              frozen=(IntLogistic,), functions=(torch.sigmoid,),
-              tflite_read={"LOGISTIC": _read}, tflite_write={IntLogistic: _write}, to_float={IntLogistic: _float})
+LOGISTIC = Op("sigmoid", PRODUCER, lambda gm, n: _is_sigmoid(gm, n) or _is_tanh(gm, n),
+              spelling="sigmoid, tanh (nn.Sigmoid, nn.Tanh, torch.sigmoid, torch.tanh), SiLU (as sigmoid and mul)",
+              source=_is_silu, convert=_silu_as_sigmoid_times_x, freeze=_freeze, output_range=_output_range,
+              frozen=(IntLogistic, IntTanh), functions=(torch.sigmoid, torch.tanh),
+              float_modules={"Sigmoid": (nn.Sigmoid, ()), "Tanh": (nn.Tanh, ())},
+              tflite_read={"LOGISTIC": _read, "TANH": _read}, tflite_write={IntLogistic: _write, IntTanh: _write},
+              to_float={IntLogistic: _float, IntTanh: _float})

@@ -48,17 +48,24 @@ class IntAvgPool(FrozenOp):
                 (acc + count / 2) / count, for uint8 and half away from zero for int8
                 (reference_ops::AveragePool and reference_integer_ops::AveragePool; C's
                 truncating division).
-    `pad` is explicit per side, (left, right, top, bottom), as TFLite's SAME padding needs."""
-    CONFIG = ("kernel_size", "stride", "pad", "act_min", "act_max", "out_bits", "out_signed", "signed", "count_pad")
+    The two differ at exact halves (an even count): an unsigned tensor frozen for the int8
+    kernel (`kernel="int8"`, the file shifts it by -128) is averaged as q - 128, the int8 way
+    (`offset` 128). `pad` is explicit per side, (left, right, top, bottom), as TFLite's SAME
+    padding needs."""
+    CONFIG = ("kernel_size", "stride", "pad", "act_min", "act_max", "out_bits", "out_signed", "signed", "count_pad",
+              "offset")
     integer = True
     count_pad = False         # a model saved before the choice
+    offset = 0
 
-    def __init__(self, kernel_size, stride, pad, inp, act_range=NO_ACTIVATION, count_pad=False):
+    def __init__(self, kernel_size, stride, pad, inp, act_range=NO_ACTIVATION, count_pad=False, kernel=None):
         super().__init__()
         self.kernel_size, self.stride, self.pad = pair(kernel_size), pair(stride), tuple(pad)
         if self.kernel_size[0] * self.kernel_size[1] * 2 ** 8 > FLOAT32_EXACT:    # |q| <= 2^8 per term
             raise IntsimError(f"average pool window {self.kernel_size} is too large for an exact sum")
         self.signed, self.count_pad = inp.grid.signed, count_pad
+        if kernel == "int8" and not inp.grid.signed:
+            self.signed, self.offset = True, 2 ** (inp.grid.bits - 1)
         self._set_out(inp, act_range)
 
     def _sums(self, x, zero):
@@ -77,9 +84,10 @@ class IntAvgPool(FrozenOp):
     def int_forward(self, q):
         total, count = self._sums(q.to(torch.float32), float(self.out_zero_point) if self.count_pad else 0.0)
         acc, count = total.to(torch.int64), count.to(torch.int64)
+        acc = acc - self.offset * count
         half = count // 2
         acc = torch.where(acc > 0, acc + half, acc - half) if self.signed else acc + half
-        acc = torch.div(acc, count, rounding_mode="trunc")
+        acc = torch.div(acc, count, rounding_mode="trunc") + self.offset
         return acc.clamp_(self.act_min, self.act_max).to(torch.int32)
 
 
@@ -150,13 +158,14 @@ def _freeze_avg_pool(freezer, node, grid):
                               f"has windows of unequal size, which no TFLite op computes; use an input size whose "
                               f"feature map is a multiple of {out[0]}x{out[1]} (224x224 for VGG, AlexNet)")
         kernel = tuple(n // o for n, o in zip(size, out))
-        return IntAvgPool(kernel, kernel, (0, 0, 0, 0), grid)
+        return IntAvgPool(kernel, kernel, (0, 0, 0, 0), grid, kernel=freezer.kernel)
     st = _avg_settings(gm, node)
     if st["ceil_mode"] or st["divisor_override"]:
         raise IntsimError(f"{node.name}: an average pool with ceil_mode or divisor_override has no TFLite "
                           f"AVERAGE_POOL_2D; drop them")
     ph, pw = pair(st["padding"])
-    return IntAvgPool(st["kernel_size"], st["stride"], (pw, pw, ph, ph), grid, count_pad=st["count_include_pad"])
+    return IntAvgPool(st["kernel_size"], st["stride"], (pw, pw, ph, ph), grid, count_pad=st["count_include_pad"],
+                      kernel=freezer.kernel)
 
 
 # ----------------------------------------------------------------------------- TFLite

@@ -41,6 +41,16 @@ def render_pretrained(results):
             label = f"W{w}A{a} {'per-channel' if pc else 'per-tensor'}, {'int8' if signed else 'uint8'} activations"
             lines.append(f"| {model} | {label} | {cells[0]} | {cells[1]} | {sum(drops) / len(drops):+.2f} | {same} | "
                          f"{raised} | {cmd(first)} |")
+        theirs = {calibration_half(r): r for r in results if r["script"] == "litert_torch" and r["model"] == model}
+        if theirs:         # litert_torch_ptq.py: Google's litert-torch on the same images
+            cells = [f"{pct(r['fp32_acc'])} / {pct(r['litert_torch_ref_acc'])} "
+                     f"({r['litert_torch_ref_acc'] - r['fp32_acc']:+.2f})" if r else "-"
+                     for r in (theirs.get("part0"), theirs.get("part1"))]
+            drops = [r["litert_torch_ref_acc"] - r["fp32_acc"] for r in theirs.values()]
+            first = theirs.get("part0", next(iter(theirs.values())))
+            lines.append(f"| {model} | litert-torch {first['litert_torch_version']} PT2E: W8A8 per-channel, int8 "
+                         f"activations (histogram); its file in LiteRT's reference kernels | {cells[0]} | {cells[1]} | "
+                         f"{sum(drops) / len(drops):+.2f} | (not imported) | - | {cmd(first)} |")
         if model in PUBLISHED:
             f, q = PUBLISHED[model]
             lines.append(f"| {model} (Google, 50,000 images) | TFLite's post-training int8 | | | {q - f:+.2f} "

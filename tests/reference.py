@@ -310,3 +310,155 @@ def np_lsq_scale_gradient(x, s, z, qmin, qmax, grad):
         inside = s * (qmin - z) <= v <= s * (qmax - z)
         total += g * ((q - z) - v / s if inside else (q - z))
     return total
+
+
+# ----------------------------------------------------------------------------- gemmlowp fixed point, SOFTMAX, LOG_SOFTMAX
+
+def _wrap32(v):
+    """An int32 result as C computes it (two's complement wrap-around)."""
+    return ((v + (1 << 31)) % (1 << 32)) - (1 << 31)
+
+
+def _sat_shl(x, e):
+    """SaturatingRoundingMultiplyByPOT(Param) with exponent e >= 0."""
+    if e == 0:
+        return x
+    threshold = (1 << (31 - e)) - 1
+    if x > threshold:
+        return INT32_MAX
+    if x < -threshold:
+        return INT32_MIN
+    return _wrap32(x << e)
+
+
+def _rescale(x, src_bits, dst_bits):
+    e = src_bits - dst_bits
+    return _sat_shl(x, e) if e >= 0 else ref_rdbpot(x, -e)
+
+
+def _half_sum(a, b):
+    s = a + b
+    return c_div(s + (1 if s >= 0 else -1), 2)
+
+
+def _clz32(x):
+    return 32 - x.bit_length() if x > 0 else 32
+
+
+def ref_exp_on_interval(a):
+    x = _wrap32(a + (1 << 28))
+    x2 = ref_srdhm(x, x)
+    x3 = ref_srdhm(x2, x)
+    x4 = ref_srdhm(x2, x2)
+    x4_over_4 = ref_rdbpot(x4, 2)
+    t = ref_rdbpot(_wrap32(ref_srdhm(_wrap32(x4_over_4 + x3), 715827883) + x2), 1)
+    return _wrap32(1895147668 + ref_srdhm(1895147668, _wrap32(x + t)))
+
+
+def ref_exp_on_negative_values(a, integer_bits):
+    frac = 31 - integer_bits
+    quarter = 1 << (frac - 2)
+    a_mod = _wrap32((a & (quarter - 1)) - quarter)
+    result = ref_exp_on_interval(_rescale(a_mod, integer_bits, 0))
+    remainder = _wrap32(a_mod - a)
+    for k, m in ((-2, 1672461947), (-1, 1302514674), (0, 790015084), (1, 290630308), (2, 39332535),
+                 (3, 720401), (4, 242)):
+        if integer_bits > k and remainder & (1 << (frac + k)):
+            result = ref_srdhm(result, m)
+    if integer_bits > 5 and a < -(1 << (36 - integer_bits)):
+        result = 0
+    return INT32_MAX if a == 0 else result
+
+
+def ref_one_over_one_plus_x(a):
+    half_denominator = _half_sum(a, INT32_MAX)
+    x = _wrap32(1515870810 + ref_srdhm(half_denominator, -1010580540))
+    for _ in range(3):
+        one_minus = _wrap32((1 << 29) - ref_srdhm(half_denominator, x))
+        x = _wrap32(x + _rescale(ref_srdhm(x, one_minus), 4, 2))
+    return _rescale(x, 1, 0)
+
+
+def ref_log_x_ge_1(x, input_bits, output_bits):
+    accum = output_bits + 1
+    quarter = _rescale(536870912, 0, accum)
+    sat = lambda v: max(INT32_MIN, min(INT32_MAX, v))
+    h1 = _clz32(x)
+    r_a = _sat_shl(ref_srdhm(_sat_shl(x, h1 - 1), 1518500250), 1)
+    z_a = sat(_sat_shl(input_bits - h1, 31 - accum) + quarter)
+    z_b_raw = ref_srdhm(x, 1518500250)
+    hb = _clz32(z_b_raw) - 1
+    r_b = _sat_shl(x, hb)
+    z_b = sat(_sat_shl(input_bits - hb, 31 - accum) - quarter)
+    r, z = min(r_a, r_b), max(z_a, z_b)
+    p = _half_sum(r, 1805811301)
+    q = _wrap32(r - 1805811301)
+    q = _wrap32(q + q)
+    sq = ref_srdhm(q, q)
+    num = _wrap32(ref_srdhm(q, r) + ref_srdhm(ref_srdhm(q, sq), 117049297))
+    den = _wrap32(ref_srdhm(p, _wrap32(1057819769 + q + ref_srdhm(127690142, sq))) + ref_srdhm(638450708, q))
+    recip = ref_one_over_one_plus_x(den)
+    return _rescale(_wrap32(ref_srdhm(z, 1488522236) + ref_srdhm(_rescale(num, 0, accum), recip)), accum, output_bits)
+
+
+def ref_softmax_params(s_in, beta=1.0, log=False):
+    """PreprocessSoftmaxScaling (and PreprocessLogSoftmaxScalingExp), CalculateInputRadius."""
+    real = min(beta * s_in * (1 << 26), (1 << 31) - 1.0)
+    m, shift = ref_quantize_multiplier(real)
+    radius = math.floor(31 * (1 << 26) / (1 << shift))
+    if not log:
+        return m, shift, -radius
+    rev_m, rev_shift = ref_quantize_multiplier((1 << (31 - shift)) / m)
+    return m, shift, -radius, rev_m, rev_shift
+
+
+def ref_softmax_row(q, s_in, qmin, qmax, beta=1.0):
+    """reference_ops::Softmax on one row of 8-bit integers (output S = 1/256, Z = QMIN)."""
+    m, shift, diff_min = ref_softmax_params(s_in, beta)
+    top = max(q)
+    total = 0
+    for v in q:
+        d = v - top
+        if d >= diff_min:
+            total += _rescale(ref_exp_on_negative_values(ref_srdhm(d * (1 << shift), m), 5), 0, 12)
+    h = _clz32(total)
+    bits_over_unit = 12 - h
+    recip = ref_one_over_one_plus_x(((total << h) - (1 << 31)))
+    exponent = bits_over_unit + 31 - 8
+    out = []
+    for v in q:
+        d = v - top
+        if d >= diff_min:
+            e = ref_exp_on_negative_values(ref_srdhm(d * (1 << shift), m), 5)
+            out.append(max(qmin, min(qmax, ref_rdbpot(ref_srdhm(recip, e), exponent) + qmin)))
+        else:
+            out.append(qmin)
+    return out
+
+
+def ref_log_softmax_row(q, s_in, qmin, qmax):
+    """reference_integer_ops::LogSoftmax / reference_ops::LogSoftmax (uint8) on one row (output
+    S = 16/256, Z = QMAX)."""
+    m, shift, diff_min, rev_m, rev_shift = ref_softmax_params(s_in, log=True)
+    top = max(q)
+    total = 0
+    for v in q:
+        d = v - top
+        if d >= diff_min:
+            total += _rescale(ref_exp_on_negative_values(ref_mbqm(d, m, shift), 5), 0, 12)
+    log_sum = ref_log_x_ge_1(total, 12, 5)
+    adjusted = max(diff_min - 1, ref_mbqm(log_sum + INT32_MIN, rev_m, rev_shift))
+    out = []
+    for v in q:
+        d = v - top
+        if d > adjusted:
+            out.append(max(qmin, min(qmax, ref_rdbpot(_wrap32(ref_mbqm(d, m, shift) - log_sum), 22) + qmax)))
+        else:
+            out.append(qmin)
+    return out
+
+
+def ref_requantize(q, z_in, s_in, z_out, s_out, qmin, qmax):
+    """reference_ops::Requantize (QUANTIZE between 8-bit tensors)."""
+    m0, shift = ref_quantize_multiplier(float(s_in) / float(s_out))
+    return [max(qmin, min(qmax, ref_mbqm(v - z_in, m0, shift) + z_out)) for v in q]

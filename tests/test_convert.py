@@ -260,6 +260,17 @@ class WithParameter(nn.Module):
         return self.c(x) + self.p
 
 
+class FunctionalNorm(nn.Module):
+    """ConvNeXt's LayerNorm2d: F.layer_norm on a permuted tensor with the module's parameters."""
+    def __init__(self):
+        super().__init__()
+        self.c, self.weight, self.bias = nn.Conv2d(1, 2, 3), nn.Parameter(torch.ones(2)), nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        y = F.layer_norm(self.c(x).permute(0, 2, 3, 1), (2,), self.weight, self.bias)
+        return y.permute(0, 3, 1, 2)
+
+
 class Tuple(nn.Module):
     def __init__(self):
         super().__init__()
@@ -331,7 +342,9 @@ def conv_then(*layers):
 
 @pytest.mark.parametrize("model,words", [
     (conv_then(nn.GELU()), ["GELU", "supported are"]),
-    (WithParameter(), ["parameter or buffer used as a tensor"]),
+    (WithParameter(), ["parameter or buffer used as a tensor", "by function add"]),
+    (FunctionalNorm(), ["cannot convert function layer_norm", "takes the parameter weight", "supported are"]),
+    (conv_then(nn.LayerNorm([2, 26, 26])), ["(LayerNorm) to integers", "supported are"]),
     (Tuple(), ["several values"]),
     (conv_then(nn.BatchNorm2d(2, track_running_stats=False)), ["track_running_stats=False"]),
     (DropoutAlways(), ["training=True", "nn.Dropout"]),

@@ -126,8 +126,9 @@ def test_imported_mobilenet_matches_litert_reference(name):
     x = info["input"].scale.double() * (images.double() - info["input"].zero_point)
     mine = output_integers(frozen, frozen(x)).numpy()
     want = litert_integers(path, images, info["compare_tensor"])
-    assert info["stopped_before"] == "SOFTMAX" and mine.shape == want.shape == (len(images), 1001)
-    assert np.array_equal(mine, want)
+    assert info["last_op"] == "SOFTMAX" and mine.shape == want.shape == (len(images), 1001)
+    assert np.array_equal(mine, want)           # the probabilities, every integer (SOFTMAX run as LiteRT runs it)
+    assert (want > 0).sum(1).max() > 10         # not only one-hot outputs: the fixed-point exp and 1/sum are exercised
     # the per-tensor rule is what makes this exact: almost every layer's M0 differs under the double rule
     convs = [m for m in frozen.modules() if isinstance(m, IntConv)]
     assert all(m.scale_product == "float32" for m in convs) and len(convs) == 28
@@ -174,13 +175,14 @@ def test_float_and_unsupported_models_are_refused_by_name(tmp_path):
     with pytest.raises(IntsimError, match="is INT16; intsim's integer path imports 8-bit activations"):
         import_tflite(_rewritten(path, tmp_path, int16_activations))
 
-    def tanh_op(model, schema):
+    def elu_op(model, schema):
         code = schema.OperatorCodeT()
-        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.TANH
+        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.ELU
         model.operatorCodes.append(code)
         model.subgraphs[0].operators[1].opcodeIndex = len(model.operatorCodes) - 1
-    with pytest.raises(IntsimError, match="op 1 is TANH, which intsim does not import"):
-        import_tflite(_rewritten(path, tmp_path, tanh_op))
+    with pytest.raises(IntsimError, match=r"op 1 is ELU \(output tensor '.+'\), which intsim does not import "
+                                          r"\(supported: .*SOFTMAX"):
+        import_tflite(_rewritten(path, tmp_path, elu_op))
 
 
 @pytest.mark.slow
@@ -353,9 +355,10 @@ ON_3X3_MAPS = ("linear on flatten", "linear on view(-1, C H W)", "adaptive pool 
 
 
 @pytest.mark.parametrize("case", [c for c, _ in EXPORT_CASES])
-@pytest.mark.parametrize("scheme,per_channel", [("int8", True), ("int8", False), ("uint8", False)])
+@pytest.mark.parametrize("scheme,per_channel,a_signed", [("int8", True, True), ("int8", False, True), ("uint8", False, False),
+                                                     ("int8", True, False)])     # unsigned, shifted to int8
 @pytest.mark.parametrize("size", [6, 7])
-def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel, size, tmp_path):
+def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel, a_signed, size, tmp_path):
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
     if case in ON_3X3_MAPS and size == 7:
         size = 6                                        # its linear layer is built for a 3x3 map
@@ -363,9 +366,9 @@ def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel,
     model = dict(EXPORT_CASES)[case]().eval()
     x = torch.randn(16, 4, size, size)
     from model import calibrate, convert, freeze
-    qmodel = convert(model, QConfig(w_bits=8, a_bits=8, per_channel=per_channel, a_signed=scheme == "int8"))
+    qmodel = convert(model, QConfig(w_bits=8, a_bits=8, per_channel=per_channel, a_signed=a_signed))
     calibrate(qmodel, [(x, None)], "cpu", 1)
-    ref, own, again = litert_vs(freeze(qmodel), scheme, x, tmp_path)
+    ref, own, again = litert_vs(freeze(qmodel, kernel=scheme), scheme, x, tmp_path)
     assert np.array_equal(again, ref)          # the file read back: every integer
     assert np.array_equal(own, ref)            # intsim's own freeze follows the same Prepare rules
 
@@ -380,30 +383,35 @@ def test_legacy_kernels_are_off_by_at_most_one(case, tmp_path):
     from model import calibrate, convert, freeze
     qmodel = convert(model, QConfig(w_bits=8, a_bits=8, legacy_kernels=True))
     calibrate(qmodel, [(x, None)], "cpu", 1)
-    ref, own, again = litert_vs(freeze(qmodel), "uint8", x, tmp_path)
+    ref, own, again = litert_vs(freeze(qmodel, kernel="uint8"), "uint8", x, tmp_path)
     assert np.array_equal(again, ref) and np.abs(own - ref).max() <= 1
 
 
 def test_freeze_derives_each_layers_multiplier_as_litert_prepares_it():
-    """uint8 scheme (unsigned activations, one weight scale): M0 from the float32 product;
-    signed activations or per-channel weights: double; linear layers rescaled in double;
-    MEAN folds 1/N; --legacy-kernels: the double product, the fixed-point rescale, no fold."""
+    """The uint8 kernel (unsigned activations, one weight scale, frozen for it): M0 from the
+    float32 product; the int8 kernel (the same layer frozen for an int8 file), signed activations
+    or per-channel weights: double; linear layers rescaled in double; MEAN folds 1/N;
+    --legacy-kernels: the double product, the fixed-point rescale, no fold."""
     from model import calibrate, convert, freeze
     x = torch.randn(32, 4, 6, 6, generator=torch.Generator().manual_seed(3))
-    for qconfig, product in ((QConfig(), "float32"), (QConfig(a_signed=True), "double"),
-                             (QConfig(per_channel=True), "double"), (QConfig(legacy_kernels=True), "double")):
+    for qconfig, kernel, product in ((QConfig(), "uint8", "float32"), (QConfig(), "int8", "double"),
+                                     (QConfig(a_signed=True), "uint8", "double"),
+                                     (QConfig(per_channel=True), "uint8", "double"),
+                                     (QConfig(legacy_kernels=True), "uint8", "double")):
         for build in (Head, Residual):
             torch.manual_seed(0)
             qmodel = convert(build().eval(), qconfig)
             calibrate(qmodel, [(x, None)], "cpu", 1)
-            frozen = freeze(qmodel)
+            frozen = freeze(qmodel, kernel=kernel)
             for op in frozen.modules():
                 if isinstance(op, IntConv):
-                    assert op.scale_product == (product if op.w_scale.numel() == 1 else "double")
+                    # a per-tensor quantizer holds C equal scales: still TFLite's one weight scale
+                    assert op.scale_product == product and op.w_scale.numel() > 1
                     assert op.rescale_in_double == (not op.is_conv and not qconfig.legacy_kernels)
                     if op.scale_product == "float32":
-                        s_in, s_w, s_out = float(op.in_scale), float(op.w_scale), float(op.out_scale)
-                        assert (int(op.m0), int(op.shift)) == ref_conv_multiplier_per_tensor(s_in, s_w, s_out)
+                        s_in, s_w, s_out = float(op.in_scale), float(op.w_scale[0]), float(op.out_scale)
+                        want = ref_conv_multiplier_per_tensor(s_in, s_w, s_out)
+                        assert all((int(m), int(n)) == want for m, n in zip(op.m0.reshape(-1), op.shift.reshape(-1)))
                 if isinstance(op, IntMean):
                     assert op.tflite_fold == (not qconfig.legacy_kernels)
 
@@ -434,9 +442,17 @@ def test_what_cannot_export_is_refused_in_one_line(trained_like, quantize, monke
     _, four_bit = quantize(trained_like("cnn"), QConfig(w_bits=4, a_bits=4), x)
     with pytest.raises(IntsimError, match="4-bit activations"):
         export_tflite(four_bit, "int8", x[:1])
-    _, per_channel = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, per_channel=True), x)
+    qmodel, _ = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8), x)
+    from model import freeze
+    with pytest.raises(IntsimError, match="frozen for TFLite's uint8 kernel .* freeze with kernel='int8'"):
+        export_tflite(freeze(qmodel, kernel="uint8"), "int8", x[:1])
+    with pytest.raises(IntsimError, match="frozen for TFLite's int8 kernel .* --tflite-scheme sets it"):
+        export_tflite(freeze(qmodel), "uint8", x[:1])
+    with pytest.raises(IntsimError, match="unknown kernel 'int4' for freeze"):
+        freeze(qmodel, kernel="int4")
+    per_channel, _ = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, per_channel=True), x)
     with pytest.raises(IntsimError, match="per-channel weights are int8"):
-        export_tflite(per_channel, "uint8", x[:1])
+        export_tflite(freeze(per_channel, kernel="uint8"), "uint8", x[:1])
     _, asymmetric = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8, w_symmetric=False), x)
     with pytest.raises(IntsimError, match="symmetric"):
         export_tflite(asymmetric, "int8", x[:1])
@@ -577,7 +593,7 @@ def test_tflite_run_feeds_a_float_input_as_tflites_evaluation_does(scheme, run, 
     x = torch.rand(16, 3, 16, 16) * 2 - 1
     qmodel = convert(TinyClassifier().eval(), QConfig(a_signed=scheme == "int8"))
     calibrate(qmodel, [(x, None)], "cpu", 1)
-    data, _, _ = export_tflite(freeze(qmodel), scheme, x[:1])
+    data, _, _ = export_tflite(freeze(qmodel, kernel=scheme), scheme, x[:1])
     path = tmp_path / "float_io.tflite"
     path.write_bytes(data)
     (tmp_path / "images" / "n01440764").mkdir(parents=True)
@@ -649,3 +665,89 @@ def test_uint8_concatenation_of_inputs_on_other_grids_rescales_as_litert_does(tm
     conv_out = run_litert_integers(str(path), images.permute(0, 2, 3, 1).numpy(), t)
     want = ref_concat_with_scaling([images.permute(0, 2, 3, 1).numpy(), conv_out], [s_in, s_t], [z_in, z_t], s_out, z_out)
     assert np.array_equal(theirs, want) and (theirs != np.concatenate([images.permute(0, 2, 3, 1).numpy(), conv_out], -1)).any()
+
+
+def converter_style_file(tmp_path, io):
+    """A .tflite file as TF's converter writes an int8 classifier: the `io` ("float32" or
+    "uint8") input QUANTIZEd to int8, CONV_2D + RELU, MEAN over H and W (keep_dims: [1, 1, 1, C]),
+    FULLY_CONNECTED straight on that 4-D tensor, SOFTMAX (S = 1/256, Z = -128), then DEQUANTIZE
+    to float32 or QUANTIZE to uint8. Built with LiteRT's schema API, as the exporter writes."""
+    from tflite_io.schema import Writer
+    rng = np.random.default_rng(1)
+    w = Writer("int8")
+    s_in, s_c, s_m, s_f = 0.0213, 0.0371, 0.0157, 0.0932
+    if io == "float32":
+        x = w.tensor("input", [1, 8, 8, 3], "FLOAT32")
+    else:
+        x = w.tensor("input", [1, 8, 8, 3], "UINT8", [s_in], [131])
+    q = w.tensor("input_int8", [1, 8, 8, 3], "INT8", [s_in], [3])
+    w.op("QUANTIZE", [x], [q])
+    s_w = rng.uniform(0.002, 0.01, 4).astype(np.float32)
+    wt = w.tensor("conv_w", [4, 3, 3, 3], "INT8", s_w, np.zeros(4), rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8))
+    bt = w.tensor("conv_b", [4], "INT32", s_in * s_w, np.zeros(4), rng.integers(-3000, 3000, 4).astype(np.int32))
+    c = w.tensor("conv", [1, 6, 6, 4], "INT8", [s_c], [-128])
+    o = w.s.Conv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = w.s.Padding.VALID, 1, 1, 1, 1
+    o.fusedActivationFunction = w.s.ActivationFunctionType.RELU
+    w.op("CONV_2D", [q, wt, bt], [c], o, "Conv2DOptions")
+    axis = w.tensor("axis", [2], "INT32", data=np.array([1, 2], dtype=np.int32))
+    m = w.tensor("mean", [1, 1, 1, 4], "INT8", [s_m], [-128])
+    r = w.s.ReducerOptionsT()
+    r.keepDims = True
+    w.op("MEAN", [c, axis], [m], r, "ReducerOptions")
+    fw = w.tensor("fc_w", [5, 4], "INT8", [0.011], [0], rng.integers(-127, 128, (5, 4)).astype(np.int8))
+    fb = w.tensor("fc_b", [5], "INT32", [s_m * 0.011], [0], rng.integers(-500, 500, 5).astype(np.int32))
+    f = w.tensor("logits", [1, 5], "INT8", [s_f], [7])
+    w.op("FULLY_CONNECTED", [m, fw, fb], [f], w.s.FullyConnectedOptionsT(), "FullyConnectedOptions")
+    p = w.tensor("probabilities", [1, 5], "INT8", [1 / 256], [-128])
+    so = w.s.SoftmaxOptionsT()
+    so.beta = 1.0
+    w.op("SOFTMAX", [f], [p], so, "SoftmaxOptions")
+    if io == "float32":
+        out = w.tensor("output", [1, 5], "FLOAT32")
+        w.op("DEQUANTIZE", [p], [out])
+    else:
+        out = w.tensor("output", [1, 5], "UINT8", [1 / 256], [0])
+        w.op("QUANTIZE", [p], [out])
+    w.graph.inputs, w.graph.outputs = [x], [out]
+    path = tmp_path / f"converter_{io}.tflite"
+    path.write_bytes(w.pack())
+    return str(path)
+
+
+@pytest.mark.parametrize("io", ["float32", "uint8"])
+def test_converter_style_files_import_and_run_to_their_end(io, tmp_path):
+    """uint8 or float32 input and output around an int8 body, a FULLY_CONNECTED on a 4-D
+    input, a SOFTMAX at the end: imported, run to the last op, and equal to LiteRT's reference
+    kernels on every integer of the output (the probabilities) and of the logits."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from tflite_io.run import input_reals, model_input
+    path = converter_style_file(tmp_path, io)
+    frozen, info = import_tflite(path)
+    assert info["last_op"] == ("SOFTMAX" if io == "float32" else "QUANTIZE") and info["input_type"] == io.upper()
+    images = torch.randint(0, 256, (40, 3, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    feed = model_input(images, info["input_type"]).permute(0, 2, 3, 1).numpy()
+    ours = output_integers(set_mode(frozen, "int"), frozen(input_reals(images, info))).numpy()
+    theirs = run_litert_integers(path, feed, info["compare_tensor"], batch_size=1)
+    assert ours.shape == theirs.shape == (40, 5) and np.array_equal(ours, theirs)
+    assert len(np.unique(theirs)) > 10                      # the probabilities vary: not a constant output
+    float_model, _ = import_tflite_float(path)               # the float rebuild ends at the logits
+    logits = float_model(input_reals(images, info).float())
+    probabilities = (torch.from_numpy(theirs) - (-128 if io == "float32" else 0)) / 256
+    assert logits.shape == (40, 5) and not torch.allclose(logits.sum(1), torch.ones(40))
+    assert (logits.softmax(1) - probabilities).abs().max() < 0.1
+
+
+def test_fully_connected_over_positions_is_refused_at_import(tmp_path):
+    """A FULLY_CONNECTED on [1, 6, 6, C] applies the layer at each of the 36 positions; intsim
+    refuses it when importing, naming the op, not with a traceback when running."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    path = converter_style_file(tmp_path, "float32")
+
+    def fc_on_the_map(model, schema):
+        ops_ = model.subgraphs[0].operators
+        inputs = np.array(ops_[3].inputs)
+        inputs[0] = ops_[1].outputs[0]                          # FULLY_CONNECTED reads the conv's [1, 6, 6, 4]
+        ops_[3].inputs = inputs
+    with pytest.raises(IntsimError, match=r"op 3 FULLY_CONNECTED applies the layer at each of the 36 positions"):
+        import_tflite(_rewritten(path, tmp_path, fc_on_the_map))

@@ -5,9 +5,11 @@ its network with every weight dequantized into float (`import_tflite_float`).
     set_mode(frozen, "int"); logits = frozen(x)        # x: NCHW reals S (q - Z) of the input bytes
 
 Each operator is read by its op's entry in ops.OPS (ops.TFLITE_READERS; TFLite's reference
-kernels decide what each computes). At the model's edges: a float input quantized by its first
-QUANTIZE, the output dequantized by a last DEQUANTIZE, and a final SOFTMAX not run (the logits'
-integers are what is compared; the class ranking is the same). Fused activations (NONE, RELU,
+kernels decide what each computes), to the model's end (a SOFTMAX too). At the model's edges: a
+float input quantized by its first QUANTIZE, the output dequantized by a last DEQUANTIZE; a
+QUANTIZE between 8-bit types (TF's converter's uint8 input and output around an int8 body) is a
+requantize like any op. The float rebuild (`import_tflite_float`) ends at the logits: a final
+SOFTMAX is left out there (the class ranking is the same). Fused activations (NONE, RELU,
 RELU6, RELU_N1_TO_1) become the op's act_min / act_max, and SAME padding is TFLite's: the odd
 pixel goes after (bottom / right), padded with the input's Z.
 """
@@ -16,13 +18,13 @@ from torch import fx, nn
 import ops
 from errors import IntsimError
 from ops.base import NO_ACTIVATION
-from ops.quant import Dequantize, Quantize
+from ops.quant import Dequantize, Quantize, Requantize
+from ops.softmax import IntSoftmax
 
 from .schema import ACTIVATIONS, Reader, read_model
 
-EDGE_OPS = ("QUANTIZE", "DEQUANTIZE")    # float in / float out at the model's edges
-STOP_OPS = ("SOFTMAX",)
-SUPPORTED = sorted(ops.TFLITE_READERS) + list(EDGE_OPS) + list(STOP_OPS)
+EDGE_OPS = ("DEQUANTIZE",)              # float out at the model's end (QUANTIZE: an op of its own)
+SUPPORTED = sorted(set(ops.TFLITE_READERS) | set(EDGE_OPS))
 
 
 class _Importer:
@@ -48,31 +50,32 @@ class _Importer:
 def import_tflite(path):
     """A quantized .tflite model as a frozen intsim graph (Quantize -> integer ops -> Dequantize),
     and an info dict: input shape (NHWC) and QParams, the output tensor compared with LiteRT's
-    (`compare_tensor`: its index in the file), its shape, the input's type, and which op the
-    import stopped before, if any."""
+    (`compare_tensor`: its index in the file, the last op's output), its shape, the input's type,
+    and the last op read (`last_op`)."""
     reader = Reader(read_model(path), path)
     graph, operators = reader.graph, list(reader.graph.operators)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise IntsimError(f"{path}: intsim imports models with one input and one output")
     imp = _Importer(reader)
-    x_index = int(graph.inputs[0])
+    x_index, first = int(graph.inputs[0]), 0        # first: the op after the input's float QUANTIZE, if any
     if reader.type_name(x_index) == "FLOAT32":      # float input: the model starts with its QUANTIZE
         if not operators or reader.op_name(operators[0]) != "QUANTIZE":
             raise IntsimError(f"{path} is a float model (its input is FLOAT32 and is not quantized first): "
                               f"intsim imports uint8 / int8 quantized models")
-        x_index, operators = int(operators[0].outputs[0]), operators[1:]
+        x_index, first = int(operators[0].outputs[0]), 1
     imp.modules["quant_in"] = Quantize(reader.activation(x_index))
     imp.nodes[x_index] = imp.graph.call_module("quant_in", (imp.graph.placeholder("x"),))
-    last, stopped = x_index, None
-    for i, op in enumerate(operators):
+    last, last_op = x_index, "QUANTIZE"
+    for i, op in enumerate(operators[first:], start=first):       # i: the op's index in the file
         kind = reader.op_name(op)
-        if kind in STOP_OPS or kind == "DEQUANTIZE":
-            stopped = kind if kind in STOP_OPS else None
+        if kind == "DEQUANTIZE":
             if i != len(operators) - 1:
-                raise IntsimError(f"{path}: {kind} is op {i} of {len(operators)}; intsim stops only before a final {kind}")
+                raise IntsimError(f"{path}: DEQUANTIZE is op {i} of {len(operators)}: intsim imports a DEQUANTIZE "
+                                  f"only as the last op (float output)")
             break
         if kind not in ops.TFLITE_READERS:
-            raise IntsimError(f"{path}: op {i} is {kind}, which intsim does not import "
+            name = reader.tensor(int(op.outputs[0])).name.decode() if len(op.outputs) else "?"
+            raise IntsimError(f"{path}: op {i} is {kind} (output tensor {name!r}), which intsim does not import "
                               f"(supported: {', '.join(SUPPORTED)})")
         inputs = [int(t) for t in op.inputs if int(t) >= 0 and not reader.is_constant(int(t))]   # activations
         missing = [t for t in inputs if t not in imp.nodes]
@@ -84,12 +87,12 @@ def import_tflite(path):
         if src in imp.spatial:
             raise IntsimError(f"{path}: a flatten of NHWC data feeds {kind}, not a FULLY_CONNECTED: intsim's NCHW "
                               f"layout orders it differently")
-        last = out
+        last, last_op = out, kind
     imp.modules["dequant_out"] = Dequantize(reader.activation(last))
     imp.graph.output(imp.graph.call_module("dequant_out", (imp.nodes[last],)))
     frozen = fx.GraphModule(imp.modules, imp.graph, class_name="ImportedModel")
     info = {"input_shape": reader.shape(x_index), "input": reader.activation(x_index), "compare_tensor": last,
-            "output_shape": reader.shape(last), "stopped_before": stopped,
+            "output_shape": reader.shape(last), "last_op": last_op,
             "input_type": reader.type_name(int(graph.inputs[0]))}
     return frozen, info
 
@@ -104,6 +107,20 @@ def _float_activation(op):
     if act == ACTIVATIONS["RELU6"]:
         return nn.ReLU6()
     return nn.Hardtanh(*act)
+
+
+def _ends_in_softmax(frozen, node):
+    """A SOFTMAX whose value is the model's output (through a requantize and the DEQUANTIZE)."""
+    return isinstance(frozen.get_submodule(node.target), IntSoftmax) and \
+        all(_passes_to_output(frozen, u) for u in node.users)
+
+
+def _passes_to_output(frozen, node):
+    if node.op == "output":
+        return True
+    if node.op == "call_module" and isinstance(frozen.get_submodule(node.target), (Requantize, Dequantize)):
+        return all(_passes_to_output(frozen, u) for u in node.users)
+    return False
 
 
 class _FloatBuilder:
@@ -137,8 +154,8 @@ def import_tflite_float(path):
             env[node] = fb.graph.call_function(node.target, (args[0],) + tuple(node.args[1:]))
             continue
         op = frozen.get_submodule(node.target)
-        if isinstance(op, (Quantize, Dequantize)):
-            env[node] = args[0]                               # the float model has no edges to cross
+        if isinstance(op, (Quantize, Dequantize)) or _ends_in_softmax(frozen, node):
+            env[node] = args[0]          # no edges to cross in float; the logits are the float model's output
             continue
         if type(op) not in ops.FLOAT_REBUILDS:
             raise IntsimError(f"{path}: no float counterpart for {type(op).__name__}")

@@ -44,6 +44,21 @@ class Exporter:
         if scheme not in SCHEMES:
             raise IntsimError(f"unknown TFLite scheme {scheme!r}; use one of {SCHEMES}")
         self.frozen, self.scheme, self.w = frozen, scheme, Writer(scheme)
+        kernel = getattr(frozen, "kernel", None)        # model.freeze's (a file read in has none)
+        unsigned = any(getattr(m, "out_bits", 0) == 8 and not m.out_signed for m in frozen.modules()
+                       if hasattr(m, "out_signed"))
+        if kernel is not None and unsigned and kernel != scheme:
+            raise IntsimError(f"the model is frozen for TFLite's {kernel} kernel (freeze(..., kernel='{kernel}')), "
+                              f"whose per-tensor multipliers and average-pool rounding are not the {scheme} kernel's, "
+                              f"so LiteRT would not compute intsim's integers: freeze with kernel='{scheme}' (the "
+                              f"scripts do: --tflite-scheme sets it) or export as {kernel}")
+        uint8_kernel = [n for n, m in frozen.named_modules() if getattr(m, "scale_product", None) == "float32"
+                        and m.out_bits == m.in_bits == 8 and not m.w_zero_point.any()]   # (the rest: refused below)
+        if scheme == "int8" and uint8_kernel:
+            raise IntsimError(f"{uint8_kernel[0]} is frozen for TFLite's uint8 kernel (freeze(..., kernel='uint8'): M "
+                              f"from the float32 product S_in S_w), while an int8 file's kernel derives M in double, so "
+                              f"LiteRT would not compute intsim's integers: export it with --tflite-scheme uint8, or "
+                              f"freeze with kernel='int8' (the scripts do, unless --tflite-scheme uint8)")
         set_mode(frozen, "int")
         # every node's output shape as TFLite's ops produce it: the max-pool-on-accumulator shortcut
         # (IntMaxPool.run_by_producer) off, so a conv's output is the unpooled tensor

@@ -1,0 +1,119 @@
+"""What a user would pick instead of intsim: Google's litert-torch (torch.export -> PT2E int8:
+per-channel symmetric int8 weights, histogram-observed int8 activations -> .tflite) on the same
+pretrained network and images as `PTQ.py --dataset imagenet --model efficientnet_lite0`, its file
+scored in LiteRT's reference kernels (BUILTIN_REF). An optional dependency with pins of its own:
+
+    python -m venv --system-site-packages .venv-litert-torch
+    .venv-litert-torch/bin/pip install -r requirements-litert-torch.txt
+    .venv-litert-torch/bin/python litert_torch_ptq.py --calib-dir data/imagenet-1300/part0 \\
+        --data-dir data/imagenet-1300/part1
+"""
+import time
+
+import numpy as np
+import torch
+
+import cli
+from data import Batches
+from engine import accuracy, evaluate
+from errors import IntsimError
+
+DRY_RUN_IMAGES = 4
+PROGRESS_EVERY = 100       # images between progress lines while calibrating and scoring
+
+
+def litert_torch_api():
+    try:
+        import litert_torch
+        from litert_torch.quantize import pt2e_quantizer, quant_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        raise IntsimError("litert_torch_ptq.py needs litert-torch: pip install -r requirements-litert-torch.txt "
+                          "(in a virtual environment of its own: it pins its own versions)") from None
+    return litert_torch, pt2e_quantizer, quant_config, prepare_pt2e, convert_pt2e
+
+
+def quantize_with_litert_torch(model, calib, path):
+    """litert-torch's documented PT2E flow: export with a batch of 1 (its converter takes static
+    shapes), observe every calibration image, convert, write the .tflite file."""
+    litert_torch, pq, qc, prepare_pt2e, convert_pt2e = litert_torch_api()
+    quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
+    example = (calib[:1],)
+    prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            prepared(calib[i:i + 1])
+            if (i + 1) % PROGRESS_EVERY == 0:
+                print(f"  calibrated on {i + 1} of {len(calib)} images", flush=True)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    edge = litert_torch.convert(converted, example, quant_config=qc.QuantConfig(pt2e_quantizer=quantizer))
+    edge.export(path)
+
+
+def litert_logits(path, x, reference=True):
+    """The file's float logits on x (N, 3, H, W) reals, one image a call: its int8 input
+    quantized as its QUANTIZE would (round half away from zero of x / S, + Z)."""
+    from tflite_io.schema import litert
+    interpreter, _ = litert()
+    kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
+    it = interpreter.Interpreter(model_path=path, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    if list(inp["shape"]) != [1, *x.shape[1:]]:
+        raise IntsimError(f"{path} takes {list(inp['shape'])}, not [1, {', '.join(map(str, x.shape[1:]))}]")
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    info = np.iinfo(inp["dtype"]) if inp["dtype"] != np.float32 else None
+    logits = []
+    for i in range(len(x)):
+        v = x[i:i + 1].numpy()
+        if info is not None:
+            q = np.sign(v / s_in) * np.floor(np.abs(v / s_in) + 0.5) + z_in
+            v = np.clip(q, info.min, info.max).astype(inp["dtype"])
+        it.set_tensor(inp["index"], v)
+        it.invoke()
+        y = it.get_tensor(out["index"]).astype(np.float64)
+        logits.append(torch.from_numpy(s_out * (y - z_out) if out["dtype"] != np.float32 else y))
+        if (i + 1) % PROGRESS_EVERY == 0:
+            print(f"  LiteRT scored {i + 1} of {len(x)} images", flush=True)
+    return torch.cat(logits)
+
+
+def main():
+    p = cli.parser(__doc__.split("\n")[0])
+    cli.add_common(p)
+    cli.add_imagenet(p)
+    p.set_defaults(dataset="imagenet", model="efficientnet_lite0")
+    p.add_argument("--export", default="runs/tflite/efficientnet_lite0_litert_torch.tflite",
+                   help="where litert-torch's .tflite file goes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args, device = cli.start(p)
+    if args.dataset != "imagenet" or args.model != "efficientnet_lite0":
+        raise IntsimError("litert_torch_ptq.py compares on ImageNet with --model efficientnet_lite0")
+    litert_torch_api()                             # missing: say so before loading any image
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    model, _, _, (x_cal, _), (x_test, y_test) = cli.load_float_and_data(args, "cpu")
+    if args.dry_run:
+        x_cal, x_test, y_test = x_cal[:DRY_RUN_IMAGES], x_test[:DRY_RUN_IMAGES], y_test[:DRY_RUN_IMAGES]
+        args.export = cli.trial_path(args, args.export)
+    fp32 = evaluate(model, Batches(x_test, y_test, args.batch_size), "cpu")
+    print(f"float32 {fp32:.2f}% on {len(y_test)} images; litert-torch PT2E on {len(x_cal)} calibration images", flush=True)
+    quantize_with_litert_torch(model, x_cal, args.export)
+    top1 = {}
+    for name, reference in (("ref", True), ("default", False)):
+        top1[name] = accuracy(litert_logits(args.export, x_test, reference), y_test)
+    print(f"litert-torch int8 in LiteRT: reference kernels {top1['ref']:.2f}%, default (XNNPACK) "
+          f"{top1['default']:.2f}% (float32 {fp32:.2f}%, {top1['ref'] - fp32:+.2f})")
+    import litert_torch as lt
+    cli.emit_result({"script": "litert_torch", "dataset": "imagenet", "model": args.model, "fp32_acc": round(fp32, 2),
+                     "litert_torch_ref_acc": round(top1["ref"], 2), "litert_torch_default_acc": round(top1["default"], 2),
+                     "calib_images": len(x_cal), "test_images": len(y_test), "tflite": args.export,
+                     "litert_torch_version": getattr(lt, "__version__", "?"), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "calib_dir": args.calib_dir, "data_dir": args.data_dir,
+                     "minutes": round((time.time() - start) / 60, 1)},
+                    args.result_json)
+
+
+if __name__ == "__main__":
+    cli.run(main)
