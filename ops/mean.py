@@ -85,6 +85,10 @@ def _convert(gm, node, qconfig, name, module):
 def _refuse(gm, node):
     if is_function(node, (F.adaptive_avg_pool2d,)):
         return "F.adaptive_avg_pool2d converts to output size 1 only; use nn.AdaptiveAvgPool2d for other sizes"
+    if is_function(node, (torch.mean,)) or is_method(node, ("mean",)):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return (f"a mean over dims {dims if dims is not None else 'all'}: intsim converts the mean over H and W "
+                f"(dims (2, 3) of NCHW: TFLite's global MEAN) only; a mean over other dims is not converted yet")
     return None
 
 

@@ -336,6 +336,16 @@ class AdaptiveFunctional(nn.Module):
         return F.adaptive_avg_pool2d(x, 2)
 
 
+class MeanOver(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.c, self.dims = nn.Conv2d(1, 2, 3), dims
+
+    def forward(self, x):
+        y = self.c(x)
+        return y.mean() if self.dims is None else y.mean(self.dims)
+
+
 def conv_then(*layers):
     return nn.Sequential(nn.Conv2d(1, 2, 3), *layers)
 
@@ -350,6 +360,8 @@ def conv_then(*layers):
     (DropoutAlways(), ["training=True", "nn.Dropout"]),
     (Branchy(), ["cannot trace", "control flow"]),
     (AdaptiveFunctional(), ["F.adaptive_avg_pool2d converts to output size 1 only", "nn.AdaptiveAvgPool2d"]),
+    (MeanOver(3), ["call_method mean", "a mean over dims 3", "H and W (dims (2, 3)"]),
+    (MeanOver(None), ["a mean over dims all"]),
     (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3)), ["BatchNorm1d is folded into the linear layer"]),
 ])
 def test_what_cannot_be_converted_is_refused_in_one_line_at_convert(model, words):
