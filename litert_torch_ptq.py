@@ -17,6 +17,7 @@ import cli
 from data import Batches
 from engine import accuracy, evaluate
 from errors import IntsimError
+from function import quantize
 
 DRY_RUN_IMAGES = 4
 PROGRESS_EVERY = 100       # images between progress lines while calibrating and scoring
@@ -52,7 +53,7 @@ def quantize_with_litert_torch(model, calib, path):
 
 def litert_logits(path, x, reference=True):
     """The file's float logits on x (N, 3, H, W) reals, one image a call: its int8 input
-    quantized as its QUANTIZE would (round half away from zero of x / S, + Z)."""
+    quantized as its QUANTIZE would (function.quantize: round half away from zero of x / S, + Z)."""
     from tflite_io.schema import litert
     interpreter, _ = litert()
     kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
@@ -63,12 +64,11 @@ def litert_logits(path, x, reference=True):
         raise IntsimError(f"{path} takes {list(inp['shape'])}, not [1, {', '.join(map(str, x.shape[1:]))}]")
     (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
     info = np.iinfo(inp["dtype"]) if inp["dtype"] != np.float32 else None
+    if info is not None:                          # x / S in float32, as LiteRT's QUANTIZE divides
+        x = quantize(x, torch.tensor(s_in, dtype=torch.float32), z_in, info.min, info.max)
     logits = []
     for i in range(len(x)):
-        v = x[i:i + 1].numpy()
-        if info is not None:
-            q = np.sign(v / s_in) * np.floor(np.abs(v / s_in) + 0.5) + z_in
-            v = np.clip(q, info.min, info.max).astype(inp["dtype"])
+        v = x[i:i + 1].numpy().astype(inp["dtype"])
         it.set_tensor(inp["index"], v)
         it.invoke()
         y = it.get_tensor(out["index"]).astype(np.float64)

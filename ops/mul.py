@@ -3,14 +3,11 @@ x * sigmoid(s), SiLU's x * sigmoid(x)), or of a tensor and a constant (Hardsigmo
 import operator
 
 import torch
-from torch import fx
 
-from errors import IntsimError
 from function import quantize_multiplier
 
-from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op, is_function, is_method
-from .constant import constant_qparams, constant_tensor
-from .shape import is_shape
+from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op
+from .binary import float_for, freezer_for, is_binary, reader_for, writer_for
 
 
 class IntMul(FrozenOp):
@@ -47,65 +44,8 @@ class IntMul(FrozenOp):
         return self._int_out((q1.long() - self.in_zero_point1) * (q2.long() - self.in_zero_point2), self.m0, self.shift)
 
 
-def _tensors(gm, node):
-    return [a for a in node.args if isinstance(a, fx.Node) and not is_shape(gm, a)]
-
-
-def _is_mul(gm, node):
-    """x * y, torch.mul(x, y), x.mul(y): two tensors (broadcasting), or a tensor and a number."""
-    binary = is_function(node, (operator.mul, operator.imul, torch.mul)) or is_method(node, ("mul", "mul_"))
-    if not binary or len(node.args) != 2 or node.kwargs:
-        return False
-    tensors = _tensors(gm, node)
-    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-    return len(tensors) == 2 or (len(tensors) == 1 and len(numbers) == 1)
-
-
-def _freeze(freezer, node, ins, out, act):
-    qconfig = freezer.qmodel.qconfig
-    tensors = _tensors(freezer.qmodel, node)
-    if len(tensors) == 1:                       # x * c: c on a grid of its own, exactly
-        c = next(a for a in node.args if not isinstance(a, fx.Node))
-        if ins[0] is None:
-            raise IntsimError(f"{node.name}: a product of a float tensor and a constant")
-        qp, q = constant_qparams(c, ins[0].grid)
-        return [IntMul(ins[0], qp, out, act, single_rounding=qconfig.single_rounding, constant=q)]
-    if ins[0] is None or ins[1] is None:
-        raise IntsimError(f"{node.name}: a product of a float and a quantized tensor")
-    return [IntMul(ins[0], ins[1], out, act, single_rounding=qconfig.single_rounding)]
-
-
-def _read(imp, op, kind):
-    r = imp.reader
-    a, b = int(op.inputs[0]), int(op.inputs[1])
-    if r.is_constant(a):
-        a, b = b, a                              # the tensor first, the constant second
-    out, act = r.activation(op.outputs[0]), r.act(op.builtinOptions, kind)
-    if r.is_constant(b):
-        values = r.data(b).reshape(-1)
-        if len(values) != 1:
-            raise IntsimError(f"{r.path}: op {imp.index} MUL by a constant tensor of {len(values)} values: intsim "
-                              f"imports a product with one constant number")
-        module = IntMul(r.activation(a), r.activation(b), out, act_range=act, constant=int(values[0]))
-        return imp.module(f"mul_{imp.index}", module, op, [a])
-    module = IntMul(r.activation(a), r.activation(b), out, act_range=act)
-    return imp.module(f"mul_{imp.index}", module, op, [a, b])
-
-
-def _write(ex, node, op):
-    x1 = ex.t[node.args[0]][0]
-    x2 = constant_tensor(ex, node, op) if op.constant is not None else ex.t[node.args[1]][0]
-    out_qp = op.out_params()
-    o = ex.w.s.MulOptionsT()
-    o.fusedActivationFunction = ex.fused_activation(op, out_qp, node.name)
-    ex.w.op("MUL", [x1, x2], [ex.act_tensor(node, out_qp, node.name)], o, "MulOptions")
-    ex.lowest[node] = op.act_min
-
-
-def _float(fb, node, op, args):
-    return fb.graph.call_function(operator.mul, args)
-
-
-MUL = Op("mul", PRODUCER, _is_mul, spelling="mul (x * y broadcasting, x * c)", freeze=_freeze,
-         frozen=(IntMul,), functions=(operator.mul, operator.imul, torch.mul),
-         tflite_read={"MUL": _read}, tflite_write={IntMul: _write}, to_float={IntMul: _float})
+MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+MUL = Op("mul", PRODUCER, lambda gm, n: is_binary(gm, n, MUL_FUNCTIONS, ("mul", "mul_")),
+         spelling="mul (x * y broadcasting, x * c)", freeze=freezer_for(IntMul, "a product"),
+         frozen=(IntMul,), functions=MUL_FUNCTIONS, tflite_read={"MUL": reader_for(IntMul, "MUL")},
+         tflite_write={IntMul: writer_for("MUL")}, to_float={IntMul: float_for(operator.mul)})
