@@ -56,7 +56,7 @@ def reader_for(cls, kind):
             values = r.data(b).reshape(-1)
             if len(values) != 1:
                 raise IntsimError(f"{r.path}: op {imp.index} {kind} with a constant tensor of {len(values)} values: "
-                                  f"intsim imports a {kind} with one constant number, or of two tensors")
+                                  f"intsim imports {kind} of two tensors, or of a tensor and one constant number")
             module = cls(r.activation(a), r.activation(b), out, act_range=act, constant=int(values[0]))
             return imp.module(name, module, op, [a])
         return imp.module(name, cls(r.activation(a), r.activation(b), out, act_range=act), op, [a, b])

@@ -71,3 +71,15 @@ def test_the_script_runs_a_network_to_its_log_softmax(run):
     assert r["script"] == "zoo" and "LOG_SOFTMAX" in r["tflite_ops"] and r["tflite_vs_intsim"]["images_identical"] == 2
     listed = run("zoo.py", "--list")
     assert all(name in listed.stdout for name in zoo.NETWORKS)
+
+
+def test_the_litert_torch_comparison_without_its_package_says_what_to_install(run, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install -r requirements.txt")
+    import importlib.util
+    if importlib.util.find_spec("litert_torch") is not None:
+        pytest.skip("litert-torch is installed here: the message is for those without it")
+    from conftest import _one_line_error
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _one_line_error(run("litert_torch_ptq.py", "--calib-dir", tmp_path / "a", "--data-dir", tmp_path / "b"),
+                    "needs litert-torch", "requirements-litert-torch.txt")
