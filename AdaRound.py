@@ -24,13 +24,15 @@ import torch
 import torch._dynamo  # noqa: F401  (Adam's first step imports it, ~3 s; here, so it/s measure the optimisation)
 
 import cli
+import loading
 from config import QCONFIG_FIELDS
 from checkpoint import save_figure, save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, predict, print_frozen_report
 from errors import IntsimError
 from frozen import runs_in_integers
-from model import calibrate, convert, freeze
+from model import calibrate, convert
+from freezing import freeze
 from reconstruct import CACHE_BATCH, find_units, layer_units, layers_to_reconstruct, reconstruct_unit
 
 NUM_CALIB = 1024              # unlabelled training images (AIMET: 500-2000; BRECQ: 1024)
@@ -153,7 +155,7 @@ def main(method=ADAROUND, doc=__doc__):
     if method.blocks and "scale_lr" in args.given and qconfig.float_activations:
         raise IntsimError("--scale-lr learns the activation step sizes, and with --a-bits 32 there are none: "
                           "quantize the activations (--a-bits 8) or leave --scale-lr out")
-    model, cfg, source, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, source, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)

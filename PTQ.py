@@ -11,11 +11,13 @@ fake-quant accuracy is the result.
 import torch
 
 import cli
+import loading
 from checkpoint import save_frozen
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, evaluate_frozen, layer_agreement, predict, print_frozen_report, weight_layers
 from frozen import runs_in_integers
-from model import calibrate, convert, freeze
+from model import calibrate, convert
+from freezing import freeze
 
 NUM_CALIB_BATCHES = 8       # x --batch-size training images observed for the activation ranges
 DRY_RUN_CALIB = 1           # --dry-run: calibration batches ...
@@ -49,7 +51,7 @@ def main():
                         "layer's weights quantized (one more evaluation per layer)")
     args, device = cli.start(p)
     qconfig = cli.qconfig_from(args)
-    model, cfg, source, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, source, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)

@@ -18,13 +18,15 @@ import time
 import torch
 
 import cli
+import loading
 from checkpoint import load_frozen, made_by, save_frozen
 from compress.layers import compress_activations, saved_bytes
 from config import QConfig
 from data import Batches, dataset_info, load_test
 from engine import accuracy, evaluate, evaluate_frozen, predict, print_frozen_report, train_one_epoch
 from errors import IntsimError
-from model import LSQ_INITS, bn_use_running_stats, calibrate, convert, fix_ranges, freeze, learn_scales, set_phase
+from model import LSQ_INITS, bn_use_running_stats, calibrate, convert, fix_ranges, learn_scales, set_phase
+from freezing import freeze
 
 EPOCHS = 3
 LR = {"sgd": 1e-3, "adam": 1e-4}   # peak learning rate per optimizer (cosine decay to 0)
@@ -115,7 +117,7 @@ def main():
     qconfig = cli.qconfig_from(args)
     cli.require_integer_activations(qconfig, "QAT.py")
     lr = args.lr if args.lr is not None else LR[args.optimizer]
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, _, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32_acc = accuracy(predict(model, test, device), y_test)

@@ -11,10 +11,12 @@ import time
 import torch
 
 import cli
+import loading
 from data import Batches, calibration_set, dataset_info
 from engine import predict, train_one_epoch
 from frozen import set_mode
-from model import calibrate, convert, freeze, set_phase
+from model import calibrate, convert, set_phase
+from freezing import freeze
 
 NUM_CALIB_BATCHES = 8
 CALIB_BATCH = 256
@@ -50,7 +52,7 @@ def main():
     cli.require_integer_activations(qconfig, "bench.py")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, _, _, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, min(BATCH_SIZE, dataset_info(args.dataset).eval_batch))
     calib = Batches(*calibration_set(x_train, y_train, NUM_CALIB_BATCHES * CALIB_BATCH, args.seed), CALIB_BATCH)

@@ -1,7 +1,9 @@
 """What a user would pick instead of intsim: Google's litert-torch (torch.export -> PT2E int8:
 per-channel symmetric int8 weights, histogram-observed int8 activations -> .tflite) on the same
 pretrained network and images as `PTQ.py --dataset imagenet --model efficientnet_lite0`, its file
-scored in LiteRT's reference kernels (BUILTIN_REF). An optional dependency with pins of its own:
+scored in LiteRT's reference kernels (BUILTIN_REF), and that file imported into intsim (its NCHW
+TRANSPOSEs, PADs and float residual sums), checked integer for integer against LiteRT's reference
+kernels. An optional dependency with pins of its own:
 
     python -m venv --system-site-packages .venv-litert-torch
     .venv-litert-torch/bin/pip install -r requirements-litert-torch.txt
@@ -14,10 +16,14 @@ import numpy as np
 import torch
 
 import cli
+import loading
 from data import Batches
 from engine import accuracy, evaluate
 from errors import IntsimError
+from frozen import output_integers, set_mode
 from function import quantize
+from tflite_io.read import import_tflite
+from tflite_io.run import agreement
 
 DRY_RUN_IMAGES = 4
 PROGRESS_EVERY = 100       # images between progress lines while calibrating and scoring
@@ -51,31 +57,44 @@ def quantize_with_litert_torch(model, calib, path):
     edge.export(path)
 
 
-def litert_logits(path, x, reference=True):
-    """The file's float logits on x (N, 3, H, W) reals, one image a call: its int8 input
-    quantized as its QUANTIZE would (function.quantize: round half away from zero of x / S, + Z)."""
+def litert_outputs(path, x, reference=True):
+    """The file's output integers (N, C) on x (N, 3, H, W) reals, one image a call, and the
+    file's input integers (N, 3, H, W) they came from: x quantized as its QUANTIZE would
+    (function.quantize: round half away from zero of x / S, + Z). Also the output's (S, Z)."""
     from tflite_io.schema import litert
     interpreter, _ = litert()
     kind = interpreter.OpResolverType.BUILTIN_REF if reference else interpreter.OpResolverType.AUTO
     it = interpreter.Interpreter(model_path=path, experimental_op_resolver_type=kind)
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if list(inp["shape"]) != [1, *x.shape[1:]]:
-        raise IntsimError(f"{path} takes {list(inp['shape'])}, not [1, {', '.join(map(str, x.shape[1:]))}]")
+    if list(inp["shape"]) != [1, *x.shape[1:]] or inp["dtype"] != np.int8 or out["dtype"] != np.int8:
+        raise IntsimError(f"{path} takes {list(inp['shape'])} {inp['dtype'].__name__} and gives "
+                          f"{out['dtype'].__name__}: litert-torch's int8 file of [1, {', '.join(map(str, x.shape[1:]))}] "
+                          f"was expected")
     (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
-    info = np.iinfo(inp["dtype"]) if inp["dtype"] != np.float32 else None
-    if info is not None:                          # x / S in float32, as LiteRT's QUANTIZE divides
-        x = quantize(x, torch.tensor(s_in, dtype=torch.float32), z_in, info.min, info.max)
-    logits = []
-    for i in range(len(x)):
-        v = x[i:i + 1].numpy().astype(inp["dtype"])
-        it.set_tensor(inp["index"], v)
+    bounds = np.iinfo(np.int8)                   # x / S in float32, as LiteRT's QUANTIZE divides
+    q = quantize(x, torch.tensor(s_in, dtype=torch.float32), z_in, bounds.min, bounds.max)
+    integers = []
+    for i in range(len(q)):
+        it.set_tensor(inp["index"], q[i:i + 1].numpy().astype(np.int8))
         it.invoke()
-        y = it.get_tensor(out["index"]).astype(np.float64)
-        logits.append(torch.from_numpy(s_out * (y - z_out) if out["dtype"] != np.float32 else y))
+        integers.append(torch.from_numpy(it.get_tensor(out["index"]).astype(np.int64)))
         if (i + 1) % PROGRESS_EVERY == 0:
-            print(f"  LiteRT scored {i + 1} of {len(x)} images", flush=True)
-    return torch.cat(logits)
+            print(f"  LiteRT scored {i + 1} of {len(q)} images", flush=True)
+    return torch.cat(integers), q, (s_out, z_out)
+
+
+def intsim_on_file(path, q, batch_size):
+    """litert-torch's own file imported into intsim (tflite_io.read.import_tflite) and run in
+    intsim's integer path on the file's input integers q: its output integers (N, C)."""
+    frozen, info = import_tflite(path)
+    set_mode(frozen, "int")
+    reals = info["input"].scale.double() * (q.double() - info["input"].zero_point)
+    out = []
+    for i in range(0, len(q), batch_size):
+        out.append(output_integers(frozen, frozen(reals[i:i + batch_size])))
+        print(f"  intsim ran the imported file on {i + len(out[-1])} of {len(q)} images", flush=True)
+    return torch.cat(out)
 
 
 def main():
@@ -93,21 +112,26 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    model, _, _, (x_cal, _), (x_test, y_test) = cli.load_float_and_data(args, "cpu")
+    model, _, _, (x_cal, _), (x_test, y_test) = loading.load_float_and_data(args, "cpu")
     if args.dry_run:
         x_cal, x_test, y_test = x_cal[:DRY_RUN_IMAGES], x_test[:DRY_RUN_IMAGES], y_test[:DRY_RUN_IMAGES]
         args.export = cli.trial_path(args, args.export)
     fp32 = evaluate(model, Batches(x_test, y_test, args.batch_size), "cpu")
     print(f"float32 {fp32:.2f}% on {len(y_test)} images; litert-torch PT2E on {len(x_cal)} calibration images", flush=True)
     quantize_with_litert_torch(model, x_cal, args.export)
-    top1 = {}
+    top1, outputs = {}, {}
     for name, reference in (("ref", True), ("default", False)):
-        top1[name] = accuracy(litert_logits(args.export, x_test, reference), y_test)
+        outputs[name], q, (s_out, z_out) = litert_outputs(args.export, x_test, reference)
+        top1[name] = accuracy(s_out * (outputs[name].double() - z_out), y_test)
     print(f"litert-torch int8 in LiteRT: reference kernels {top1['ref']:.2f}%, default (XNNPACK) "
           f"{top1['default']:.2f}% (float32 {fp32:.2f}%, {top1['ref'] - fp32:+.2f})")
+    same = agreement(intsim_on_file(args.export, q, args.batch_size).numpy(), outputs["ref"].numpy())
+    print(f"that file imported into intsim: {same['images_identical']} of {len(q)} images give LiteRT's reference "
+          f"output integers (largest difference {same['max_diff']})", flush=True)
     import litert_torch as lt
     cli.emit_result({"script": "litert_torch", "dataset": "imagenet", "model": args.model, "fp32_acc": round(fp32, 2),
                      "litert_torch_ref_acc": round(top1["ref"], 2), "litert_torch_default_acc": round(top1["default"], 2),
+                     "imported_vs_litert_ref": same,
                      "calib_images": len(x_cal), "test_images": len(y_test), "tflite": args.export,
                      "litert_torch_version": getattr(lt, "__version__", "?"), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "calib_dir": args.calib_dir, "data_dir": args.data_dir,

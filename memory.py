@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
+import loading
 from compress.layers import compress_activations, saved_bytes
 from data import dataset_info, load_split
 from errors import IntsimError
@@ -99,7 +100,7 @@ def main():
         model = build_model(ModelConfig(args.model, info.in_channels, info.image_size, info.num_classes)).to(device)
         x_train, y_train = load_split(args.dataset, args.data_dir, train=True, download=args.download)
     else:
-        model, _, _, (x_train, y_train), _ = cli.load_float_and_data(args, device, test_limit=1)
+        model, _, _, (x_train, y_train), _ = loading.load_float_and_data(args, device, test_limit=1)
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))
     batches = [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.batches)]
     xb, yb = x_train[batches[0]].to(device), y_train[batches[0]].to(device)

@@ -14,6 +14,8 @@ after fn in float. The activation (ReLU, ReLU6), max-pool and the activation qua
 graph's own nodes after the layer (model.convert), and ops.conv.freeze_layer turns the layer into
 an IntConv.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,20 +146,30 @@ class QLayer(nn.Module):
 
 
 class QMean(nn.Module):
-    """Global average pooling over (H, W), which remembers the window H W it was run with (the
-    frozen IntMean needs it to fold 1 / (H W) into its multiplier)."""
+    """A mean over `dims` (global average pooling: (2, 3), H and W of NCHW), which remembers how
+    many values it averaged (the frozen IntMean folds 1 / N into its multiplier)."""
 
-    def __init__(self, keepdim=True):
+    def __init__(self, keepdim=True, dims=(2, 3)):
         super().__init__()
-        self.keepdim = keepdim
+        self.keepdim, self.dims = keepdim, tuple(dims)
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
     def extra_repr(self):
-        return f"keepdim={self.keepdim}"
+        return f"keepdim={self.keepdim}" + ("" if self.dims == (2, 3) else f", dims={self.dims}")
 
     def forward(self, x):
-        self.count.fill_(x.shape[-1] * x.shape[-2])
-        return x.mean((-2, -1), keepdim=self.keepdim)
+        dims = mean_dims(self.dims, x.dim())
+        self.count.fill_(math.prod(x.shape[d] for d in dims))
+        return x.mean(dims, keepdim=self.keepdim)
+
+
+def mean_dims(dims, rank):
+    """`dims` of a mean as non-negative dims of a rank-`rank` tensor; the batch dim is refused."""
+    out = tuple(sorted(d % rank for d in dims))
+    if 0 in out:
+        raise IntsimError(f"a mean over dims {tuple(dims)} of a {rank}-d tensor averages over the batch: intsim "
+                          f"converts means over the other dims (each image on its own)")
+    return out
 
 
 class QAdaptiveAvgPool(nn.Module):

@@ -19,7 +19,8 @@ from torch import fx
 
 from errors import IntsimError
 from frozen import set_mode
-from model import chain, freeze, op_of, qlayers, set_phase
+from model import chain, op_of, qlayers, set_phase
+from freezing import freeze
 from module import QLayer
 from quantizer import AdaRoundQuantizer, Quantizer
 

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 import cli
+import loading
 from checkpoint import save_figure
 from data import Batches, calibration_set, dataset_info
 from engine import accuracy, predict
 from frozen import set_mode
 from function import FLOAT_BITS
-from model import convert, freeze, qlayers
+from model import convert, qlayers
+from freezing import freeze
 from taylor import LayerLoss
 
 NUM_DRAWS = 100             # stochastic roundings (the paper: 100)
@@ -132,7 +134,7 @@ def main():
     cli.cap_for_dry_run(args, draws=DRY_RUN_DRAWS, hessian_images=DRY_RUN_HESSIAN)
     draws, n_hessian = args.draws, args.hessian_images
     all_config = dataclasses.replace(cli.qconfig_from(args), a_bits=FLOAT_BITS)    # weights only
-    model, cfg, _, (x_train, y_train), (x_test, y_test) = cli.load_float_and_data(
+    model, cfg, _, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, dataset_info(args.dataset).eval_batch)
     fp32 = accuracy(predict(model, test, device), y_test)

@@ -35,9 +35,11 @@ def topk(scores, labels, k, background):
 
 def run_litert(path, info, images, reference):
     """The integers of the compared tensor for each image (N, C) and the seconds it took (one
-    image a call: the models' RESHAPE fixes the batch at 1)."""
+    image a call: the models' RESHAPE fixes the batch at 1). The input goes in the file's order
+    (NHWC; NCHW in files from PyTorch)."""
     start = time.time()
-    x = model_input(images, info["input_type"]).permute(0, 2, 3, 1).numpy()
+    x = model_input(images, info["input_type"])
+    x = (x if info["input_layout"] == "NCHW" else x.permute(0, 2, 3, 1)).numpy()
     out = run_litert_integers(path, x, info["compare_tensor"], reference, batch_size=1)
     return torch.from_numpy(out.reshape(len(images), -1)), time.time() - start
 

@@ -14,6 +14,7 @@ import time
 import torch
 
 import cli
+import loading
 from checkpoint import load_checkpoint, save_checkpoint, torch_save
 from compress.layers import compress_activations
 from data import Batches, dataset_info, load_split, random_crop_flip
@@ -84,8 +85,8 @@ def main():
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, one-cycle)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
-    p.add_argument("--ckpt-dir", default=None, help=f"where to save the checkpoint (default: {cli.DEFAULT_CKPT_DIR}; "
-                                                    f"with --dry-run {cli.DRY_RUN_DIR}/{cli.DEFAULT_CKPT_DIR})")
+    p.add_argument("--ckpt-dir", default=None, help=f"where to save the checkpoint (default: {loading.DEFAULT_CKPT_DIR}; "
+                                                    f"with --dry-run {cli.DRY_RUN_DIR}/{loading.DEFAULT_CKPT_DIR})")
     p.add_argument("--resume-dir", default=None, help=f"where the per-epoch resume state is kept (default: "
                                                       f"{RESUME_DIR}; with --dry-run under {cli.DRY_RUN_DIR})")
     p.add_argument("--init-from", default=None, metavar="CKPT",
@@ -99,7 +100,7 @@ def main():
                         "both test accuracies)")
     args, device = cli.start(p)
     # --dry-run writes under runs/dry-run/, never over ckpt/ (the checkpoint every script starts from)
-    ckpt_dir = args.ckpt_dir or cli.trial_path(args, cli.DEFAULT_CKPT_DIR)
+    ckpt_dir = args.ckpt_dir or cli.trial_path(args, loading.DEFAULT_CKPT_DIR)
     resume_dir = args.resume_dir or cli.trial_path(args, RESUME_DIR)
     ca = cli.compression_from(args)
     # a run with compressed activations is a different run: its own checkpoint and resume file

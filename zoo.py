@@ -20,7 +20,8 @@ import cli
 from data import Batches, load_imagenet_bytes
 from errors import IntsimError
 from frozen import bias_scale_adjustments, op_agreement
-from model import calibrate, convert, efficientnet_lite0, freeze, set_phase
+from model import calibrate, convert, efficientnet_lite0, set_phase
+from freezing import freeze
 
 CALIB_IMAGES = 32          # images the BN statistics and the activation ranges are estimated on
 CALIB_BATCH = 16

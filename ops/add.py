@@ -3,6 +3,7 @@ import operator
 
 import torch
 
+from errors import IntsimError
 from function import quantize_multiplier, rescale
 
 from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op, is_function, is_method
@@ -51,6 +52,38 @@ class IntAdd(FrozenOp):
         return self._int_out(a1 + a2, self.m_out, self.shift_out)
 
 
+class FloatAdd(FrozenOp):
+    """TFLite's ADD on float32 tensors inside a quantized model: litert-torch keeps some residual
+    sums in float (DEQUANTIZE both inputs, ADD, QUANTIZE the sum). y = clamp(x1 + x2, act) in
+    float32, as LiteRT's reference Add computes it; the tensors around it are floats, not on a grid."""
+    CONFIG = ("act_lo", "act_hi")
+    integer = True            # the file's own arithmetic: LiteRT runs it so in the integer model
+    float_output = True
+
+    def __init__(self, act_range=NO_ACTIVATION):
+        super().__init__()
+        self.act_lo, self.act_hi = (float(v) for v in act_range)
+
+    def int_forward(self, x1, x2):
+        return (x1 + x2).clamp(self.act_lo, self.act_hi)
+
+    def real_forward(self, x1, x2):
+        return self.int_forward(x1, x2)
+
+
+def _read(imp, op, kind):
+    """ADD of two quantized tensors (IntAdd), or of two float32 ones (FloatAdd)."""
+    r = imp.reader
+    a, b, out = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
+    kinds = {r.type_name(t) for t in (a, b, out)}
+    if "FLOAT32" not in kinds:
+        return _read_quantized(imp, op, kind)
+    if kinds != {"FLOAT32"} or r.is_constant(a) or r.is_constant(b):
+        raise IntsimError(f"{r.path}: op {imp.index} ADD mixes float32 and quantized tensors or a constant: intsim "
+                          f"imports a float ADD of two float32 tensors (each a DEQUANTIZE or float ADD output)")
+    return imp.module(f"add_{imp.index}", FloatAdd(r.act(op.builtinOptions, kind)), op, [a, b])
+
+
 def _refuse(gm, node):
     if is_function(node, (operator.add, torch.add)) or is_method(node, ("add",)):
         return "add is supported for two tensors computed from the input, or a tensor and a number (no alpha)"
@@ -58,7 +91,9 @@ def _refuse(gm, node):
 
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_read_quantized = reader_for(IntAdd, "ADD")
 ADD = Op("add", PRODUCER, lambda gm, n: is_binary(gm, n, ADD_FUNCTIONS, ("add", "add_")),
          spelling="add (x + y, torch.add)", freeze=freezer_for(IntAdd, "an add"), refuse=_refuse,
-         frozen=(IntAdd,), functions=ADD_FUNCTIONS, tflite_read={"ADD": reader_for(IntAdd, "ADD")},
-         tflite_write={IntAdd: writer_for("ADD")}, to_float={IntAdd: float_for(operator.add)})
+         frozen=(IntAdd, FloatAdd), functions=ADD_FUNCTIONS, tflite_read={"ADD": _read},
+         tflite_write={IntAdd: writer_for("ADD")},
+         to_float={IntAdd: float_for(operator.add), FloatAdd: float_for(operator.add)})

@@ -40,6 +40,8 @@ def zero_padding(gm, node):
 def _read(imp, op, kind):
     r = imp.reader
     x, paddings = op.inputs[0], r.data(op.inputs[1]).reshape(-1, 2)
+    if int(x) in imp.nchw and len(paddings) == 4:     # a PAD of the NCHW tensor: its rows in NHWC order
+        paddings = paddings[[0, 2, 3, 1]]
     inp, out = r.activation(x), r.activation(op.outputs[0])
     if len(paddings) != 4 or paddings[0].any() or paddings[3].any() or not (
             torch.equal(inp.scale, out.scale) and torch.equal(inp.zero_point, out.zero_point)):

@@ -5,7 +5,6 @@ uint8 input and before a uint8 output of an int8 body)."""
 import torch
 
 from function import check_finite, dequantize, fake_quantize, multiply_by_quantized_multiplier, quantize, quantize_multiplier
-from errors import IntsimError
 from quantizer import Quantizer
 
 from .base import OUTPUT, PRODUCER, QUANT, FrozenOp, Op, is_module
@@ -73,13 +72,20 @@ class Requantize(FrozenOp):
         return self._real_out(x)
 
 
-def _read_requantize(imp, op, kind):
+def _read_quantize(imp, op, kind):
+    """QUANTIZE inside the model: of an 8-bit tensor, a requantize; of a float32 one (the end of
+    a float ADD that litert-torch writes between DEQUANTIZE and QUANTIZE), a Quantize."""
     r = imp.reader
     x = int(op.inputs[0])
     if r.type_name(x) == "FLOAT32":
-        raise IntsimError(f"{r.path}: op {imp.index} QUANTIZEs a float tensor ({r.tensor(x).name.decode()!r}) "
-                          f"inside the model: intsim imports a float QUANTIZE only as the first op (the input)")
+        return imp.module(f"quantize_{imp.index}", Quantize(r.activation(op.outputs[0])), op, [x])
     return imp.module(f"requantize_{imp.index}", Requantize(r.activation(x), r.activation(op.outputs[0])), op, [x])
+
+
+def _read_dequantize(imp, op, kind):
+    """DEQUANTIZE inside the model (the model's last one is its output, read by the importer)."""
+    x = int(op.inputs[0])
+    return imp.module(f"dequantize_{imp.index}", Dequantize(imp.reader.activation(x)), op, [x])
 
 
 def _write_requantize(ex, node, op):
@@ -107,7 +113,8 @@ INPUT = Op("input", PRODUCER, lambda gm, n: n.op == "placeholder", frozen=(Quant
            tflite_write={Quantize: _write_quantize})
 ACTIVATION_QUANTIZER = Op("activation quantizer", QUANT, lambda gm, n: is_module(gm, n, Quantizer))
 REQUANTIZE = Op("requantize", PRODUCER, lambda gm, n: False, frozen=(Requantize,),
-                 tflite_read={"QUANTIZE": _read_requantize}, tflite_write={Requantize: _write_requantize},
+                 tflite_read={"QUANTIZE": _read_quantize, "DEQUANTIZE": _read_dequantize},
+                 tflite_write={Requantize: _write_requantize},
                  to_float={Requantize: _float_identity})
 MODEL_OUTPUT = Op("output", OUTPUT, lambda gm, n: n.op == "output", frozen=(Dequantize,),
                   tflite_write={Dequantize: _write_dequantize})

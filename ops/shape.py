@@ -107,7 +107,8 @@ def _write_reshape(ex, node, how):
     origin = ex.pending.get(src)
     if origin is None:
         x, qp, _, in_shape = ex.src(node)
-        if out_shape == in_shape:
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        if out_shape == in_shape and name not in ("transpose", "permute"):      # the same values in the same order
             ex.t[node] = ex.t[src]
             return
         features = int(np.prod(in_shape[1:]))
@@ -237,6 +238,28 @@ def _read_split(imp, op, kind):
     return items[0]
 
 
+TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)      # TRANSPOSE's perm between TFLite's NHWC and NCHW
+
+
+def _read_transpose(imp, op, kind):
+    """TRANSPOSE between NHWC and NCHW (files from PyTorch's exporters put one around each PAD):
+    intsim's tensors are NCHW whatever the file's order, so it changes nothing here; the importer
+    knows which tensors the file stores as NCHW (imp.nchw). A TRANSPOSE that moves the data
+    itself is refused."""
+    r = imp.reader
+    x, y = int(op.inputs[0]), int(op.outputs[0])
+    perm = tuple(int(v) for v in r.data(int(op.inputs[1]))) if r.is_constant(int(op.inputs[1])) else None
+    relabel = (perm == TO_NCHW and x not in imp.nchw and y in imp.nchw) or \
+        (perm == TO_NHWC and x in imp.nchw and y not in imp.nchw)
+    a, b = r.activation(x), r.activation(y)
+    if not relabel or not (torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)):
+        raise IntsimError(f"{r.path}: op {imp.index} TRANSPOSE (perm {list(perm) if perm else 'not constant'}, output "
+                          f"tensor {r.tensor(y).name.decode()!r}) moves the data itself: intsim imports a TRANSPOSE "
+                          f"only between the NHWC and NCHW orders of one tensor (on one grid), as PyTorch's exporters "
+                          f"write them")
+    return imp.nodes[x]
+
+
 def _float_gather(fb, node, op, args):
     return fb.call(node.target, IntGather(op.indices, op.dim), args)
 
@@ -251,7 +274,7 @@ FLATTEN = Op("flatten/reshape", SAME, _is_same_grid, spelling="flatten/reshape/v
              functions=(torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.chunk, torch.split),
              frozen=(IntGather,),
              tflite_read={"RESHAPE": _read_reshape, "SQUEEZE": _read_reshape, "GATHER": _read_gather,
-                          "SPLIT": _read_split}, to_float={IntGather: _float_gather},
+                          "SPLIT": _read_split, "TRANSPOSE": _read_transpose}, to_float={IntGather: _float_gather},
              tflite_write={**{how: _write_reshape for how in RESHAPES}, **{how: _write_split for how in
                            ("chunk", "split", torch.chunk, torch.split)}, operator.getitem: _write_piece,
                            IntGather: _write_gather})

@@ -48,9 +48,12 @@ def render_pretrained(results):
                      for r in (theirs.get("part0"), theirs.get("part1"))]
             drops = [r["litert_torch_ref_acc"] - r["fp32_acc"] for r in theirs.values()]
             first = theirs.get("part0", next(iter(theirs.values())))
+            imported = [r["imported_vs_litert_ref"]["images_identical"] for r in theirs.values() if "imported_vs_litert_ref" in r]
+            same = (f"{sum(imported)} of {sum(r['test_images'] for r in theirs.values() if 'imported_vs_litert_ref' in r)} "
+                    f"(its file imported into intsim)") if imported else "(not imported)"
             lines.append(f"| {model} | litert-torch {first['litert_torch_version']} PT2E: W8A8 per-channel, int8 "
                          f"activations (histogram); its file in LiteRT's reference kernels | {cells[0]} | {cells[1]} | "
-                         f"{sum(drops) / len(drops):+.2f} | (not imported) | - | {cmd(first)} |")
+                         f"{sum(drops) / len(drops):+.2f} | {same} | - | {cmd(first)} |")
         if model in PUBLISHED:
             f, q = PUBLISHED[model]
             lines.append(f"| {model} (Google, 50,000 images) | TFLite's post-training int8 | | | {q - f:+.2f} "

@@ -125,7 +125,8 @@ def small_resnet18():
 @pytest.fixture
 def quantize():
     """quantize(model, qconfig, x) -> (qmodel, frozen): converted, calibrated on x, frozen."""
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+    from freezing import freeze
 
     def make(model, qconfig, x):
         qmodel = convert(model, qconfig)

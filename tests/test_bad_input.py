@@ -24,7 +24,8 @@ import cli
 from checkpoint import _atomic_write, save_frozen, write_json
 from config import QConfig
 from errors import IntsimError
-from model import ModelConfig, build_model, calibrate, convert, freeze
+from model import ModelConfig, build_model, calibrate, convert
+from freezing import freeze
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = os.path.join(ROOT, "ckpt", "fashion-mnist_cnn.pt")

@@ -11,7 +11,8 @@ from AdaRound import beta_at
 from config import QConfig
 from frozen import output_integers, set_mode
 from function import FLOAT_BITS
-from model import activation_quantizers, calibrate, convert, freeze, qlayers, set_phase
+from model import activation_quantizers, calibrate, convert, qlayers, set_phase
+from freezing import freeze
 from reconstruct import find_units, fisher_weights, reconstruct_unit, unit_quantizers
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from config import QConfig
 from errors import IntsimError
 from frozen import output_integers, set_mode
-from model import activation_quantizers, calibrate, convert, freeze, qlayers, set_phase
+from model import activation_quantizers, calibrate, convert, qlayers, set_phase
+from freezing import freeze
 
 
 def integers(frozen, x, mode):
@@ -360,8 +361,8 @@ def conv_then(*layers):
     (DropoutAlways(), ["training=True", "nn.Dropout"]),
     (Branchy(), ["cannot trace", "control flow"]),
     (AdaptiveFunctional(), ["F.adaptive_avg_pool2d converts to output size 1 only", "nn.AdaptiveAvgPool2d"]),
-    (MeanOver(3), ["call_method mean", "a mean over dims 3", "H and W (dims (2, 3)"]),
-    (MeanOver(None), ["a mean over dims all"]),
+    (MeanOver(None), ["call_method mean", "a mean over all dims averages over the batch", "x.mean(1)"]),
+    (MeanOver((0, 2)), ["a mean over dims (0, 2) averages over the batch (dim 0)"]),
     (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3)), ["BatchNorm1d is folded into the linear layer"]),
 ])
 def test_what_cannot_be_converted_is_refused_in_one_line_at_convert(model, words):

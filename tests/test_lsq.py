@@ -14,7 +14,8 @@ from errors import IntsimError
 from frozen import output_integers, set_mode
 from ops.quant import Quantize
 from function import activation_grid, fake_quantize, integers_of, weight_grid
-from model import (activation_quantizers, calibrate, convert, freeze, learn_activation_scales, learn_scales,
+from freezing import freeze
+from model import (activation_quantizers, calibrate, convert, learn_activation_scales, learn_scales,
                    learn_weight_scales, qlayers, set_phase)
 from observer import make_observer
 from quantizer import Quantizer, lsq_grad_scale

@@ -11,7 +11,8 @@ from checkpoint import load_frozen, save_frozen
 from config import QConfig
 from frozen import set_mode
 from function import Grid, weight_grid
-from model import ModelConfig, bn_use_running_stats, calibrate, convert, fix_ranges, freeze, qlayers, set_phase
+from model import ModelConfig, bn_use_running_stats, calibrate, convert, fix_ranges, qlayers, set_phase
+from freezing import freeze
 from module import QLayer
 from observer import WeightObserver, make_observer
 from quantizer import Quantizer

@@ -11,7 +11,8 @@ from config import QConfig
 from errors import IntsimError
 from frozen import runs_in_integers, set_mode
 from function import FLOAT_BITS, Grid, quantize, round_with, weight_grid
-from model import convert, freeze, qlayers
+from model import convert, qlayers
+from freezing import freeze
 from observer import (SEARCH_FACTORS, SQNR_GAMMA, SQNR_GRID, SearchObserver, make_observer,
                       search_range, weight_range)
 from reference import np_lp, np_sqnr

@@ -13,7 +13,8 @@ from frozen import output_integers, set_mode
 from ops.add import IntAdd
 from ops.conv import IntConv
 from ops.mean import IntMean
-from model import calibrate, convert, freeze, qlayers
+from model import calibrate, convert, qlayers
+from freezing import freeze
 
 
 def test_resnet18_goes_through_the_generic_conversion_and_runs_in_integers(small_resnet18):

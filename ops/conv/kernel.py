@@ -1,0 +1,212 @@
+"""The one integer kernel of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED (IntConv), the rule
+that decides how a layer rescales (rescale_rule), and a layer left in float (FloatLayer)."""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from errors import IntsimError
+from function import INT32_MAX, INT_MAX_BITS, int32_check, quantize_multiplier, requantize_in_double
+
+from ..base import NO_ACTIVATION, FrozenOp, pair, per_channel
+
+FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
+SPLIT_BASE = 16           # digit base of the split accumulation (IntConv.accumulation)
+SCALE_PRODUCTS = ("double", "float32")
+
+
+def rescale_rule(uint8_kernel, is_conv, legacy=False):
+    """How LiteRT's Prepare derives a conv/FC layer's rescale (kernel_util.cc): the uint8 kernel
+    (unsigned activations, one weight scale) takes M from the float32 product S_in S_w
+    (GetQuantizedConvolutionMultipler); the int8 kernel (signed activations or per-channel
+    weights) from the double product. FULLY_CONNECTED rescales acc * M in double (the pinned
+    LiteRT's reference kernel). `legacy` (--legacy-kernels): double products and the fixed-point
+    rescale everywhere. The one place this is decided, for freeze and for .tflite import."""
+    if legacy:
+        return dict(scale_product="double", rescale_in_double=False)
+    return dict(scale_product="float32" if uint8_kernel else "double", rescale_in_double=not is_conv)
+
+
+class IntConv(FrozenOp):
+    """CONV_2D (with groups: DEPTHWISE_CONV_2D) or FULLY_CONNECTED (Jacob et al. 2018, eq. 7):
+        acc[c]  = sum (q_in - Z_in)(q_w[c] - Z_w[c]) + q_b[c]                    int32, exact
+        q_out   = clamp(rescale(acc, M0[c], shift[c]) + Z_out, act_min, act_max)
+    with M[c] = S_in S_w[c] / S_out = M0[c] 2^(shift[c] - 31) (TFLite's QuantizeMultiplier).
+    `pad` is explicit per side, (left, right, top, bottom), padded with real 0 (q = Z_in).
+    `scale_product` is how M is computed (rescale_rule): "double", S_in S_w[c] / S_out in double;
+    "float32", the product S_in S_w rounded to float32 first, then divided in double.
+    `rescale_in_double` replaces the fixed-point rescale by one rounding of acc * M in double,
+    as LiteRT's reference FULLY_CONNECTED does (function.requantize_in_double).
+    Without `inp`/`out` (float activations) only the weights are integers, the bias is real,
+    and there is no integer mode."""
+    CONFIG = ("is_conv", "stride", "pad", "dilation", "groups", "w_bits", "in_qmin", "in_qmax", "in_bits",
+              "out_bits", "out_signed", "act_min", "act_max", "single_rounding", "has_int_io", "pool_first",
+              "scale_product", "rescale_in_double", "bias_scale_adjusted")
+    # the values of a model saved before the choices were recorded
+    scale_product, rescale_in_double, bias_scale_adjusted = "double", False, 0
+    new_grid = True
+
+    def __init__(self, w_q, w_scale, w_zero_point, bias, grid, is_conv=True, stride=1, padding=0, dilation=1,
+                 groups=1, inp=None, out=None, act_range=NO_ACTIVATION, single_rounding=False,
+                 scale_product="double", rescale_in_double=False):
+        super().__init__()
+        if scale_product not in SCALE_PRODUCTS:
+            raise IntsimError(f"unknown scale product {scale_product!r}; use one of {SCALE_PRODUCTS}")
+        self.is_conv, self.groups, self.single_rounding = is_conv, groups, single_rounding
+        self.scale_product, self.rescale_in_double = scale_product, rescale_in_double
+        self.stride, self.dilation = pair(stride), pair(dilation)
+        self.pad = explicit_padding(padding, w_q.shape[2:], self.dilation) if is_conv else (0, 0, 0, 0)
+        self.w_bits, self.has_int_io = grid.bits, inp is not None
+        self.pool_first = None    # see IntMaxPool.run_by_producer
+        self.register_buffer("w_q", w_q.to(torch.int32))
+        self.register_buffer("w_scale", w_scale.detach().clone().float())
+        self.register_buffer("w_zero_point", w_zero_point.detach().clone().long())
+        self.in_qmin = self.in_qmax = self.in_bits = self.out_bits = self.act_min = self.act_max = None
+        if inp is None:
+            self.register_buffer("bias", bias.detach().clone().float())      # the real bias
+            return
+        self.register_buffer("b_q", bias.detach().clone().long())          # int32 values
+        self._set_in(inp)
+        self._set_out(out, act_range)
+        self.in_qmin, self.in_qmax, self.in_bits = inp.grid.qmin, inp.grid.qmax, inp.grid.bits
+        # Prepare: M[c] = S_in S_w[c] / S_out, and the worst case |acc| over the input range:
+        # sum_k |q_w - Z_w| * max|q_in - Z_in| + |q_b| (it decides the exact accumulation).
+        m_double = inp.scale.double() * self.w_scale.double() / out.scale.double()
+        if scale_product == "float32":
+            m0, shift = quantize_multiplier((inp.scale.float() * self.w_scale.float()).double() / out.scale.double())
+        else:
+            m0, shift = quantize_multiplier(m_double)
+        self.register_buffer("m0", m0)
+        self.register_buffer("shift", shift)
+        if rescale_in_double:
+            self.register_buffer("m_real", m_double)
+        w_l1 = (self.w_q.long() - per_channel(self.w_zero_point, self.w_q)).abs().reshape(len(self.w_q), -1).sum(1)
+        self.register_buffer("acc_bound", (w_l1 * self._in_abs_max() + self.b_q.abs()).max().double())
+        if float(self.acc_bound) > INT32_MAX and self.integer:
+            warnings.warn(f"a {'conv' if is_conv else 'linear'} layer's worst-case accumulator exceeds int32; "
+                          f"each integer forward checks for overflow")
+
+    @property
+    def integer(self):
+        return self.has_int_io and max(self.w_bits, self.in_bits, self.out_bits) <= INT_MAX_BITS
+
+    @property
+    def depthwise(self):
+        """DEPTHWISE_CONV_2D: one group per input channel (any channel multiplier)."""
+        return self.is_conv and self.groups > 1 and self.w_q.shape[1] == 1
+
+    def extra_repr(self):
+        kind = "conv" if self.is_conv else "linear"
+        io = f", act [{self.act_min}, {self.act_max}]" if self.has_int_io else ", float activations"
+        return f"{kind} {tuple(self.w_q.shape)}, W{self.w_bits}{io}"
+
+    def fn(self, x, w, b=None):
+        if not self.is_conv:
+            return F.linear(x, w, b)
+        left, right, top, bottom = self.pad
+        if left == right and top == bottom:          # as the float conv pads (same kernels, same rounding)
+            return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, self.pad), w, b, self.stride, 0, self.dilation, self.groups)
+
+    def real_weight(self, dtype):
+        """S_w (q_w - Z_w) in `dtype`."""
+        return per_channel(self.w_scale, self.w_q) * (self.w_q - per_channel(self.w_zero_point, self.w_q)).to(dtype)
+
+    def _pool(self, acc):
+        return F.max_pool2d(acc, *self.pool_first) if self.pool_first else acc
+
+    def real_forward(self, x):
+        if not self.has_int_io:
+            return self.fn(x, self.real_weight(x.dtype), self.bias.to(x.dtype))
+        y = self.fn(x, self.real_weight(x.dtype), self.b_q.to(x.dtype) * (self.in_scale * self.w_scale))
+        return self._real_out(self._pool(y))
+
+    def _in_abs_max(self):
+        """max |q_in - Z_in| over the input's integer range."""
+        z = int(self.in_zero_point)
+        return max(self.in_qmax - z, z - self.in_qmin)
+
+    def accumulation(self, device):
+        """How the conv/matmul is made exact (then rounded to int64):
+        "float32": every partial sum stays below 2^24 (acc_bound proves it);
+        "split":   q_in - Z_in = SPLIT_BASE hi + lo with lo in [0, SPLIT_BASE), and both digit
+                   convs stay below 2^24 in float32: acc = SPLIT_BASE conv(hi) + conv(lo), combined
+                   in float64. Two float32 convs cost less than one float64 conv on CPU;
+        "float64": exact far beyond int32 (always on CUDA, whose float32 convs may use TF32)."""
+        if device.type != "cpu":
+            return "float64"
+        bound = float(self.acc_bound)
+        if bound < FLOAT32_EXACT:
+            return "float32"
+        a_max = self._in_abs_max()
+        w_l1 = bound / max(a_max, 1)                               # >= max_c sum |q_w - Z_w|
+        digit_max = max(SPLIT_BASE - 1, -(-a_max // SPLIT_BASE))   # |lo| <= 15, |hi| <= ceil(a_max / 16)
+        return "split" if w_l1 * digit_max < FLOAT32_EXACT else "float64"
+
+    def accumulate(self, q_in):
+        """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact (integers held in float32 or
+        float64, by `accumulation`)."""
+        how = self.accumulation(q_in.device)
+        dtype = torch.float64 if how == "float64" else torch.float32
+        x = q_in.to(dtype)
+        x -= float(self.in_zero_point)                            # (q_in - Z_in); zero padding is real 0
+        w = (self.w_q.long() - per_channel(self.w_zero_point, self.w_q)).to(dtype)
+        with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
+            if how != "split":
+                return self.fn(x, w)
+            hi = torch.div(x, SPLIT_BASE, rounding_mode="floor")
+            x -= hi * SPLIT_BASE                                   # lo; one conv over both digit planes
+            hi_lo = self.fn(torch.cat([hi, x]), w).double()
+            return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):])
+
+    def int_forward(self, q_in):
+        if not self.has_int_io:
+            raise IntsimError("integer inference needs integer activations: with --a-bits 32 the "
+                              "model runs in fake-quant only")
+        acc = self._pool(self.accumulate(q_in))
+        # the output channels: dim 1 of a conv's NCHW, the last dim of a linear layer's (N, ..., C)
+        channels = (-1,) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
+        acc += self.b_q.to(acc.dtype).reshape(channels)             # exact: acc_bound counts |q_b| too
+        if acc.device.type != "cpu":
+            acc.round_()                                           # undo any sub-0.5 error of GPU kernels
+        acc = acc.to(torch.int64)
+        if float(self.acc_bound) > INT32_MAX:
+            int32_check(acc, self.layer_name)
+        if self.rescale_in_double:
+            return requantize_in_double(acc, self.m_real.reshape(channels), self.out_zero_point.to(acc.device),
+                                        self.act_min, self.act_max).to(torch.int32)
+        return self._int_out(acc, self.m0.reshape(channels), self.shift.reshape(channels))
+
+
+def explicit_padding(padding, kernel, dilation):
+    """nn.Conv2d's padding (ints, or "valid" / "same") as (left, right, top, bottom); a 4-tuple
+    is that already."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:
+        return tuple(padding)
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":                  # PyTorch puts the odd pixel on the right and bottom
+        (th, tw) = (d * (k - 1) for d, k in zip(dilation, kernel))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = pair(padding)
+    return (pw, pw, ph, ph)
+
+
+class FloatLayer(FrozenOp):
+    """A conv or linear layer left in float (quantize_layers "first"), BN folded in."""
+    CONFIG = ("is_conv", "stride", "padding", "dilation", "groups")
+    integer = False
+
+    def __init__(self, weight, bias, is_conv=True, stride=1, padding=0, dilation=1, groups=1):
+        super().__init__()
+        self.is_conv, self.stride, self.padding, self.dilation, self.groups = is_conv, stride, padding, dilation, groups
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+
+    def real_forward(self, x):
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if not self.is_conv:
+            return F.linear(x, w, b)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    int_forward = real_forward
