@@ -214,8 +214,8 @@ def main(method=ADAROUND, doc=__doc__):
                      "reg_weight": args.reg_weight, "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2),
                      "nearest_acc": nearest[key], "nearest": nearest, **blocks,
                      "iters_per_s": round(sum(s["iters_per_s"] for s in stats) / len(stats), 1),
-                     "minutes": round(minutes, 2), "threads": torch.get_num_threads(), "seed": args.seed, "plot": plot,
-                     **report}, args.result_json, qconfig)
+                     "minutes": round(minutes, 2), "seed": args.seed, "plot": plot,
+                     **report}, args.result_json, qconfig, device)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ def print_layers(frozen, device):
     for name, op in frozen.named_modules():
         if hasattr(op, "accumulation"):          # ops.conv.IntConv
             right = -op.shift
-            print(f"  {name:12s} accumulates in {op.accumulation(device)} (worst-case |acc| "
+            print(f"  {name:12s} accumulates in {'/'.join(op.chosen_accumulations(device))} (exact: "
+                  f"{', '.join(op.exact_accumulations(device))}; worst-case |acc| "
                   f"{float(op.acc_bound):.3g}), right shift n {int(right.min())}..{int(right.max())}")
 
 
@@ -90,7 +91,7 @@ def main():
     cli.emit_result({"script": "PTQ", "dataset": args.dataset, "model": args.model, "calib_images": n,
                      **(source if args.dataset == "imagenet" else {}),
                      "test_images": len(y_test), "fp32_acc": round(fp32_acc, 2), "seed": args.seed, **report},
-                    args.result_json, qconfig)
+                    args.result_json, qconfig, device)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def evaluate_saved(args, device):
     cli.emit_result({"script": "QAT" if script == "QAT" else "eval", "dataset": args.dataset, "model": args.model,
                      "test_images": len(y_test), **{k: ckpt[k] for k in keep if k in ckpt},
                      "learn_scales": ckpt.get("learn_scales", False), **({} if script == "QAT" else {"made_by": script}),
-                     "evaluated_from": args.eval, **report}, args.result_json, qconfig)
+                     "evaluated_from": args.eval, **report}, args.result_json, qconfig, device)
 
 
 def saved_per_image(qmodel, x):
@@ -179,7 +179,7 @@ def main():
                      **({"lsq_init": args.lsq_init} if args.learn_scales else {}),
                      "fp32_acc": round(fp32_acc, 2), **cli.compression_fields(ca), **saved,
                      "qat_fakequant_acc": round(qat_fq_acc, 2), "minutes": round(minutes, 2), "seed": args.seed,
-                     **report}, args.result_json, qconfig)
+                     **report}, args.result_json, qconfig, device)
 
 
 if __name__ == "__main__":

@@ -37,21 +37,42 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def layer_times(frozen, batches, device):
+    """[name, kind (a conv/linear's chosen accumulation), share of the integer forward's time in %]
+    for every frozen op, from one more pass over `batches` with a clock around each op."""
+    spent, start = {}, {}
+
+    def before(name):
+        return lambda m, a: start.__setitem__(name, time.perf_counter())
+
+    def after(name):
+        return lambda m, a, y: spent.__setitem__(name, spent.get(name, 0.0) + time.perf_counter() - start[name])
+    called = {n.target: frozen.get_submodule(n.target) for n in frozen.graph.nodes if n.op == "call_module"}
+    hooks = []
+    for name, m in called.items():
+        hooks += [m.register_forward_pre_hook(before(name)), m.register_forward_hook(after(name))]
+    total = time.perf_counter()
+    predict(frozen, batches, device)
+    total = time.perf_counter() - total
+    for h in hooks:
+        h.remove()
+    kind = {name: "/".join(m.chosen_accumulations(device)) if hasattr(m, "chosen_accumulations") else type(m).__name__
+            for name, m in called.items()}
+    return [[name, kind[name], round(100.0 * t / total, 2)] for name, t in spent.items()]
+
+
 def main():
     p = cli.parser(__doc__.split("\n")[0])
     cli.add_common(p)
     cli.add_checkpoint(p)
     cli.add_qconfig(p)
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed passes per path (fastest counts)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--test-limit", type=int, default=None, help="time only the first N test images")
     p.add_argument("--train-batches", type=int, default=TRAIN_BATCHES,
                    help="training steps timed for float vs QAT (0: skip)")
     args, device = cli.start(p)
     qconfig = cli.qconfig_from(args)
     cli.require_integer_activations(qconfig, "bench.py")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, _, _, (x_train, y_train), (x_test, y_test) = loading.load_float_and_data(
         args, device, cli.test_limit(args, DRY_RUN_TEST))
     test = Batches(x_test, y_test, min(BATCH_SIZE, dataset_info(args.dataset).eval_batch))
@@ -69,12 +90,16 @@ def main():
         return best_time(lambda: predict(net, test, device), repeats)
 
     seconds = {mode: timed(mode) for mode in ("float32", "fakequant", "int")}
+    layers = layer_times(set_mode(frozen, "int"), test, device)
     n = len(y_test)
     print(f"{args.model} on {args.dataset}, {qconfig.name()}, {n} test images, "
           f"{torch.get_num_threads()} threads, device {device}, best of {repeats}")
     for mode, s in seconds.items():
         print(f"{mode:10s} {s:7.3f} s   {n / s:8.0f} images/s   {s / seconds['float32']:.2f}x float32")
 
+    print("integer path by layer (conv/linear: the accumulation measured fastest):")
+    for name, kernel, share in layers:
+        print(f"  {name:24s} {kernel:14s} {share:6.2f}% of the integer time")
     train = {}
     steps = args.train_batches
     if steps:
@@ -89,14 +114,14 @@ def main():
                                                              max_batches=steps, verbose=False), repeats)
         print(f"training, {steps} steps of {TRAIN_BATCH_SIZE}: float32 {train['float32']:.2f} s, "
               f"QAT {train['qat']:.2f} s, {train['qat'] / train['float32']:.2f}x float32")
-    cli.emit_result({"script": "bench", "dataset": args.dataset, "model": args.model, "test_images": n, "threads": torch.get_num_threads(), "device": str(device),
+    cli.emit_result({"script": "bench", "dataset": args.dataset, "model": args.model, "test_images": n,
                      **{f"{m}_s": round(s, 4) for m, s in seconds.items()},
                      "fakequant_ratio": round(seconds["fakequant"] / seconds["float32"], 3),
-                     "int_ratio": round(seconds["int"] / seconds["float32"], 3),
+                     "int_ratio": round(seconds["int"] / seconds["float32"], 3), "int_layers": layers,
                      **({"train_steps": steps, "train_float32_s": round(train["float32"], 4),
                          "train_qat_s": round(train["qat"], 4),
                          "qat_train_ratio": round(train["qat"] / train["float32"], 3)} if train else {})},
-                    args.result_json, qconfig)
+                    args.result_json, qconfig, device)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 QConfig's fields), start-up (flags, seed, device; the model and data: loading.py), errors, the
 RESULT line."""
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shlex
 import sys
@@ -181,6 +183,33 @@ def add_common(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--dry-run", action="store_true", help="quickly check a single pass on a few batches")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
+    add_threads(p)
+
+
+def add_threads(p):
+    """--threads: torch's CPU threads, which float results can depend on (the RESULT records it)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core); the RESULT records the count")
+
+
+def cpu_flags():
+    """A short hash of the CPU's feature flags: two CPUs torch calls "AVX512" still pick different
+    oneDNN kernels (AMX, VNNI, ...), and their float results differ in the last bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+
+
+def machine(device=None):
+    """What a result's float arithmetic can depend on besides the code: torch's CPU threads, its
+    version, the CPU's vector unit as torch dispatches to it and its feature flags (the same code
+    trains to other float roundings on other CPUs), and the device."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
+            **({"device": str(device)} if device is not None else {})}
 
 
 def add_compression(p):
@@ -373,6 +402,8 @@ def start(p):
     if getattr(args, "export", None):
         from tflite_io.schema import litert
         litert()                     # ai-edge-litert missing: say so now, not after the run
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     return args, device_from(args.device)
 
@@ -437,11 +468,12 @@ def figure_path(args, name):
     return trial_path(args, os.path.join(folder, "figures", name))
 
 
-def emit_result(result, path=None, qconfig=None):
-    """Print the one `RESULT {json}` line (with the command that produced it, and the whole
-    QConfig when there is one) and optionally save the same JSON (saying which stored row it
-    replaces, if it replaces one of the project's)."""
-    result = {**(asdict(qconfig) if qconfig is not None else {}), **result, "command": command_line(sys.argv)}
+def emit_result(result, path=None, qconfig=None, device=None):
+    """Print the one `RESULT {json}` line (with the command that produced it, the whole QConfig
+    when there is one, and the machine its float arithmetic ran on: `machine`) and optionally
+    save the same JSON (saying which stored row it replaces, if it replaces one of the project's)."""
+    result = {**(asdict(qconfig) if qconfig is not None else {}), **machine(device), **result,
+              "command": command_line(sys.argv)}
     line = json.dumps(result, sort_keys=True)
     if path:
         if os.path.isfile(path) and committed(path):

@@ -104,13 +104,10 @@ def main():
     p.set_defaults(dataset="imagenet", model="efficientnet_lite0")
     p.add_argument("--export", default="runs/tflite/efficientnet_lite0_litert_torch.tflite",
                    help="where litert-torch's .tflite file goes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args, device = cli.start(p)
     if args.dataset != "imagenet" or args.model != "efficientnet_lite0":
         raise IntsimError("litert_torch_ptq.py compares on ImageNet with --model efficientnet_lite0")
     litert_torch_api()                             # missing: say so before loading any image
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.time()
     model, _, _, (x_cal, _), (x_test, y_test) = loading.load_float_and_data(args, "cpu")
     if args.dry_run:
@@ -134,7 +131,7 @@ def main():
                      "imported_vs_litert_ref": same,
                      "calib_images": len(x_cal), "test_images": len(y_test), "tflite": args.export,
                      "litert_torch_version": getattr(lt, "__version__", "?"), "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "calib_dir": args.calib_dir, "data_dir": args.data_dir,
+                     "calib_dir": args.calib_dir, "data_dir": args.data_dir,
                      "minutes": round((time.time() - start) / 60, 1)},
                     args.result_json)
 

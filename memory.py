@@ -145,7 +145,7 @@ def main():
                      "memory_ratio": round(float_bytes / ca_bytes, 2),
                      "peak_memory_bytes": peaks if peaks["float32"] is not None else None,
                      "step_ms": {"float32": round(t_float * 1e3, 2), "compressed": round(t_ca * 1e3, 2)},
-                     "step_time_ratio": round(t_ca / t_float, 2), "threads": torch.get_num_threads(),
+                     "step_time_ratio": round(t_ca / t_float, 2), 
                      "overall_var": float(f"{overall_var:.4g}"), "sample_var": float(f"{sample_var:.4g}"),
                      "bias_rel": round(bias, 5), "noise_floor_rel": round(noise_floor, 5), "passes": args.passes,
                      "batches": args.batches, "seed": args.seed}, args.result_json)

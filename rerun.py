@@ -6,9 +6,13 @@
 Each results/*.json holds the command that produced it. This runs that command again (with
 its own --result-json into a temporary folder, and --plot there too unless --update, so no
 committed figure is replaced by a check), then compares every measured value with the stored
-one, except run times and paths. Rows that differ are listed key by key; `--update` writes the
-new result over the stored file (atomically). QAT `--eval` rows run after the training rows
-whose saved model they read. Ends with `RESULT {json}`: the rows compared and those that differ.
+one, except run times, paths and the machine. A row that records its thread count runs with it
+again; a row stored on another CPU or torch says so beside its comparison (float results, e.g.
+of training, need not reproduce there). Rows that differ are listed key by key; `--check` exits
+with status 1 when one differs that was stored on this machine or says nothing of its machine
+(CI). `--update` writes the new result over the stored file (atomically). QAT `--eval` rows run
+after the training rows whose saved model they read. Ends with `RESULT {json}`: the rows
+compared and those that differ.
 """
 import json
 import os
@@ -22,8 +26,10 @@ from errors import IntsimError
 from checkpoint import read_result, write_json
 
 # not measurements: run times, paths, the command line, the machine
-VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch"}
+VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch", "cpu",
+            "cpu_flags"}
 SCRIPTS_WITH_PLOT = ("AdaRound.py", "BRECQ.py", "table1.py")
+WITHOUT_THREADS = ("split_images.py", "rerun.py")       # scripts with no float arithmetic to thread
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -54,6 +60,14 @@ def differences(old, new, prefix=""):
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
+def other_machine(stored):
+    """How the machine a row was stored on differs from this one, where the row says (its float
+    results need not reproduce across those); "" where it does not differ or is not recorded."""
+    here = cli.machine()
+    return ", ".join(f"{k} {stored[k]} here {here[k]}" for k in ("cpu", "cpu_flags", "torch", "threads")
+                     if k in stored and stored[k] != here[k])
+
+
 def code_version():
     """The commit the code was checked out at (+ "modified" when a .py file differs from it;
     results/ and the tables are what a re-run rewrites, not code)."""
@@ -73,6 +87,8 @@ def rerun(path, stored, tmp, update):
         raise IntsimError(f"{path}: cannot re-run {stored['command']!r} (not a script of this project)")
     out = os.path.join(tmp, os.path.basename(path))
     extra = ["--result-json", out]
+    if stored.get("threads") and "--threads" not in argv and argv[1] not in WITHOUT_THREADS:
+        extra += ["--threads", str(stored["threads"])]          # the count its float results were made with
     if argv[1] in SCRIPTS_WITH_PLOT:
         if "--plot" in argv:                     # the stored command names the committed figure
             i = argv.index("--plot")
@@ -93,6 +109,7 @@ def main():
     p.add_argument("results", nargs="+", help="results/*.json files to re-run")
     p.add_argument("--update", action="store_true", help="replace each stored file by the new result")
     p.add_argument("--label", default=None, help="what these rows are, for the report (results/reruns/*.json)")
+    p.add_argument("--check", action="store_true", help="exit with status 1 when a row differs (CI)")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     args = cli.parse(p)
     stored = {path: read_result(path) for path in args.results}       # every file checked before any run
@@ -107,7 +124,11 @@ def main():
             new = rerun(path, stored[path], tmp, args.update)
             diff = differences(measured(stored[path]), measured(new))
             report["compared"].append(path)
-            print(f"{path}: {'same' if not diff else f'{len(diff)} values differ'}", flush=True)
+            elsewhere = other_machine(stored[path])
+            if elsewhere:
+                report.setdefault("stored_on_another_machine", {})[path] = elsewhere
+            print(f"{path}: {'same' if not diff else f'{len(diff)} values differ'}"
+                  + (f" (stored on another machine: {elsewhere})" if elsewhere else ""), flush=True)
             for key, a, b in diff:
                 print(f"    {key}: stored {a!r}, now {b!r}")
             if diff:
@@ -116,6 +137,9 @@ def main():
                 write_json(path, new)
     print(f"{len(report['compared'])} rows re-run, {len(report['differ'])} differ")
     cli.emit_result({"script": "rerun", **report}, args.result_json)
+    fatal = [q for q in report["differ"] if q not in report.get("stored_on_another_machine", {})]
+    if args.check and fatal:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

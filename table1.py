@@ -181,7 +181,7 @@ def main():
                      "correlations": corr, "nearest_terms": {k: round(v, 6) for k, v in nearest.items()},
                      "draw_acc": r2(terms["acc"]), "draw_first": r2(terms["first"]),
                      "draw_second": r2(terms["second"]), "draw_dloss": r2(terms["dloss"]),
-                     "all_layers_draw_acc": r2(all_accs)}, args.result_json, all_config)
+                     "all_layers_draw_acc": r2(all_accs)}, args.result_json, all_config, device)
 
 
 if __name__ == "__main__":

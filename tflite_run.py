@@ -63,6 +63,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     p.add_argument("--dry-run", action="store_true", help=f"only the first {DRY_RUN_IMAGES} images")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
+    cli.add_threads(p)
     args, _ = cli.start(p)
     frozen, info = import_tflite(args.model_path)
     size, background = imagenet_classifier(args.model_path, info)       # before any image is read
@@ -77,7 +78,6 @@ def main():
     top = {name: {k: round(topk(out, labels, k, background), 2) for k in (1, 5)}
            for name, out in (("intsim", mine), ("litert_ref", ref), ("litert_default", default))}
     r = {"script": "tflite_run", "dataset": "imagenet", "model": args.model_path.split("/")[-1], "images": len(images),
-         "threads": torch.get_num_threads(),
          "last_op": info["last_op"],
          **{f"{name}_top{k}": acc for name, by_k in top.items() for k, acc in by_k.items()},
          "vs_litert_ref": agreement(mine, ref), "litert_default_vs_ref": agreement(default, ref),

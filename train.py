@@ -175,7 +175,7 @@ def main():
                      "lr": args.lr, "fp32_acc": round(acc, 2), "minutes": round(minutes, 2),
                      "ckpt": path, "seed": args.seed, **cli.compression_fields(ca),
                      **({"init_from": args.init_from} if args.init_from else {}),
-                     "weights_sha": fingerprint(torch.cat([v.flatten().float() for v in model.state_dict().values()]))}, args.result_json)
+                     "weights_sha": fingerprint(torch.cat([v.flatten().float() for v in model.state_dict().values()]))}, args.result_json, device=device)
 
 
 if __name__ == "__main__":

@@ -217,12 +217,12 @@ def main():
                    help=f"images compared (default {CHECKED_IMAGES}, {CHECKED_IMAGES_LARGE} from "
                         f"{LARGE_INPUT}x{LARGE_INPUT} on)")
     p.add_argument("--export-dir", default=os.path.join("runs", "zoo"), help="where the .tflite files go")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, noise images)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--dry-run", action="store_true", help=f"{DRY_RUN_IMAGES} images: does it run?")
     p.add_argument("--result-json", default=None, help="also write the RESULT line's JSON to this file")
     cli.add_qconfig(p, per_channel=True)
+    cli.add_threads(p)
     args, device = cli.start(p)
     if args.list:
         for name, spec in NETWORKS.items():
@@ -230,8 +230,6 @@ def main():
         return
     qconfig = cli.qconfig_from(args)
     cli.require_integer_activations(qconfig, "zoo.py")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.checked_images is None:
         large = NETWORKS[args.network].size >= LARGE_INPUT
         args.checked_images = CHECKED_IMAGES_LARGE if large else CHECKED_IMAGES
@@ -243,8 +241,7 @@ def main():
                           f"the checked images are the first calibration images")
     row = check(args.network, args, qconfig, device)
     print(f"{args.network} ({row['from']}, {'x'.join(map(str, row['input_shape']))}, {qconfig.name()}): {verdict(row)}")
-    cli.emit_result({"script": "zoo", **row, "threads": torch.get_num_threads(), "torch": torch.__version__},
-                    args.result_json, qconfig)
+    cli.emit_result({"script": "zoo", **row}, args.result_json, qconfig, device)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,21 @@ from errors import IntsimError
 from function import quantize_multiplier, rescale
 
 from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op, is_function, is_method
-from .binary import float_for, freezer_for, is_binary, reader_for, writer_for
+from .binary import Tabulated, float_for, freezer_for, is_binary, reader_for, writer_for
 
 ADD_LEFT_SHIFT = 20       # TFLite's ADD: inputs (q - Z) are scaled by 2^20 before the rescale (8-bit kernels)
 
 
-class IntAdd(FrozenOp):
+class IntAdd(Tabulated, FrozenOp):
     """TFLite's ADD kernel (reference_ops::Add; S1, S2 inputs, S_out output):
         twice_max = 2 max(S1, S2)
         a_i       = rescale((q_i - Z_i) 2^20, S_i / twice_max)                       i = 1, 2
         q_out     = clamp(rescale(a_1 + a_2, twice_max / (2^20 S_out)) + Z_out, act_min, act_max)
     The 2^20 keeps 20 fractional bits through the input rescale, so the two inputs meet on a
     common fine grid. Shapes broadcast. `constant`: the second operand is one constant integer
-    on a grid of its own (x + 3 of Hardsigmoid: a real constant on its grid exactly)."""
-    CONFIG = ("act_min", "act_max", "out_bits", "out_signed", "single_rounding", "constant")
+    on a grid of its own (x + 3 of Hardsigmoid: a real constant on its grid exactly). The
+    integer forward looks the outputs up in a table of this kernel over all input pairs (Tabulated)."""
+    CONFIG = ("act_min", "act_max", "out_bits", "out_signed", "single_rounding", "constant", "range1", "range2")
     integer = True
     new_grid = True
     constant = None
@@ -31,6 +32,7 @@ class IntAdd(FrozenOp):
         self._set_in(in1, "1")
         self._set_in(in2, "2")
         self._set_out(out, act_range)
+        self._set_ranges(in1, in2)
         s1, s2 = self.in_scale1.double(), self.in_scale2.double()
         twice_max = 2 * torch.maximum(s1, s2)
         for name, real in (("1", s1 / twice_max), ("2", s2 / twice_max),
@@ -44,7 +46,7 @@ class IntAdd(FrozenOp):
             x2 = (self.in_scale2 * (self.constant - self.in_zero_point2)).to(x1.dtype)
         return self._real_out(x1 + x2)
 
-    def int_forward(self, q1, q2=None):
+    def direct(self, q1, q2=None):
         if self.constant is not None:
             q2 = torch.tensor(self.constant, device=q1.device)
         a1 = rescale((q1.long() - self.in_zero_point1) << ADD_LEFT_SHIFT, self.m1, self.shift1, self.single_rounding)

@@ -2,6 +2,7 @@
 number. This file recognises the call, freezes it (a number goes on a grid of its own,
 ops/constant.py), reads and writes the TFLite op, and rebuilds it in float. Each op's own file
 holds its kernel (IntAdd, IntMul) and its table entry."""
+import torch
 from torch import fx
 
 from errors import IntsimError
@@ -9,6 +10,52 @@ from errors import IntsimError
 from .base import is_function, is_method
 from .constant import constant_qparams, constant_tensor
 from .shape import is_shape
+
+
+LOOKUP_MAX = 1 << 16      # entries of a table over both operands' integers (256 x 256 for two 8-bit tensors)
+
+
+class Tabulated:
+    """ADD and MUL of 8-bit tensors are functions of at most 256 x 256 pairs of integers: the
+    first integer forward computes the whole table with the kernel itself (`direct`, on every
+    pair of the two input grids), and every output is then looked up, one gather instead of a
+    dozen passes of int64 arithmetic. The same integers by construction (LiteRT tabulates its
+    int8 LOGISTIC and TANH the same way). `range1`, `range2`: (QMIN, QMAX) of each input's grid
+    (None in a model saved before them: no table)."""
+    range1 = range2 = None
+
+    def _set_ranges(self, in1, in2):
+        self.range1 = (in1.grid.qmin, in1.grid.qmax)
+        self.range2 = None if self.constant is not None else (in2.grid.qmin, in2.grid.qmax)
+
+    def int_forward(self, q1, q2=None):
+        table = self._table(q1.device)
+        if table is None:
+            return self.direct(q1, q2)
+        index = q1.long() - self.range1[0]
+        if self.constant is None:
+            lo2, hi2 = self.range2
+            index = index * (hi2 - lo2 + 1) + (q2.long() - lo2)
+        return table[index]
+
+    def _table(self, device):
+        if self.range1 is None or (self.constant is None and self.range2 is None):
+            return None
+        cached = getattr(self, "_lut", None)
+        if cached is not None and cached.device == device:
+            return cached
+        lo1, hi1 = self.range1
+        q1 = torch.arange(lo1, hi1 + 1, device=device)
+        if self.constant is not None:
+            table = self.direct(q1)
+        else:
+            lo2, hi2 = self.range2
+            if len(q1) * (hi2 - lo2 + 1) > LOOKUP_MAX:
+                return None
+            q2 = torch.arange(lo2, hi2 + 1, device=device)
+            table = self.direct(q1.repeat_interleave(len(q2)), q2.repeat(len(q1)))
+        self._lut = table.to(torch.int32)
+        return self._lut
 
 
 def tensors(gm, node):

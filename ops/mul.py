@@ -7,16 +7,17 @@ import torch
 from function import quantize_multiplier
 
 from .base import NO_ACTIVATION, PRODUCER, FrozenOp, Op
-from .binary import float_for, freezer_for, is_binary, reader_for, writer_for
+from .binary import Tabulated, float_for, freezer_for, is_binary, reader_for, writer_for
 
 
-class IntMul(FrozenOp):
+class IntMul(Tabulated, FrozenOp):
     """TFLite's MUL (reference_integer_ops::Mul / BroadcastMul4DSlow; kernels/mul.cc):
         q_out = clamp(rescale((q1 - Z1)(q2 - Z2), M) + Z_out, act_min, act_max)
     with M = S1 S2 / S_out computed in float32, as mul.cc's Prepare does (a float expression
     assigned to a double). The product of two 8-bit differences fits int32. `constant`: the
-    second operand is a constant integer of its own (S, Z) (a real constant on its grid)."""
-    CONFIG = ("act_min", "act_max", "out_bits", "out_signed", "single_rounding", "constant")
+    second operand is a constant integer of its own (S, Z) (a real constant on its grid). The
+    integer forward looks the outputs up in a table of this kernel over all input pairs (Tabulated)."""
+    CONFIG = ("act_min", "act_max", "out_bits", "out_signed", "single_rounding", "constant", "range1", "range2")
     integer = True
     new_grid = True
     constant = None
@@ -27,6 +28,7 @@ class IntMul(FrozenOp):
         self._set_in(in1, "1")
         self._set_in(in2, "2")
         self._set_out(out, act_range)
+        self._set_ranges(in1, in2)
         real = (self.in_scale1.float() * self.in_scale2.float() / self.out_scale.float()).double()
         m0, shift = quantize_multiplier(real)
         self.register_buffer("m0", m0)
@@ -39,7 +41,7 @@ class IntMul(FrozenOp):
         x2 = self.in_scale2 * (self.constant - self.in_zero_point2) if self.constant is not None else x2
         return self._real_out(x1 * x2.to(x1.dtype))
 
-    def int_forward(self, q1, q2=None):
+    def direct(self, q1, q2=None):
         q2 = self._second(q2).to(q1.device)
         return self._int_out((q1.long() - self.in_zero_point1) * (q2.long() - self.in_zero_point2), self.m0, self.shift)
 

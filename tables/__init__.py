@@ -10,11 +10,12 @@ from .imagenet import render_depthwise, render_imagenet, render_mobilenet, rende
 from .lowbits import render_low_bits
 from .ranges import render_base_quantizers, render_hessian, render_observers, render_table1
 from .specs import TABLES
+from .speed import render_bench_kernels
 from .summary import render_headline
 
 CUSTOM = {"observers": render_observers, "table1": render_table1, "hessian": render_hessian,
           "imagenet": render_imagenet, "resnet18": render_resnet18, "mobilenet": render_mobilenet,
           "depthwise": render_depthwise, "low_bits": render_low_bits,
           "base_quantizers": render_base_quantizers, "headline": render_headline, "compressed": render_compressed,
-          "pretrained": render_pretrained}
+          "pretrained": render_pretrained, "bench_kernels": render_bench_kernels}
 __all__ = ["CUSTOM", "TABLES"]

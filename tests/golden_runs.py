@@ -10,15 +10,14 @@ and calibration are deterministic on one kind of CPU and torch build, not across
 golden file records both, and where they differ from the machine running the test only the
 accuracies are compared, within a tolerance (see test_golden.py).
 """
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import torch
 
+from cli import cpu_flags
 from rerun import measured   # what a result measured: run times, paths and the command left out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,17 +49,6 @@ RUNS = {
                                       "--save {tmp}/brecq.pt --plot {tmp}/h.png"),
     "table1_cnn_bn": ("table1.py", "--model cnn_bn --dry-run --plot {tmp}/t1.png"),
 }
-
-
-def cpu_flags():
-    """A short hash of the CPU's feature flags: two CPUs torch calls "AVX512" still pick different
-    oneDNN kernels (AMX, VNNI, ...), and their float results differ in the last bits."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
 
 
 def machine():

@@ -96,14 +96,14 @@ def test_float32_split_and_float64_accumulation_agree_bit_for_bit(zero_point):
     op, q_in = frozen_conv(8, per_channel=True)
     op.in_zero_point.fill_(zero_point)                 # negative and positive q_in - Z_in
     cpu = torch.device("cpu")
-    assert op.accumulation(cpu) == "float32"
+    assert op.exact_accumulations(cpu) == ["float32", "int8", "float64"]
     exact32 = op(q_in)
     assert np.array_equal(exact32.numpy(), reference(op, q_in))
-    op.acc_bound.fill_(2.0 ** 25)                      # pretend the bound is larger: digit split
-    assert op.accumulation(cpu) == "split"
-    assert torch.equal(op(q_in), exact32)
-    op.acc_bound.fill_(2.0 ** 30)                      # larger still: float64
-    assert op.accumulation(cpu) == "float64"
+    op.acc_bound.fill_(2.0 ** 25)                      # pretend the bound is larger: int8 GEMM or digit split
+    assert op.exact_accumulations(cpu) == ["int8", "split", "float64"]
+    assert all(torch.equal(op.accumulate(q_in, how), op.accumulate(q_in, "float32")) for how in ("int8", "split"))
+    op.acc_bound.fill_(2.0 ** 30)                      # larger still: no split
+    assert op.exact_accumulations(cpu) == ["int8", "float64"]
     assert torch.equal(op(q_in), exact32)
 
 
@@ -116,10 +116,10 @@ def test_split_accumulation_is_exact_where_float32_is_not():
     a = activation_grid(8)
     op = IntConv(w_q, torch.ones(2), torch.zeros(2, dtype=torch.long), torch.zeros(2), weight_grid(8),
                  padding=1, inp=qp(1.0, 3, a), out=qp(1.0, 0, a))
-    assert op.accumulation(torch.device("cpu")) == "split"
+    assert op.exact_accumulations(torch.device("cpu")) == ["int8", "split", "float64"]
     q_in = torch.randint(0, 256, (2, 256, 5, 5), generator=g, dtype=torch.int32)
     q_in[0] = torch.randint(240, 256, (256, 5, 5), generator=g, dtype=torch.int32)
-    acc = op.accumulate(q_in)
+    acc = op.accumulate(q_in, "split")
     want = ref_int_conv(q_in.numpy(), 3, w_q.numpy(), np.zeros(2), np.zeros(2), [1 << 30] * 2, [1] * 2, 0,
                         -2 ** 40, 2 ** 40, (1, 1, 1, 1), 1)                  # M = 1: the accumulator itself
     assert np.abs(want).max() > 2 ** 24                               # float32 alone could not hold it

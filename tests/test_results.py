@@ -131,3 +131,69 @@ def test_compressed_runs_have_their_own_table_and_stay_out_of_the_float_ones():
     met = {t: ok for t, _, _, ok in targets.check_targets(rows)}
     assert met["2-bit per-group training within 0.5 of the same schedule with float32 activations"]   # -0.40
     assert not met["2-bit Overall Var per-group at least 5x below per-tensor"]      # 4x only
+
+
+SCRIPTS_WITH_RESULTS = ("train.py", "PTQ.py", "QAT.py", "AdaRound.py", "BRECQ.py", "table1.py", "bench.py", "memory.py",
+                        "zoo.py", "tflite_run.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_RESULTS)
+def test_every_script_takes_threads(script, monkeypatch):
+    extra = {"tflite_run.py": ["m.tflite", "--data-dir", "d"]}.get(script, [])
+    assert parser_of(script, monkeypatch).parse_args([*extra, "--threads", "3"]).threads == 3
+
+
+def test_a_result_records_the_machine_its_floats_ran_on(tmp_path):
+    path = tmp_path / "r.json"
+    cli.emit_result({"script": "x"}, str(path), device="cpu")
+    row = json.loads(path.read_text())
+    assert {k: row[k] for k in ("threads", "torch", "device")} == {"threads": cli.torch.get_num_threads(),
+                                                                 "torch": cli.torch.__version__, "device": "cpu"}
+    assert row["cpu"] == cli.torch.backends.cpu.get_cpu_capability() and len(row["cpu_flags"]) == 12
+
+
+def _fake_run(seen, new):
+    """subprocess.run for rerun.py: a script's run records argv and writes `new` where
+    --result-json points (git's runs, for the code version, go through)."""
+    import subprocess
+    real = subprocess.run
+
+    def run(argv, **kwargs):
+        if "--result-json" not in argv:
+            return real(argv, **kwargs)
+        seen.append(argv)
+        with open(argv[argv.index("--result-json") + 1], "w") as f:
+            json.dump(new, f)
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+    return run
+
+
+def test_rerun_runs_a_row_with_its_thread_count_and_check_fails_on_a_difference(tmp_path, monkeypatch):
+    import rerun
+    stored = {"script": "PTQ", "command": "python PTQ.py --model cnn", "int_acc": 90.0, "threads": 1,
+              **{k: v for k, v in cli.machine().items() if k != "threads"}}
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps(stored))
+    seen = []
+    monkeypatch.setattr(rerun.subprocess, "run", _fake_run(seen, {**stored, "int_acc": 90.01}))
+    monkeypatch.setattr(rerun.sys, "argv", ["rerun.py", str(path), "--check"])
+    with pytest.raises(SystemExit) as e:
+        rerun.main()
+    assert e.value.code == 1 and seen[0][seen[0].index("--threads") + 1] == "1"
+    monkeypatch.setattr(rerun.subprocess, "run", _fake_run(seen, stored))
+    rerun.main()                                                   # the same values: no exit
+
+
+def test_rerun_reports_a_row_from_another_machine_without_failing(tmp_path, monkeypatch, capsys):
+    import rerun
+    stored = {"script": "QAT", "command": "python QAT.py --model cnn --threads 2", "int_acc": 90.0,
+              "cpu": "AVX2", "cpu_flags": "0123456789ab", "threads": 2}
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps(stored))
+    seen = []
+    monkeypatch.setattr(rerun.subprocess, "run", _fake_run(seen, {**stored, "int_acc": 90.03}))
+    monkeypatch.setattr(rerun.sys, "argv", ["rerun.py", str(path), "--check"])
+    rerun.main()
+    out = capsys.readouterr().out
+    assert "1 values differ (stored on another machine:" in out and "cpu_flags 0123456789ab here" in out
+    assert seen[0].count("--threads") == 1                       # the command's own count, not added twice

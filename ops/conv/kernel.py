@@ -1,5 +1,6 @@
 """The one integer kernel of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED (IntConv), the rule
 that decides how a layer rescales (rescale_rule), and a layer left in float (FloatLayer)."""
+import time
 import warnings
 
 import torch
@@ -13,6 +14,8 @@ from ..base import NO_ACTIVATION, FrozenOp, pair, per_channel
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
 SPLIT_BASE = 16           # digit base of the split accumulation (IntConv.accumulation)
 SCALE_PRODUCTS = ("double", "float32")
+INT8_MIN, INT8_MAX = -128, 127  # torch._int_mm's operands
+INT8_SHIFT = 128          # uint8 q -> q - 128 on int8 (the same offset LiteRT's int8 kernels use)
 
 
 def rescale_rule(uint8_kernel, is_conv, legacy=False):
@@ -126,27 +129,82 @@ class IntConv(FrozenOp):
         z = int(self.in_zero_point)
         return max(self.in_qmax - z, z - self.in_qmin)
 
-    def accumulation(self, device):
-        """How the conv/matmul is made exact (then rounded to int64):
+    def _int8_offset(self):
+        """The offset o that puts q_in - o on int8 (0 for signed or narrow inputs, 128 for uint8),
+        where the int8 GEMM is exact for this layer: q_w - Z_w on int8 too, no dilation or
+        groups, and every int32 partial sum sum (q_in - o)(q_w - Z_w) inside int32. None where not."""
+        if self.groups != 1 or self.dilation != (1, 1) or self.in_qmin is None:
+            return None
+        o = INT8_SHIFT if self.in_qmax > INT8_MAX else 0
+        w = self.w_q.long() - per_channel(self.w_zero_point, self.w_q)
+        if self.in_qmin - o < INT8_MIN or self.in_qmax - o > INT8_MAX or w.min() < INT8_MIN or w.max() > INT8_MAX:
+            return None
+        w_l1 = w.abs().reshape(len(w), -1).sum(1).max()
+        return o if float(w_l1) * max(o - self.in_qmin, self.in_qmax - o) <= INT32_MAX else None
+
+    def exact_accumulations(self, device):
+        """The accumulations that are exact for this layer on `device`, in the order chosen
+        without a measurement:
         "float32": every partial sum stays below 2^24 (acc_bound proves it);
+        "int8":    an int8 x int8 -> int32 GEMM (torch._int_mm; im2col for a k x k conv), on
+                   q_in - o (o = 128 for uint8) and q_w - Z_w, plus (o - Z_in) sum_k (q_w - Z_w)
+                   per output channel (the input is padded with Z_in, real 0, before the shift);
         "split":   q_in - Z_in = SPLIT_BASE hi + lo with lo in [0, SPLIT_BASE), and both digit
                    convs stay below 2^24 in float32: acc = SPLIT_BASE conv(hi) + conv(lo), combined
                    in float64. Two float32 convs cost less than one float64 conv on CPU;
         "float64": exact far beyond int32 (always on CUDA, whose float32 convs may use TF32)."""
         if device.type != "cpu":
-            return "float64"
-        bound = float(self.acc_bound)
+            return ["float64"]
+        out, bound = [], float(self.acc_bound)
         if bound < FLOAT32_EXACT:
-            return "float32"
+            out.append("float32")
+        if self._int8_offset() is not None:
+            out.append("int8")
         a_max = self._in_abs_max()
         w_l1 = bound / max(a_max, 1)                               # >= max_c sum |q_w - Z_w|
         digit_max = max(SPLIT_BASE - 1, -(-a_max // SPLIT_BASE))   # |lo| <= 15, |hi| <= ceil(a_max / 16)
-        return "split" if w_l1 * digit_max < FLOAT32_EXACT else "float64"
+        if bound >= FLOAT32_EXACT and w_l1 * digit_max < FLOAT32_EXACT:
+            out.append("split")
+        return out + ["float64"]
 
-    def accumulate(self, q_in):
-        """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact (integers held in float32 or
-        float64, by `accumulation`)."""
-        how = self.accumulation(q_in.device)
+    def accumulation(self, device, shape=None):
+        """The accumulation this layer uses on `device`: for an input `shape` it has run on, the
+        fastest exact one as measured there (`accumulate`), else the first of exact_accumulations."""
+        chosen = getattr(self, "_measured", {}).get((device.type, tuple(shape))) if shape is not None else None
+        return chosen or self.exact_accumulations(device)[0]
+
+    def chosen_accumulations(self, device):
+        """The accumulations measured fastest for the input shapes this layer ran on (on
+        `device`), most used first; [the unmeasured default] where it has not run."""
+        chosen = [h for (dev, _), h in getattr(self, "_measured", {}).items() if dev == device.type]
+        return sorted(set(chosen), key=chosen.count, reverse=True) or [self.accumulation(device)]
+
+    def accumulate(self, q_in, how=None):
+        """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact, as a float tensor of integers.
+        `how` forces one accumulation; by default the fastest exact one is measured once per
+        input shape (each run twice, the second timed; every choice gives the same integers)."""
+        if how is not None:
+            return self._accumulate(q_in, how)
+        key = (q_in.device.type, tuple(q_in.shape))
+        if not hasattr(self, "_measured"):
+            self._measured = {}
+        if key not in self._measured:
+            candidates = [h for h in self.exact_accumulations(q_in.device) if h != "float64"] or ["float64"]
+            if len(candidates) == 1:
+                self._measured[key] = candidates[0]
+            else:
+                seconds = {}
+                for h in candidates:
+                    self._accumulate(q_in, h)
+                    start = time.perf_counter()
+                    self._accumulate(q_in, h)
+                    seconds[h] = time.perf_counter() - start
+                self._measured[key] = min(seconds, key=seconds.get)
+        return self._accumulate(q_in, self._measured[key])
+
+    def _accumulate(self, q_in, how):
+        if how == "int8":
+            return self._accumulate_int8(q_in)
         dtype = torch.float64 if how == "float64" else torch.float32
         x = q_in.to(dtype)
         x -= float(self.in_zero_point)                            # (q_in - Z_in); zero padding is real 0
@@ -158,6 +216,36 @@ class IntConv(FrozenOp):
             x -= hi * SPLIT_BASE                                   # lo; one conv over both digit planes
             hi_lo = self.fn(torch.cat([hi, x]), w).double()
             return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):])
+
+    def _int8_weights(self):
+        """(q_w - Z_w) as the int8 GEMM's right operand [K, C_out] (K = C_in kh kw), and the
+        per-channel sums sum_k (q_w - Z_w); kept (not saved) for the device they were made on."""
+        cached = getattr(self, "_int8_cache", None)
+        if cached is None or cached[0].device != self.w_q.device:
+            w = self.w_q.long() - per_channel(self.w_zero_point, self.w_q)
+            w = w.reshape(len(w), -1)
+            self._int8_cache = cached = (w.t().contiguous().to(torch.int8), w.sum(1))
+        return cached
+
+    def _accumulate_int8(self, q_in):
+        o = self._int8_offset()
+        w8, w_sum = self._int8_weights()
+        x = q_in.to(torch.int32)
+        if self.is_conv and any(self.pad):
+            x = F.pad(x, self.pad, value=int(self.in_zero_point))  # real 0, before the shift
+        x8 = (x - o).to(torch.int8)
+        if self.is_conv:
+            n, c = x8.shape[:2]
+            kh, kw = self.w_q.shape[2:]
+            cols = x8.unfold(2, kh, self.stride[0]).unfold(3, kw, self.stride[1])    # N, C, Ho, Wo, kh, kw
+            ho, wo = cols.shape[2:4]
+            cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+            acc = torch._int_mm(cols, w8).reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
+            correction = (o - self.in_zero_point) * w_sum.reshape(1, -1, 1, 1)
+        else:
+            acc = torch._int_mm(x8.reshape(-1, x8.shape[-1]), w8).reshape(*x8.shape[:-1], -1)
+            correction = (o - self.in_zero_point) * w_sum
+        return acc.to(torch.float64, memory_format=torch.contiguous_format) + correction.to(torch.float64)
 
     def int_forward(self, q_in):
         if not self.has_int_io:
