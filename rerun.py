@@ -64,7 +64,7 @@ def other_machine(stored):
     """How the machine a row was stored on differs from this one, where the row says (its float
     results need not reproduce across those); "" where it does not differ or is not recorded."""
     here = cli.machine()
-    return ", ".join(f"{k} {stored[k]} here {here[k]}" for k in ("cpu", "cpu_flags", "torch", "threads")
+    return ", ".join(f"{k} {stored[k]} here {here[k]}" for k in ("cpu", "cpu_flags", "torch")      # threads: passed on
                      if k in stored and stored[k] != here[k])
 
 

@@ -195,5 +195,5 @@ def test_rerun_reports_a_row_from_another_machine_without_failing(tmp_path, monk
     monkeypatch.setattr(rerun.sys, "argv", ["rerun.py", str(path), "--check"])
     rerun.main()
     out = capsys.readouterr().out
-    assert "1 values differ (stored on another machine:" in out and "cpu_flags 0123456789ab here" in out
+    assert "1 values differ (stored on another machine: cpu AVX2 here" in out and "cpu_flags 0123456789ab here" in out
     assert seen[0].count("--threads") == 1                       # the command's own count, not added twice
