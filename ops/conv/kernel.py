@@ -218,18 +218,18 @@ class IntConv(FrozenOp):
             return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):])
 
     def _int8_weights(self):
-        """(q_w - Z_w) as the int8 GEMM's right operand [K, C_out] (K = C_in kh kw), and the
-        per-channel sums sum_k (q_w - Z_w); kept (not saved) for the device they were made on."""
+        """(q_w - Z_w) as the int8 GEMM's right operand [K, C_out] (K = C_in kh kw), the
+        per-channel sums sum_k (q_w - Z_w) and the input offset o: derived once and kept (not
+        saved) for the device they were made on, off the forward's path."""
         cached = getattr(self, "_int8_cache", None)
         if cached is None or cached[0].device != self.w_q.device:
             w = self.w_q.long() - per_channel(self.w_zero_point, self.w_q)
             w = w.reshape(len(w), -1)
-            self._int8_cache = cached = (w.t().contiguous().to(torch.int8), w.sum(1))
+            self._int8_cache = cached = (w.t().contiguous().to(torch.int8), w.sum(1), self._int8_offset())
         return cached
 
     def _accumulate_int8(self, q_in):
-        o = self._int8_offset()
-        w8, w_sum = self._int8_weights()
+        w8, w_sum, o = self._int8_weights()
         x = q_in.to(torch.int32)
         if self.is_conv and any(self.pad):
             x = F.pad(x, self.pad, value=int(self.in_zero_point))  # real 0, before the shift
