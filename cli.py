@@ -187,9 +187,19 @@ def add_common(p):
 
 
 def add_threads(p):
-    """--threads: torch's CPU threads, which float results can depend on (the RESULT records it)."""
+    """--threads (float results can depend on it: the RESULT records it) and --compile (no
+    integer depends on it)."""
+    add_compile(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); the RESULT records the count")
+
+
+def add_compile(p):
+    """--compile: whether the integer epilogue runs compiled by torch.compile (ops/epilogue.py)."""
+    from ops.epilogue import COMPILE_ENV, COMPILE_MODES
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help=f"run the integer epilogue compiled by torch.compile: auto (on CPU), on, off "
+                        f"(default: ${COMPILE_ENV}, else auto); the integers are the same either way")
 
 
 def cpu_flags():
@@ -207,9 +217,10 @@ def machine(device=None):
     """What a result's float arithmetic can depend on besides the code: torch's CPU threads, its
     version, the CPU's vector unit as torch dispatches to it and its feature flags (the same code
     trains to other float roundings on other CPUs), and the device."""
+    from ops.epilogue import describe
     return {"threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
-            **({"device": str(device)} if device is not None else {})}
+            **({"device": str(device), "epilogue": describe()} if device is not None else {})}
 
 
 def add_compression(p):
@@ -404,6 +415,9 @@ def start(p):
         litert()                     # ai-edge-litert missing: say so now, not after the run
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if hasattr(args, "compile"):
+        from ops.epilogue import set_compile
+        set_compile(args.compile)
     seed_everything(args.seed)
     return args, device_from(args.device)
 

@@ -22,6 +22,12 @@ POT_MAX = 31                       # RoundingDivideByPOT's exponent lies in [0, 
 FLOAT32_TINY = torch.finfo(torch.float32).tiny   # the smallest normal float32: a scale below it has lost its bits
 
 
+def compiling():
+    """True while torch.compile traces (ops/epilogue.py): the checks on values run before the
+    compiled call, and a branch that only skips work is taken both ways (same integers)."""
+    return torch.compiler.is_compiling()
+
+
 def check_scale(scale):
     """TFLite's precondition on S: finite and > 0 (a zero or negative scale makes r / S meaningless)."""
     scale = torch.as_tensor(scale)
@@ -274,7 +280,7 @@ def saturating_rounding_doubling_high_mul(a, b):
     ab = a * b
     ab += 2 ** 30
     ab >>= 31
-    if (b == INT32_MIN).any():
+    if compiling() or (b == INT32_MIN).any():        # (compiled: no data-dependent branch, the same values)
         ab = torch.where((a == INT32_MIN) & (b == INT32_MIN), torch.full_like(ab, INT32_MAX), ab)
     return ab
 
@@ -290,11 +296,11 @@ def rounding_divide_by_pot(x, exponent):
     """
     check_int64(x, "RoundingDivideByPOT")
     exponent = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
-    if ((exponent < 0) | (exponent > POT_MAX)).any():
+    if not compiling() and ((exponent < 0) | (exponent > POT_MAX)).any():
         raise IntsimError(f"RoundingDivideByPOT's exponent lies in [0, {POT_MAX}], got "
                           f"{exponent.min().item()}..{exponent.max().item()}")
     out = x >> 63                                   # -1 where x < 0, else 0
-    if (exponent == 0).any():
+    if compiling() or (exponent == 0).any():
         out *= exponent > 0                         # no division, no tie to correct
     out += x
     out += (1 << exponent) >> 1
@@ -316,10 +322,11 @@ def multiply_by_quantized_multiplier(x, m0, shift):
     """TFLite's MultiplyByQuantizedMultiplier: x * M0 * 2^(shift - 31), rounded as TFLite rounds,
     in exact integer arithmetic. x: int64 tensor of int32 values; m0, shift: int64 tensors
     broadcastable to x (per-channel multipliers)."""
-    check_multiplier(m0, shift)
+    if not compiling():
+        check_multiplier(m0, shift)
     shift = torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     left = torch.clamp(shift, min=0)
-    if (left > 0).any():
+    if compiling() or (left > 0).any():
         x = x << left
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), torch.clamp(-shift, min=0))
 
@@ -331,7 +338,8 @@ def multiply_by_quantized_multiplier_single_rounding(x, m0, shift):
     The default above rounds twice: SRDHM rounds to 2^-n of an output step first, so a value
     just below a half lands on it and RoundingDivideByPOT rounds it up; about 2^-(n+1) of all
     outputs differ from exact rounding by 1 (0.15% for n = 7, measured in RESULTS.md)."""
-    check_multiplier(m0, shift)
+    if not compiling():
+        check_multiplier(m0, shift)
     check_int64(x, "MultiplyByQuantizedMultiplier")
     total = 31 - torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     out = x * m0

@@ -27,7 +27,7 @@ from checkpoint import read_result, write_json
 
 # not measurements: run times, paths, the command line, the machine
 VOLATILE = {"minutes", "iters_per_s", "command", "plot", "ckpt", "evaluated_from", "threads", "device", "torch", "cpu",
-            "cpu_flags"}
+            "cpu_flags", "epilogue"}
 SCRIPTS_WITH_PLOT = ("AdaRound.py", "BRECQ.py", "table1.py")
 WITHOUT_THREADS = ("split_images.py", "rerun.py")       # scripts with no float arithmetic to thread
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -11,6 +11,9 @@ import sys
 # exactly), and pytest-xdist's workers, one per core (`-n auto`), do not oversubscribe the CPU.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+# The integer epilogue runs step by step in tests and the scripts they start (compiling it costs
+# seconds a process); tests/test_epilogue.py compiles it and compares the integers.
+os.environ["INTSIM_COMPILE"] = "off"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

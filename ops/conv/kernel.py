@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from errors import IntsimError
 from function import INT32_MAX, INT_MAX_BITS, int32_check, quantize_multiplier, requantize_in_double
 
+from .. import epilogue
 from ..base import NO_ACTIVATION, FrozenOp, pair, per_channel
 
 FLOAT32_EXACT = 2 ** 24   # every integer of magnitude <= 2^24 is exact in float32
@@ -181,28 +182,38 @@ class IntConv(FrozenOp):
 
     def accumulate(self, q_in, how=None):
         """sum_k (q_w - Z_w)(q_in - Z_in) for every output, exact, as a float tensor of integers.
-        `how` forces one accumulation; by default the fastest exact one is measured once per
-        input shape (each run twice, the second timed; every choice gives the same integers)."""
-        if how is not None:
-            return self._accumulate(q_in, how)
+        `how` forces one accumulation; by default the one `choose` measured fastest."""
+        return self._accumulate(q_in, how or self.choose(q_in))
+
+    def choose(self, q_in):
+        """The fastest exact accumulation for q_in's shape on its device, measured the first time
+        that shape comes (each candidate run twice, the second timed; all give the same integers)."""
         key = (q_in.device.type, tuple(q_in.shape))
         if not hasattr(self, "_measured"):
             self._measured = {}
         if key not in self._measured:
             candidates = [h for h in self.exact_accumulations(q_in.device) if h != "float64"] or ["float64"]
-            if len(candidates) == 1:
-                self._measured[key] = candidates[0]
-            else:
-                seconds = {}
+            seconds = {candidates[0]: 0.0}                          # one candidate: nothing to measure
+            if len(candidates) > 1:
                 for h in candidates:
-                    self._accumulate(q_in, h)
+                    self._accumulate_parts(q_in, h)
                     start = time.perf_counter()
-                    self._accumulate(q_in, h)
+                    self._accumulate_parts(q_in, h)
                     seconds[h] = time.perf_counter() - start
-                self._measured[key] = min(seconds, key=seconds.get)
-        return self._accumulate(q_in, self._measured[key])
+            self._measured[key] = min(seconds, key=seconds.get)
+        return self._measured[key]
 
     def _accumulate(self, q_in, how):
+        acc, offset = self._accumulate_parts(q_in, how)
+        if how != "int8":
+            return acc
+        channels = (1, -1, 1, 1) if self.is_conv else (-1,)
+        return acc.to(torch.float64, memory_format=torch.contiguous_format) + offset.reshape(channels).to(torch.float64)
+
+    def _accumulate_parts(self, q_in, how):
+        """(part, offset): the accumulation as `how` leaves it (int8: the GEMM's int32 output, a
+        view in NCHW order; else a float tensor of integers) and an int64 per-channel offset
+        (int8: (o - Z_in) sum_k (q_w - Z_w); else 0), whose sum is `accumulate`'s."""
         if how == "int8":
             return self._accumulate_int8(q_in)
         dtype = torch.float64 if how == "float64" else torch.float32
@@ -211,11 +222,11 @@ class IntConv(FrozenOp):
         w = (self.w_q.long() - per_channel(self.w_zero_point, self.w_q)).to(dtype)
         with torch.backends.nnpack.flags(enabled=False):           # NNPACK uses inexact Winograd/FFT
             if how != "split":
-                return self.fn(x, w)
+                return self.fn(x, w), 0
             hi = torch.div(x, SPLIT_BASE, rounding_mode="floor")
             x -= hi * SPLIT_BASE                                   # lo; one conv over both digit planes
             hi_lo = self.fn(torch.cat([hi, x]), w).double()
-            return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):])
+            return hi_lo[:len(x)].mul_(SPLIT_BASE).add_(hi_lo[len(x):]), 0
 
     def _int8_weights(self):
         """(q_w - Z_w) as the int8 GEMM's right operand [K, C_out] (K = C_in kh kw), the
@@ -241,29 +252,31 @@ class IntConv(FrozenOp):
             ho, wo = cols.shape[2:4]
             cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
             acc = torch._int_mm(cols, w8).reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
-            correction = (o - self.in_zero_point) * w_sum.reshape(1, -1, 1, 1)
         else:
             acc = torch._int_mm(x8.reshape(-1, x8.shape[-1]), w8).reshape(*x8.shape[:-1], -1)
-            correction = (o - self.in_zero_point) * w_sum
-        return acc.to(torch.float64, memory_format=torch.contiguous_format) + correction.to(torch.float64)
+        return acc, (o - self.in_zero_point) * w_sum
 
     def int_forward(self, q_in):
         if not self.has_int_io:
             raise IntsimError("integer inference needs integer activations: with --a-bits 32 the "
                               "model runs in fake-quant only")
-        acc = self._pool(self.accumulate(q_in))
+        acc, offset = self._accumulate_parts(q_in, self.choose(q_in))
+        if acc.device.type != "cpu" and acc.is_floating_point():
+            acc = acc.round()                                      # undo any sub-0.5 error of GPU kernels
         # the output channels: dim 1 of a conv's NCHW, the last dim of a linear layer's (N, ..., C)
         channels = (-1,) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
-        acc += self.b_q.to(acc.dtype).reshape(channels)             # exact: acc_bound counts |q_b| too
-        if acc.device.type != "cpu":
-            acc.round_()                                           # undo any sub-0.5 error of GPU kernels
-        acc = acc.to(torch.int64)
-        if float(self.acc_bound) > INT32_MAX:
-            int32_check(acc, self.layer_name)
+        bias = (self.b_q + offset).reshape(channels)               # exact: acc_bound counts |q_b| too
         if self.rescale_in_double:
+            epilogue.ran("step by step")
+            acc = self._pool(acc).to(torch.int64) + bias
+            if float(self.acc_bound) > INT32_MAX:
+                int32_check(acc, self.layer_name)
             return requantize_in_double(acc, self.m_real.reshape(channels), self.out_zero_point.to(acc.device),
-                                        self.act_min, self.act_max).to(torch.int32)
-        return self._int_out(acc, self.m0.reshape(channels), self.shift.reshape(channels))
+                                        self.act_min, self.act_max).to(torch.int32,
+                                                                       memory_format=torch.contiguous_format)
+        return epilogue.run(acc, bias, self.m0.reshape(channels), self.shift.reshape(channels),
+                            self.out_zero_point.to(acc.device), self.act_min, self.act_max, self.pool_first,
+                            self.single_rounding, self.layer_name if float(self.acc_bound) > INT32_MAX else None)
 
 
 def explicit_padding(padding, kernel, dilation):
