@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import IntsimError
-from function import INT32_MAX, INT_MAX_BITS, int32_check, quantize_multiplier, requantize_in_double
+from function import INT32_MAX, INT_MAX_BITS, quantize_multiplier
 
 from .. import epilogue
 from ..base import NO_ACTIVATION, FrozenOp, pair, per_channel
@@ -266,17 +266,10 @@ class IntConv(FrozenOp):
         # the output channels: dim 1 of a conv's NCHW, the last dim of a linear layer's (N, ..., C)
         channels = (-1,) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
         bias = (self.b_q + offset).reshape(channels)               # exact: acc_bound counts |q_b| too
-        if self.rescale_in_double:
-            epilogue.ran("step by step")
-            acc = self._pool(acc).to(torch.int64) + bias
-            if float(self.acc_bound) > INT32_MAX:
-                int32_check(acc, self.layer_name)
-            return requantize_in_double(acc, self.m_real.reshape(channels), self.out_zero_point.to(acc.device),
-                                        self.act_min, self.act_max).to(torch.int32,
-                                                                       memory_format=torch.contiguous_format)
         return epilogue.run(acc, bias, self.m0.reshape(channels), self.shift.reshape(channels),
                             self.out_zero_point.to(acc.device), self.act_min, self.act_max, self.pool_first,
-                            self.single_rounding, self.layer_name if float(self.acc_bound) > INT32_MAX else None)
+                            self.single_rounding, self.m_real.reshape(channels) if self.rescale_in_double else None,
+                            self.layer_name if float(self.acc_bound) > INT32_MAX else None)
 
 
 def explicit_padding(padding, kernel, dilation):
