@@ -195,10 +195,11 @@ def add_threads(p):
 
 
 def add_compile(p):
-    """--compile: whether the integer epilogue runs compiled by torch.compile (ops/epilogue.py)."""
-    from ops.epilogue import COMPILE_ENV, COMPILE_MODES
+    """--compile: whether the integer kernels' elementwise passes (the conv epilogue, ADD's and MUL's
+    lookup, MEAN) run compiled by torch.compile (ops/compiled.py)."""
+    from ops.compiled import COMPILE_ENV, COMPILE_MODES
     p.add_argument("--compile", default=None, choices=COMPILE_MODES,
-                   help=f"run the integer epilogue compiled by torch.compile: auto (on CPU), on, off "
+                   help=f"run the integer kernels' elementwise passes compiled by torch.compile: auto (on CPU), on, off "
                         f"(default: ${COMPILE_ENV}, else auto); the integers are the same either way")
 
 
@@ -217,7 +218,7 @@ def machine(device=None):
     """What a result's float arithmetic can depend on besides the code: torch's CPU threads, its
     version, the CPU's vector unit as torch dispatches to it and its feature flags (the same code
     trains to other float roundings on other CPUs), and the device."""
-    from ops.epilogue import describe
+    from ops.compiled import describe
     return {"threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags(),
             **({"device": str(device), "epilogue": describe()} if device is not None else {})}
@@ -416,7 +417,7 @@ def start(p):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if hasattr(args, "compile"):
-        from ops.epilogue import set_compile
+        from ops.compiled import set_compile
         set_compile(args.compile)
     seed_everything(args.seed)
     return args, device_from(args.device)

@@ -187,6 +187,11 @@ def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=Non
     """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
     check_scale(scale)
     check_finite(x)
+    return quantize_unchecked(x, scale, zero_point, qmin, qmax, rounding, generator)
+
+
+def quantize_unchecked(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
+    """`quantize` without its checks on values (the input QUANTIZE runs it compiled, ops/quant.py)."""
     return to_grid(round_with(x / scale, rounding, generator), zero_point, qmin, qmax).to(torch.int32)
 
 

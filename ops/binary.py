@@ -7,6 +7,7 @@ from torch import fx
 
 from errors import IntsimError
 
+from . import compiled
 from .base import is_function, is_method
 from .constant import constant_qparams, constant_tensor
 from .shape import is_shape
@@ -32,11 +33,10 @@ class Tabulated:
         table = self._table(q1.device)
         if table is None:
             return self.direct(q1, q2)
-        index = q1.long() - self.range1[0]
-        if self.constant is None:
-            lo2, hi2 = self.range2
-            index = index * (hi2 - lo2 + 1) + (q2.long() - lo2)
-        return table[index]
+        if self.constant is not None:
+            return compiled.call(lookup, q1.device, table, q1, self.range1[0])
+        lo2, hi2 = self.range2
+        return compiled.call(lookup2, q1.device, table, q1, q2, self.range1[0], lo2, hi2 - lo2 + 1)
 
     def _table(self, device):
         if self.range1 is None or (self.constant is None and self.range2 is None):
@@ -56,6 +56,17 @@ class Tabulated:
             table = self.direct(q1.repeat_interleave(len(q2)), q2.repeat(len(q1)))
         self._lut = table.to(torch.int32)
         return self._lut
+
+
+def lookup(table, q, lo):
+    """table[q - lo]: a table over one operand's integers lo, lo + 1, ..."""
+    return table[q.long() - lo]
+
+
+def lookup2(table, q1, q2, lo1, lo2, width):
+    """table[(q1 - lo1) width + (q2 - lo2)]: a table over pairs, q2's `width` integers in a row
+    (the shapes of q1 and q2 broadcast)."""
+    return table[(q1.long() - lo1) * width + (q2.long() - lo2)]
 
 
 def tensors(gm, node):

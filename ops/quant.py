@@ -4,9 +4,11 @@ and QUANTIZE from one 8-bit tensor to another (a requantize: TF's converter puts
 uint8 input and before a uint8 output of an int8 body)."""
 import torch
 
-from function import check_finite, dequantize, fake_quantize, multiply_by_quantized_multiplier, quantize, quantize_multiplier
+from function import (check_finite, check_scale, dequantize, fake_quantize, multiply_by_quantized_multiplier,
+                      quantize_multiplier, quantize_unchecked)
 from quantizer import Quantizer
 
+from . import compiled
 from .base import OUTPUT, PRODUCER, QUANT, FrozenOp, Op, is_module
 
 
@@ -22,7 +24,10 @@ class Quantize(FrozenOp):
         self._set_out(out)
 
     def int_forward(self, x):
-        return quantize(x, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
+        check_scale(self.out_scale)
+        check_finite(x)                          # the checks on values, before a compiled call
+        return compiled.call(quantize_unchecked, x.device, x, self.out_scale, self.out_zero_point, self.act_min,
+                             self.act_max)
 
     def real_forward(self, x):
         check_finite(x)

@@ -52,6 +52,26 @@ def layer(kind, a_bits, a_signed, z_in, w_asymmetric=False, big=False, seed=0, s
     return op, q_in
 
 
+def test_a_large_bias_does_not_move_the_sum_off_float32():
+    """The int32 bias is added after the sum, in int64: a bias far above 2^24 (as in EfficientNet-Lite0's
+    depthwise layers, 9 taps a sum) leaves a small sum on the float32 kernel, and the output is the
+    reference's (a 3x3 conv of one input channel)."""
+    from reference import ref_int_conv
+    g = torch.Generator().manual_seed(4)
+    grid, a = weight_grid(8), activation_grid(8)
+    w_q = torch.randint(-127, 128, (4, 1, 3, 3), generator=g, dtype=torch.int32)
+    bias = torch.tensor([2 ** 25 + 1, -2 ** 25 - 3, 2 ** 26 + 5, 0])                  # q_b, int32
+    op = IntConv(w_q, torch.full((4,), 0.01), torch.zeros(4, dtype=torch.long), bias, grid, is_conv=True,
+                 padding=1, inp=qp(0.02, 128, a), out=qp(0.0256, 3, a))
+    assert op.b_q.abs().max() > 2 ** 24 and float(op.acc_bound) > 2 ** 24
+    assert op.exact_accumulations(CPU)[0] == "float32"
+    q_in = torch.randint(0, 256, (2, 1, 6, 5), generator=g, dtype=torch.int32)
+    want = ref_int_conv(q_in.numpy(), 128, w_q.numpy(), np.zeros(4, dtype=np.int64), op.b_q.numpy(),
+                        op.m0.numpy(), op.shift.numpy(), 3, op.act_min, op.act_max, (1, 1, 1, 1), 1)
+    assert np.array_equal(op(q_in).numpy(), want)
+    assert set(want.flatten()) - {0, 255}                                 # not every output saturated
+
+
 CASES = [("conv3", 8, False, 0), ("conv3", 8, False, 131), ("conv3", 8, False, 255), ("conv3", 8, True, -128),
          ("conv3", 8, True, 17), ("conv3", 4, False, 3), ("conv1", 8, False, 77), ("linear", 8, False, 200),
          ("linear", 8, True, -5)]
@@ -64,7 +84,9 @@ def test_every_exact_accumulation_gives_the_int64_sum(kind, a_bits, a_signed, z_
     want = int64_sum(op, q_in)
     kernels = op.exact_accumulations(CPU)
     assert "int8" in kernels and kernels[-1] == "float64"
-    assert ("float32" in kernels) == (float(op.acc_bound) < 2 ** 24)
+    sum_bound = np.abs(op.w_q.numpy().astype(np.int64)).reshape(4, -1).sum(1).max() * max(
+        op.in_qmax - z_in, z_in - op.in_qmin)                        # symmetric weights: Z_w = 0
+    assert ("float32" in kernels) == (sum_bound < 2 ** 24)
     assert (np.abs(want).max() > 2 ** 24) == (big and a_bits == 8)       # beyond float32's exact integers
     for how in kernels:
         got = op.accumulate(q_in, how)

@@ -1,16 +1,25 @@
-"""The integer epilogue (ops/epilogue.py) compiled by torch.compile against the same code step by
-step and against the TFLite port in tests/reference.py (Python ints): every accumulator dtype the
-kernels hand it (int32 in NHWC order from the int8 GEMM, float32, float64), per-channel
-multipliers with left and right shifts and shift 0, ties, int32's ends, a fused max-pool, both
-roundings; an IntConv and a whole golden run with the epilogue compiled give the same integers."""
+"""The integer kernels compiled by torch.compile (ops/compiled.py) against the same code step by
+step and against the TFLite ports in tests/reference.py (Python ints). The epilogue
+(ops/epilogue.py): every accumulator dtype the kernels hand it (int32 in NHWC order from the int8
+GEMM, float32, float64), per-channel multipliers with left and right shifts and shift 0, ties,
+int32's ends, a fused max-pool, both roundings. ADD's table lookup (two tensors, broadcasting,
+and a tensor and a constant) and MEAN. A whole golden run with the kernels compiled gives the
+same integers."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from errors import IntsimError
-from function import INT32_MAX, INT32_MIN
+from function import INT32_MAX, INT32_MIN, quantize_unchecked
 from golden_runs import RUNS, measured, run
-from ops import epilogue
-from reference import ref_mbqm, ref_mbqm_single_rounding
+from ops import binary, compiled, epilogue
+from ops.add import IntAdd
+from ops.mean import IntMean
+from ops.quant import Quantize
+from reference import ref_mbqm, ref_mbqm_single_rounding, ref_mean, ref_tflite_add
+from test_frozen import activation_grid, frozen_add, qp
 
 pytestmark = pytest.mark.xdist_group("compile")     # one worker compiles, once per variant
 CHANNELS = 6
@@ -18,11 +27,11 @@ CHANNELS = 6
 
 @pytest.fixture
 def compile_on():
-    epilogue.set_compile("on")
-    epilogue._state["failed"] = None
+    compiled.set_compile("on")
+    compiled._state["failed"] = None
     yield
-    epilogue.set_compile(None)
-    epilogue._state["failed"] = None
+    compiled.set_compile(None)
+    compiled._state["failed"] = None
 
 
 def multipliers(seed):
@@ -69,9 +78,9 @@ def test_compiled_epilogue_is_tflite(compile_on, dtype, single_rounding):
     else:
         given = acc.to(getattr(torch, dtype))
     args = (given, bias.reshape(ch), m0.reshape(ch), shift.reshape(ch), torch.tensor([3]), -128, 127)
-    compiled = epilogue.run(*args, single_rounding=single_rounding)
-    assert epilogue._state["failed"] is None, epilogue._state["failed"]
-    assert torch.equal(compiled, want)
+    got = epilogue.run(*args, single_rounding=single_rounding)
+    assert compiled._state["failed"] is None, compiled._state["failed"]
+    assert torch.equal(got, want)
     assert torch.equal(epilogue.epilogue(*args, single_rounding=single_rounding), want)   # step by step
 
 
@@ -92,36 +101,97 @@ def test_overflow_check_runs_step_by_step(compile_on):
         epilogue.run(acc, one, one * 2 ** 30, one * 0, torch.tensor([0]), 0, 255, check_int32="conv9")
 
 
+F32 = lambda v: float(torch.tensor(v, dtype=torch.float32))     # a scale as the op stores it
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_compiled_add_lookup_is_tflite(compile_on, relu):
+    """Two tensors, the second broadcast along H and W (a per-channel residual is not, but the
+    lookup's index arithmetic must broadcast as the kernel does), with outputs at both ends."""
+    s1, z1, s2, z2, s_out, z_out = 0.031, 12, 0.047, 240, 0.004, 130       # a narrow output: saturation
+    add = frozen_add(s1, z1, s2, z2, s_out, z_out, relu)
+    g = torch.Generator().manual_seed(7)
+    q1 = torch.randint(0, 256, (2, 3, 4, 5), generator=g, dtype=torch.int32)
+    q2 = torch.randint(0, 256, (2, 3, 1, 1), generator=g, dtype=torch.int32)
+    got = add(q1, q2)
+    assert binary.lookup2 in compiled._state["compiled"]
+    q2b = q2.expand_as(q1)
+    want = [ref_tflite_add(a, z1, F32(s1), b, z2, F32(s2), z_out, F32(s_out), 0, 255, relu)
+            for a, b in zip(q1.flatten().tolist(), q2b.flatten().tolist())]
+    assert got.shape == q1.shape and got.flatten().tolist() == want
+    assert 255 in want and (z_out if relu else 0) in want
+    assert torch.equal(add.direct(q1, q2).to(torch.int32), got)                # the kernel itself, untabulated
+
+
+def test_compiled_add_of_a_constant_is_tflite(compile_on):
+    a = activation_grid(8)
+    s1, z1, s2, z2, s_out, z_out, c = 0.02, 9, 0.05, 0, 0.03, 4, 60           # x + 3.0 (c = 60 on S2 = 0.05)
+    add = IntAdd(qp(s1, z1, a), qp(s2, z2, a), qp(s_out, z_out, a), (-math.inf, math.inf), constant=c)
+    q = torch.arange(256, dtype=torch.int32).reshape(4, 64)
+    want = [ref_tflite_add(v, z1, F32(s1), c, z2, F32(s2), z_out, F32(s_out), 0, 255, False) for v in q.flatten().tolist()]
+    assert add(q).flatten().tolist() == want
+
+
+def test_compiled_mean_is_tflite(compile_on):
+    g = torch.Generator().manual_seed(0)
+    a = activation_grid(8)
+    s_in, s_out, z_in, z_out = 3 / 255, 2.5 / 255, 5, 7
+    mean = IntMean(49, qp(s_in, z_in, a), qp(s_out, z_out, a))
+    q = torch.randint(0, 256, (4, 6, 7, 7), generator=g, dtype=torch.int32)
+    want = [ref_mean(q[b, c].flatten().tolist(), z_in, F32(s_in), F32(s_out), z_out, 0, 255)
+            for b in range(4) for c in range(6)]
+    got = mean(q)
+    assert got.shape == (4, 6, 1, 1) and got.dtype == torch.int32 and got.flatten().tolist() == want
+
+
+@pytest.mark.parametrize("scale", [0.0078125, 1 / 255, 0.017352, 2.1e-3])
+def test_compiled_input_quantize_is_tflite(compile_on, scale):
+    """The input QUANTIZE, q = clamp(round(x / S) + Z), x / S in float32: reals at the ties of
+    every integer step and one float32 step either side (a division replaced by a product with
+    1/S, or a rounding of ties to even, moves some of them), and random reals; against NumPy."""
+    a = activation_grid(8)
+    op = Quantize(qp(scale, 128, a))
+    s = np.float32(op.out_scale.item())
+    ties = ((np.arange(-140, 140, dtype=np.float64) + 0.5) * np.float64(s)).astype(np.float32)
+    near = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))])
+    x = np.concatenate([near, np.random.default_rng(0).uniform(-1.2, 1.2, 5000).astype(np.float32)])
+    quotient = (x / s).astype(np.float64)                       # float32 division, exact in float64 below
+    want = np.clip(np.sign(quotient) * np.floor(np.abs(quotient) + 0.5) + 128, 0, 255)
+    got = op(torch.from_numpy(x).reshape(1, 1, -1))
+    assert quantize_unchecked in compiled._state["compiled"]
+    assert got.dtype == torch.int32 and np.array_equal(got.flatten().numpy(), want)
+
+
 def test_a_failed_compile_warns_once_and_gives_the_same_integers(compile_on, monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):
             raise RuntimeError("no C++ compiler here")
         return call
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setitem(epilogue._state, "compiled", None)
+    monkeypatch.setitem(compiled._state, "compiled", {})
     m0, shift = multipliers(5)
     acc, ch = accumulators(6, (1, CHANNELS, 3, 3)), (-1, 1, 1)
     args = (acc, torch.zeros(CHANNELS, 1, 1, dtype=torch.int64), m0.reshape(ch), shift.reshape(ch),
             torch.tensor([0]), -128, 127)
-    with pytest.warns(UserWarning, match="no C.. compiler here.*runs step by step"):
+    with pytest.warns(UserWarning, match="no C.. compiler here.*run step by step"):
         got = epilogue.run(*args)
     assert torch.equal(got, reference(acc, torch.zeros(CHANNELS), m0, shift, 0, -128, 127, False))
-    assert not epilogue.compiles(torch.device("cpu")) and "step by step" in epilogue.describe()
+    assert not compiled.compiles(torch.device("cpu")) and "step by step" in compiled.describe()
 
 
 def test_compile_mode_is_checked():
     with pytest.raises(IntsimError, match="one of auto, on, off, got 'yes'"):
-        epilogue.set_compile("yes")
-    epilogue.set_compile("off")
-    assert not epilogue.compiles(torch.device("cpu"))
-    epilogue.set_compile("auto")
-    assert epilogue.compiles(torch.device("cpu")) and not epilogue.compiles(torch.device("cuda"))
-    epilogue.set_compile(None)
+        compiled.set_compile("yes")
+    compiled.set_compile("off")
+    assert not compiled.compiles(torch.device("cpu"))
+    compiled.set_compile("auto")
+    assert compiled.compiles(torch.device("cpu")) and not compiled.compiles(torch.device("cuda"))
+    compiled.set_compile(None)
 
 
-def test_a_golden_run_with_the_compiled_epilogue_is_unchanged(data_dir, tmp_path):
-    """ResNet18 (int8 GEMMs, a fused max-pool, residual ADDs), its golden run with --compile on
-    and off: the same RESULT (accuracies, output fingerprints)."""
+def test_a_golden_run_with_the_compiled_kernels_is_unchanged(data_dir, tmp_path):
+    """ResNet18 (int8 GEMMs, a fused max-pool, residual ADDs, MEAN), its golden run with --compile
+    on and off: the same RESULT (accuracies, output fingerprints)."""
     script, args = RUNS["ptq_resnet18_w8a8"]
     results = {}
     for mode in ("on", "off"):

@@ -130,6 +130,13 @@ class IntConv(FrozenOp):
         z = int(self.in_zero_point)
         return max(self.in_qmax - z, z - self.in_qmin)
 
+    def _sum_bound(self):
+        """max_c sum_k |q_w - Z_w| max|q_in - Z_in|: the worst |partial sum| of the conv itself, which
+        decides its exact accumulation (the int32 bias is added after it, in int64: acc_bound,
+        which counts |q_b| too, is for the int32 check only)."""
+        w = self.w_q.long() - per_channel(self.w_zero_point, self.w_q)
+        return float(w.abs().reshape(len(w), -1).sum(1).max()) * self._in_abs_max()
+
     def _int8_offset(self):
         """The offset o that puts q_in - o on int8 (0 for signed or narrow inputs, 128 for uint8),
         where the int8 GEMM is exact for this layer: q_w - Z_w on int8 too, no dilation or
@@ -146,7 +153,7 @@ class IntConv(FrozenOp):
     def exact_accumulations(self, device):
         """The accumulations that are exact for this layer on `device`, in the order chosen
         without a measurement:
-        "float32": every partial sum stays below 2^24 (acc_bound proves it);
+        "float32": every partial sum stays below 2^24 (_sum_bound proves it);
         "int8":    an int8 x int8 -> int32 GEMM (torch._int_mm; im2col for a k x k conv), on
                    q_in - o (o = 128 for uint8) and q_w - Z_w, plus (o - Z_in) sum_k (q_w - Z_w)
                    per output channel (the input is padded with Z_in, real 0, before the shift);
@@ -156,7 +163,7 @@ class IntConv(FrozenOp):
         "float64": exact far beyond int32 (always on CUDA, whose float32 convs may use TF32)."""
         if device.type != "cpu":
             return ["float64"]
-        out, bound = [], float(self.acc_bound)
+        out, bound = [], self._sum_bound()
         if bound < FLOAT32_EXACT:
             out.append("float32")
         if self._int8_offset() is not None:
