@@ -196,7 +196,7 @@ def add_threads(p):
 
 def add_compile(p):
     """--compile: whether the integer kernels' elementwise passes (the conv epilogue, ADD's and MUL's
-    lookup, MEAN) run compiled by torch.compile (ops/compiled.py)."""
+    lookup, MEAN, the input QUANTIZE) run compiled by torch.compile (ops/compiled.py)."""
     from ops.compiled import COMPILE_ENV, COMPILE_MODES
     p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help=f"run the integer kernels' elementwise passes compiled by torch.compile: auto (on CPU), on, off "

@@ -185,9 +185,14 @@ def scale_zero_point(rmin, rmax, grid):
 
 def quantize(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):
     """q = clamp(round(r / S) + Z, QMIN, QMAX) as int32 (round: `round_with(., rounding)`)."""
+    check_quantize(x, scale)
+    return quantize_unchecked(x, scale, zero_point, qmin, qmax, rounding, generator)
+
+
+def check_quantize(x, scale):
+    """`quantize`'s checks on values: a usable scale, finite reals."""
     check_scale(scale)
     check_finite(x)
-    return quantize_unchecked(x, scale, zero_point, qmin, qmax, rounding, generator)
 
 
 def quantize_unchecked(x, scale, zero_point, qmin, qmax, rounding="nearest", generator=None):

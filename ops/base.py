@@ -127,6 +127,12 @@ def per_channel(t, x):
     return t.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
+def int_out(acc, m0, shift, zero_point, act_min, act_max, single_rounding):
+    """The common integer epilogue: clamp(rescale(acc, M0, shift) + Z_out, act_min, act_max) as int32.
+    acc is bounded already (ADD and MEAN by their construction)."""
+    return requantize(acc, m0, shift, zero_point, act_min, act_max, single_rounding, check=False).to(torch.int32)
+
+
 class FrozenOp(nn.Module):
     """Base of the frozen ops. CONFIG names the plain settings (ints, floats, strings, tuples)
     that, with the buffers, describe the op completely: what is saved and loaded. `new_grid`:
@@ -180,6 +186,5 @@ class FrozenOp(nn.Module):
         return real_epilogue(y, self.out_scale, self.out_zero_point, self.act_min, self.act_max)
 
     def _int_out(self, acc, m0, shift):
-        # acc is bounded already: IntConv by its acc_bound, ADD and MEAN by their construction
-        return requantize(acc, m0, shift, self.out_zero_point.to(acc.device), self.act_min, self.act_max,
-                          self.single_rounding, check=False).to(torch.int32)
+        return int_out(acc, m0, shift, self.out_zero_point.to(acc.device), self.act_min, self.act_max,
+                       self.single_rounding)

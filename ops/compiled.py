@@ -5,8 +5,8 @@ Step by step, each int64 operation of an integer kernel is a pass over the whole
 fuses a kernel function's passes into one loop. Integer arithmetic has nothing to reorder or
 round, so both forms give the same integers (tests/test_epilogue.py compares them, and both with
 the TFLite ports in tests/reference.py). The kernel functions compiled here: the epilogue of the
-accumulating ops (ops/epilogue.py), the table lookup of ADD and MUL (ops/binary.py) and MEAN's
-sum and rescale (ops/mean.py).
+accumulating ops (ops/epilogue.py), the table lookup of ADD and MUL (ops/binary.py), MEAN's
+sum and rescale (ops/mean.py) and the input QUANTIZE (ops/quant.py).
 
 When they run compiled (`set_compile`, the scripts' --compile, or INTSIM_COMPILE): "auto"
 (default) on CPU, where inductor needs a C++ compiler; "on" on any device; "off" never. Where

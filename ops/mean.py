@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import IntsimError
-from function import check_multiplier, quantize_multiplier, requantize
+from function import quantize_multiplier
 from module import QMean, mean_dims
 
 from . import compiled
-from .base import PRODUCER, FrozenOp, Op, is_function, is_method, is_module
+from .base import PRODUCER, FrozenOp, Op, int_out, is_function, is_method, is_module
 
 
 class IntMean(FrozenOp):
@@ -63,15 +63,13 @@ class IntMean(FrozenOp):
         if math.prod(q.shape[d] for d in dims) != self.count:
             raise IntsimError(f"a mean (average pooling) was frozen for {self.count} positions, got {'x'.join(str(q.shape[d]) for d in dims)}: "
                               f"use the image size it was calibrated on")
-        check_multiplier(self.m0, self.shift)       # the checks on values, before a compiled call
         return compiled.call(mean_kernel, q.device, q, self.in_zero_point, dims, self.keepdim, self.m0, self.shift,
                              self.out_zero_point, self.act_min, self.act_max, self.single_rounding)
 
 
 def mean_kernel(q, z_in, dims, keepdim, m0, shift, z_out, act_min, act_max, single_rounding):
     """IntMean's arithmetic: clamp(rescale(sum over dims (q - Z_in), M0, shift) + Z_out, act_min, act_max)."""
-    acc = (q.long() - z_in).sum(dims, keepdim=keepdim)
-    return requantize(acc, m0, shift, z_out, act_min, act_max, single_rounding, check=False).to(torch.int32)
+    return int_out((q.long() - z_in).sum(dims, keepdim=keepdim), m0, shift, z_out, act_min, act_max, single_rounding)
 
 
 def _mean_dims(node):

@@ -4,7 +4,7 @@ and QUANTIZE from one 8-bit tensor to another (a requantize: TF's converter puts
 uint8 input and before a uint8 output of an int8 body)."""
 import torch
 
-from function import (check_finite, check_scale, dequantize, fake_quantize, multiply_by_quantized_multiplier,
+from function import (check_finite, check_quantize, dequantize, fake_quantize, multiply_by_quantized_multiplier,
                       quantize_multiplier, quantize_unchecked)
 from quantizer import Quantizer
 
@@ -24,8 +24,7 @@ class Quantize(FrozenOp):
         self._set_out(out)
 
     def int_forward(self, x):
-        check_scale(self.out_scale)
-        check_finite(x)                          # the checks on values, before a compiled call
+        check_quantize(x, self.out_scale)        # the checks on values, before a compiled call
         return compiled.call(quantize_unchecked, x.device, x, self.out_scale, self.out_zero_point, self.act_min,
                              self.act_max)
 
